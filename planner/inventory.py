@@ -1,0 +1,249 @@
+"""Build a model's real module tree on the meta device and record every tensor it holds.
+
+Nothing is allocated: parameters and buffers live on the meta device (accelerate's
+``init_empty_weights(include_buffers=True)``). What bitsandbytes would quantise is decided
+with transformers' own helpers (``get_keys_to_not_convert``, ``should_convert_module``,
+the quantiser's type test), so the inventory follows the installed transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qplan.errors import ConfigError
+
+# Dtype the meta model is built with. Buffers built at the default dtype come out in this
+# dtype, buffers created explicitly in float32 (rotary inv_freq) stay float32: that tells
+# us which buffers follow the load dtype.
+_BUILD_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One unique tensor of the model (tied aliases folded into ``tied_names``)."""
+
+    name: str
+    module: str
+    module_type: str
+    kind: str  # "parameter" | "buffer"
+    shape: tuple[int, ...]
+    build_dtype: str  # dtype on the meta build (see _BUILD_DTYPE)
+    tied_names: tuple[str, ...]  # other names for the same tensor (tied weights)
+    quantizable: bool  # bitsandbytes would replace its module and this is the weight
+    fp32_under_fp16: bool  # transformers keeps it float32 when loading in float16
+    fp32_under_bf16: bool  # ... and when loading in bfloat16 (_keep_in_fp32_modules_strict)
+    follows_load_dtype: bool  # buffers: created at the default dtype, so cast with the load
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def linear_shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of a quantisable weight (Conv1D stores [in, out])."""
+        if self.module_type == "Conv1D":
+            return (self.shape[1], self.shape[0])
+        return (self.shape[0], self.shape[1])
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every parameter and buffer of a model, as the meta build shows them."""
+
+    model_class: str
+    model_type: str
+    tensors: tuple[TensorInfo, ...]
+    skip_modules: tuple[str, ...]  # modules bitsandbytes leaves unquantised by name
+
+    @property
+    def parameters(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in self.tensors if t.kind == "parameter")
+
+    @property
+    def buffers(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in self.tensors if t.kind == "buffer")
+
+    @property
+    def num_parameters(self) -> int:
+        """Unique parameter count: tied weights counted once, buffers excluded."""
+        return sum(t.numel for t in self.parameters)
+
+    @property
+    def quantizable_parameters(self) -> int:
+        return sum(t.numel for t in self.parameters if t.quantizable)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_class_for(config: Any, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """The class to build: the Auto class its ``architectures`` names, causal LM first.
+
+    Returns (factory, architecture name). The factory has ``from_config``.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return transformers.AutoModelForCausalLM, archs[0] if archs else "AutoModelForCausalLM"
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    for arch in archs:
+        if arch == causal:
+            return transformers.AutoModelForCausalLM, arch
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls, arch
+    if causal is not None:
+        return transformers.AutoModelForCausalLM, causal
+    if archs:
+        raise ConfigError(
+            f"architecture {archs[0]!r} is not known to transformers {transformers.__version__}; "
+            "upgrade transformers or pass --trust-remote-code if the model ships its own code"
+        )
+    return transformers.AutoModel, type(config).__name__.removesuffix("Config") + "Model"
+
+
+def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """Instantiate the model with every parameter and buffer on the meta device, tied."""
+    from accelerate import init_empty_weights
+
+    factory, _ = model_class_for(config, trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": _BUILD_DTYPE}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    # transformers logs advice meant for real loads (e.g. legacy activation names); the
+    # planner stays quiet and lets the CLI decide what to show.
+    tf_logger = logging.getLogger("transformers")
+    previous = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        with (
+            init_empty_weights(include_buffers=True),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            if hasattr(factory, "from_config"):
+                model = factory.from_config(config, **kwargs)
+            else:
+                model = factory._from_config(config, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"transformers could not build {config.model_type!r} from this config ({first}); "
+            "check config.json against the model's documented fields"
+        ) from exc
+    finally:
+        tf_logger.setLevel(previous)
+    # Under init_empty_weights transformers 5.x builds tied weights untied; a real load
+    # ties them, so tie here to count them once.
+    model.tie_weights()
+    return model
+
+
+def _module_types(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def _skip_modules(model: nn.Module, skip_modules: Sequence[str] | None) -> list[str]:
+    """Module names the bnb quantiser will not convert, computed as transformers does."""
+    from transformers.quantizers.base import HfQuantizer
+
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    return HfQuantizer.get_modules_to_not_convert(
+        model, list(skip_modules) if skip_modules is not None else None, keep
+    )
+
+
+def _is_bnb_replaceable(module: nn.Module) -> bool:
+    """The quantiser's own test: exactly nn.Linear, or GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) or type(module) is nn.Linear
+
+
+def _fp32_matcher(model: nn.Module, dtype: torch.dtype):
+    """A predicate for parameter names transformers loads in float32 under ``dtype``."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    get_plan = getattr(model, "_get_dtype_plan", None)
+    plan = get_plan(dtype) if get_plan is not None else {}
+    if not plan:
+        return lambda name: False
+    pattern, _, _ = build_glob_alternation(list(plan))
+    return lambda name: pattern.search(name) is not None
+
+
+def take_inventory(model: nn.Module, skip_modules: Sequence[str] | None = None) -> Inventory:
+    """Record every unique parameter and buffer of a (meta) model.
+
+    ``skip_modules`` is bitsandbytes' ``llm_int8_skip_modules``: when given it replaces the
+    default skips (tied weights, output embedding, last module), as in transformers.
+    """
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    modules = _module_types(model)
+    skips = _skip_modules(model, skip_modules)
+    fp32_fp16 = _fp32_matcher(model, torch.float16)
+    fp32_bf16 = _fp32_matcher(model, torch.bfloat16)
+
+    seen: dict[int, list[str]] = {}
+    ordered: list[tuple[str, str, torch.Tensor]] = []
+    items: Iterable[tuple[str, str, torch.Tensor]] = [
+        *(("parameter", n, p) for n, p in model.named_parameters(remove_duplicate=False)),
+        *(("buffer", n, b) for n, b in model.named_buffers(remove_duplicate=False)),
+    ]
+    for kind, name, tensor in items:
+        key = id(tensor)
+        if key in seen:
+            seen[key].append(name)
+            continue
+        seen[key] = [name]
+        ordered.append((kind, name, tensor))
+
+    tensors = []
+    for kind, name, tensor in ordered:
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name, model)
+        quantizable = (
+            kind == "parameter"
+            and leaf == "weight"
+            and _is_bnb_replaceable(module)
+            and should_convert_module(module_name, skips)
+        )
+        tied = tuple(seen[id(tensor)][1:])
+        tensors.append(
+            TensorInfo(
+                name=name,
+                module=module_name,
+                module_type=type(module).__name__,
+                kind=kind,
+                shape=tuple(int(d) for d in tensor.shape),
+                build_dtype=_dtype_name(tensor.dtype),
+                tied_names=tied,
+                quantizable=quantizable,
+                fp32_under_fp16=kind == "parameter" and fp32_fp16(name),
+                fp32_under_bf16=kind == "parameter" and fp32_bf16(name),
+                follows_load_dtype=kind == "buffer" and tensor.dtype == _BUILD_DTYPE,
+            )
+        )
+    config = getattr(model, "config", None)
+    return Inventory(
+        model_class=type(model).__name__,
+        model_type=str(getattr(config, "model_type", "")),
+        tensors=tuple(tensors),
+        skip_modules=tuple(sorted(skips)),
+    )

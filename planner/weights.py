@@ -1,0 +1,123 @@
+"""Bytes a model's weights occupy at each precision, as bitsandbytes and transformers store them.
+
+Counts unique storages: tied weights once, buffers included, every quant-state tensor of
+every quantised layer (absmax, quant maps, offsets, SCB) as its own allocation. The total
+equals the sum of unique tensor storages of a real ``from_pretrained`` load to the byte;
+``allocated_bytes`` is the same set of tensors after the CUDA allocator's 512-byte rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qplan.errors import UsageError
+from qplan.planner.inventory import Inventory, TensorInfo
+from qplan.planner.precision import (
+    DTYPE_BYTES,
+    PRECISIONS,
+    Precision,
+    alloc_size,
+    quantized_layer_tensors,
+)
+
+COMPUTE_DTYPES = ("bfloat16", "float16")
+QUANT_STORAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """The resident weights of one precision, split by what holds the bytes."""
+
+    precision: str
+    load_dtype: str  # dtype of everything bitsandbytes does not quantise
+    bytes: int  # sum of unique tensor storages
+    allocated_bytes: int  # each storage rounded up to the CUDA allocator's 512 bytes
+    quantized_bytes: int  # packed/int8 weights of quantised layers
+    quant_state_bytes: int  # absmax, quant maps, offsets, nested statistics, SCB
+    unquantized_bytes: int  # parameters left in load dtype (embeddings, norms, lm_head, biases)
+    buffer_bytes: int
+    quantized_layers: int
+    storages: int  # number of separate tensors (allocations)
+    largest_quantized_numel: int  # elements of the largest quantised weight (dequant transient)
+
+
+def load_dtype_for(precision: Precision, compute_dtype: str) -> str:
+    """The dtype ``from_pretrained`` is given: the precision's own, or the compute dtype."""
+    return precision.full_dtype or compute_dtype
+
+
+def _param_dtype(t: TensorInfo, load_dtype: str) -> str:
+    if t.kind == "buffer":
+        return load_dtype if t.follows_load_dtype else t.build_dtype
+    if load_dtype == "float16" and t.fp32_under_fp16:
+        return "float32"
+    if load_dtype == "bfloat16" and t.fp32_under_bf16:
+        return "float32"
+    return load_dtype
+
+
+def tensor_bytes(t: TensorInfo, dtype: str) -> int:
+    return t.numel * DTYPE_BYTES[dtype]
+
+
+def weight_bytes(
+    inventory: Inventory,
+    precision: str,
+    *,
+    compute_dtype: str = "bfloat16",
+    quant_storage: str = "uint8",
+) -> WeightBytes:
+    """Resident bytes of ``inventory`` loaded at ``precision``.
+
+    ``compute_dtype`` is the dtype given to from_pretrained for quantised loads (and
+    bnb_4bit_compute_dtype); ``quant_storage`` is bnb_4bit_quant_storage.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(
+            f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
+    if quant_storage not in QUANT_STORAGE_DTYPES:
+        raise UsageError(
+            f"quant storage must be one of {QUANT_STORAGE_DTYPES}, not {quant_storage!r}"
+        )
+    prec = PRECISIONS[precision]
+    load_dtype = load_dtype_for(prec, compute_dtype)
+    storage_bytes = DTYPE_BYTES[quant_storage]
+
+    total = allocated = quantized = state = unquantized = buffers = 0
+    layers = storages = largest = 0
+    for t in inventory.tensors:
+        if prec.quantized and t.quantizable:
+            out_f, in_f = t.linear_shape
+            sizes = quantized_layer_tensors(prec, out_f, in_f, storage_bytes)
+            quantized += sizes[0]
+            state += sum(sizes[1:])
+            total += sum(sizes)
+            allocated += sum(alloc_size(s) for s in sizes)
+            storages += len(sizes)
+            layers += 1
+            largest = max(largest, t.numel)
+            continue
+        size = tensor_bytes(t, _param_dtype(t, load_dtype))
+        if t.kind == "buffer":
+            buffers += size
+        else:
+            unquantized += size
+        total += size
+        allocated += alloc_size(size)
+        storages += 1
+    return WeightBytes(
+        precision=precision,
+        load_dtype=load_dtype,
+        bytes=total,
+        allocated_bytes=allocated,
+        quantized_bytes=quantized,
+        quant_state_bytes=state,
+        unquantized_bytes=unquantized,
+        buffer_bytes=buffers,
+        quantized_layers=layers,
+        storages=storages,
+        largest_quantized_numel=largest,
+    )

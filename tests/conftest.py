@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*kernels.*")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Return a function giving the folder of a saved tiny random model of an architecture."""
+    from tiny_models import save_tiny_model
+
+    cache: dict[tuple, Path] = {}
+
+    def get(arch: str, dtype: str = "bfloat16", **overrides) -> Path:
+        key = (arch, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}-{dtype}")
+            save_tiny_model(arch, folder, dtype, **overrides)
+            cache[key] = folder
+        return cache[key]
+
+    return get
