@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qplan.errors import UsageError
+from qplan.planner.allocator import reserved_for
 from qplan.planner.inventory import Inventory, TensorInfo
 from qplan.planner.precision import (
     DTYPE_BYTES,
@@ -32,6 +33,7 @@ class WeightBytes:
     load_dtype: str  # dtype of everything bitsandbytes does not quantise
     bytes: int  # sum of unique tensor storages
     allocated_bytes: int  # each storage rounded up to the CUDA allocator's 512 bytes
+    reserved_bytes: int  # segments the CUDA caching allocator holds for them
     quantized_bytes: int  # packed/int8 weights of quantised layers
     quant_state_bytes: int  # absmax, quant maps, offsets, nested statistics, SCB
     unquantized_bytes: int  # parameters left in load dtype (embeddings, norms, lm_head, biases)
@@ -86,17 +88,16 @@ def weight_bytes(
     load_dtype = load_dtype_for(prec, compute_dtype)
     storage_bytes = DTYPE_BYTES[quant_storage]
 
-    total = allocated = quantized = state = unquantized = buffers = 0
-    layers = storages = largest = 0
+    quantized = state = unquantized = buffers = 0
+    layers = largest = 0
+    sizes: list[int] = []
     for t in inventory.tensors:
         if prec.quantized and t.quantizable:
             out_f, in_f = t.linear_shape
-            sizes = quantized_layer_tensors(prec, out_f, in_f, storage_bytes)
-            quantized += sizes[0]
-            state += sum(sizes[1:])
-            total += sum(sizes)
-            allocated += sum(alloc_size(s) for s in sizes)
-            storages += len(sizes)
+            layer = quantized_layer_tensors(prec, out_f, in_f, storage_bytes)
+            quantized += layer[0]
+            state += sum(layer[1:])
+            sizes.extend(layer)
             layers += 1
             largest = max(largest, t.numel)
             continue
@@ -105,19 +106,18 @@ def weight_bytes(
             buffers += size
         else:
             unquantized += size
-        total += size
-        allocated += alloc_size(size)
-        storages += 1
+        sizes.append(size)
     return WeightBytes(
         precision=precision,
         load_dtype=load_dtype,
-        bytes=total,
-        allocated_bytes=allocated,
+        bytes=sum(sizes),
+        allocated_bytes=sum(alloc_size(s) for s in sizes),
+        reserved_bytes=reserved_for(sizes),
         quantized_bytes=quantized,
         quant_state_bytes=state,
         unquantized_bytes=unquantized,
         buffer_bytes=buffers,
         quantized_layers=layers,
-        storages=storages,
+        storages=len(sizes),
         largest_quantized_numel=largest,
     )

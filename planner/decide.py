@@ -1,0 +1,172 @@
+"""Candidates per precision, whether each fits, and the recommendation.
+
+The recommendation is the least aggressive precision that fits, in the order
+bf16 (fp16 on GPUs without bf16) -> int8 -> nf4 -> nf4-dq. fp32 and the fp4 variants are
+reported but only chosen when the user names them with ``--precisions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qplan.planner.budget import Budget
+from qplan.planner.gpu import GpuTarget
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.weights import WeightBytes
+
+# Least to most aggressive, for choosing among what the user allowed.
+AGGRESSIVENESS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
+DEFAULT_CHOICES = ("bf16", "fp16", "int8", "nf4", "nf4-dq")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One precision's plan: what it needs per component, and whether that fits."""
+
+    precision: str
+    compute_dtype: str
+    weights_bytes: int
+    weights_allocated_bytes: int
+    components: dict[str, int]  # name -> bytes; their sum is total_bytes
+    peak_allocated_bytes: int  # tensor-level peak, as torch.cuda.max_memory_allocated
+    total_bytes: int  # what NVML would show for the process
+    fits: bool
+    headroom_bytes: int  # device memory left after total_bytes (negative: short by)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    precision: str
+    reason: str
+    load_kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Decision:
+    candidates: tuple[Candidate, ...]
+    recommendation: Recommendation | None
+    warnings: tuple[str, ...]
+
+
+def compute_dtype_for(gpu: GpuTarget) -> str:
+    """bf16 needs compute capability 8.0 (Ampere) or newer; older GPUs compute in fp16."""
+    return "bfloat16" if gpu.bf16 else "float16"
+
+
+def load_kwargs_for(precision: str, compute_dtype: str, quant_storage: str = "uint8") -> dict:
+    """from_pretrained keyword arguments (JSON-able) that load ``precision``."""
+    prec = PRECISIONS[precision]
+    if not prec.quantized:
+        return {"dtype": prec.full_dtype}
+    if prec.quant_type == "int8":
+        return {"dtype": compute_dtype, "quantization_config": {"load_in_8bit": True}}
+    return {
+        "dtype": compute_dtype,
+        "quantization_config": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": prec.quant_type,
+            "bnb_4bit_use_double_quant": prec.double_quant,
+            "bnb_4bit_compute_dtype": compute_dtype,
+            "bnb_4bit_quant_storage": quant_storage,
+        },
+    }
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 1024**3:.2f} GiB"
+
+
+def choosable(precisions: Sequence[str], gpu: GpuTarget, explicit: bool) -> list[str]:
+    """Precisions the recommendation may pick, least aggressive first."""
+    allowed = set(precisions) if explicit else set(DEFAULT_CHOICES) & set(precisions)
+    if not gpu.bf16 and not explicit:
+        allowed.discard("bf16")
+    if gpu.bf16 and not explicit and "bf16" in precisions:
+        allowed.discard("fp16")
+    return [p for p in AGGRESSIVENESS if p in allowed]
+
+
+def decide(
+    precisions: Sequence[str],
+    gpu: GpuTarget,
+    budget: Budget,
+    components_for: Callable[[str], tuple[WeightBytes, dict[str, int], int]],
+    *,
+    explicit: bool = False,
+    compute_dtype: str | None = None,
+) -> Decision:
+    """Plan each precision and pick one.
+
+    ``components_for(precision)`` returns the weights, the components (without the CUDA
+    context, added here) and the tensor-level peak.
+    """
+    compute = compute_dtype or compute_dtype_for(gpu)
+    warnings: list[str] = []
+    candidates = []
+    for precision in precisions:
+        weights, components, peak = components_for(precision)
+        components = {**components, "cuda_context": budget.cuda_context_bytes}
+        total = sum(components.values())
+        left = budget.available_bytes - total
+        notes: tuple[str, ...] = ()
+        if precision == "bf16" and not gpu.bf16:
+            notes = (f"{gpu.name} has no native bf16 (compute capability < 8.0); use fp16",)
+        quantized = PRECISIONS[precision].quantized
+        candidates.append(
+            Candidate(
+                precision=precision,
+                compute_dtype=compute if quantized else weights.load_dtype,
+                weights_bytes=weights.bytes,
+                weights_allocated_bytes=weights.allocated_bytes,
+                components=components,
+                peak_allocated_bytes=peak,
+                total_bytes=total,
+                fits=left >= budget.headroom_bytes,
+                headroom_bytes=left,
+                notes=notes,
+            )
+        )
+    by_name = {c.precision: c for c in candidates}
+    order = choosable(precisions, gpu, explicit)
+    chosen = next((by_name[p] for p in order if by_name[p].fits), None)
+    recommendation = None
+    if chosen is not None:
+        recommendation = Recommendation(
+            precision=chosen.precision,
+            reason=_reason(chosen, order, by_name, gpu, budget),
+            load_kwargs=load_kwargs_for(chosen.precision, compute),
+        )
+    elif order:
+        smallest = min((by_name[p] for p in order), key=lambda c: c.total_bytes)
+        short = budget.headroom_bytes - smallest.headroom_bytes
+        warnings.append(
+            f"nothing fits: the smallest candidate, {smallest.precision}, needs "
+            f"{gib(smallest.total_bytes)}, {gib(short)} more than {gpu.name} can give with "
+            f"{gib(budget.headroom_bytes)} headroom"
+        )
+    return Decision(tuple(candidates), recommendation, tuple(warnings))
+
+
+def _reason(
+    chosen: Candidate,
+    order: Sequence[str],
+    by_name: dict[str, Candidate],
+    gpu: GpuTarget,
+    budget: Budget,
+) -> str:
+    """One sentence: why this precision and not a less aggressive one."""
+    skipped = [by_name[p] for p in order[: order.index(chosen.precision)]]
+    fit = (
+        f"{chosen.precision} needs {gib(chosen.total_bytes)} of {gpu.name}'s "
+        f"{gib(budget.memory_bytes)} and leaves {gib(chosen.headroom_bytes)} free"
+    )
+    if not skipped:
+        return f"{fit}; it is the least aggressive precision that fits."
+    worse = skipped[-1]
+    return (
+        f"{fit}; {worse.precision} would need {gib(worse.total_bytes)}, "
+        f"{gib(budget.headroom_bytes - worse.headroom_bytes)} more than fits with headroom."
+    )

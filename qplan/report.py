@@ -1,0 +1,72 @@
+"""The report: what an estimate found, as frozen dataclasses and as stable JSON (v1)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from typing import Any
+
+from qplan.planner.decide import Candidate, Recommendation
+
+SCHEMA_ID = "qplan.report/v1"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    source: str  # path | catalog | cache | hub
+    model_type: str
+    architecture: str
+    parameters: int  # unique parameters, tied weights once
+    dtype: str | None  # the config's dtype (torch_dtype)
+    revision: str | None = None
+    config_path: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    count: int
+    memory_bytes: int  # per device
+    source: str  # profile | nvml | size
+    compute_capability: str | None
+    bf16: bool
+    architecture: str | None
+    free_bytes: int | None
+    cuda_context_bytes: int
+    headroom_bytes: int
+    usable_bytes: int  # memory - context - headroom (free instead of memory under nvml)
+
+
+@dataclass(frozen=True)
+class Report:
+    model: ModelInfo
+    gpu: GpuInfo
+    workload: dict[str, Any]
+    candidates: tuple[Candidate, ...]
+    recommendation: Recommendation | None
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+    measured: dict[str, Any] | None = None
+    schema: str = SCHEMA_ID
+
+    def candidate(self, precision: str) -> Candidate:
+        return next(c for c in self.candidates if c.precision == precision)
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """The JSON form: dataclasses.asdict with tuples as lists, ``measured`` only when set."""
+    data = asdict(report)
+    if data["measured"] is None:
+        del data["measured"]
+    return json.loads(json.dumps(data))
+
+
+def report_json(report: Report) -> str:
+    return json.dumps(report_dict(report), indent=2, sort_keys=False)
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads((files("qplan") / "schema" / "report.v1.json").read_text())
