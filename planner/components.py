@@ -1,13 +1,48 @@
-"""Memory components of a workload for one precision, apart from the CUDA context."""
+"""Memory components of a workload for one precision, apart from the CUDA context.
+
+``load``: the weights as a load leaves them. Every other mode is predicted by tracing the
+real step on the meta device (planner/trace.py) and splitting the live storages at the
+tensor-level peak by what they are:
+
+weights (with quant state; after peft's k-bit preparation for LoRA), adapters, gradients,
+optimizer_states, kv_cache, logits (every tensor whose last dimension is the vocabulary:
+logits, their fp32 upcast, the loss's log-softmax and their gradients), activations
+(made in the forward and alive at the peak), transients (made in the backward or the
+optimizer step: recomputed checkpoint segments, dequantised 4-bit weights, temporaries;
+plus the cuBLAS workspace on CUDA), allocator (the caching allocator's segment rounding
+and a fragmentation allowance).
+
+Deep models are traced at 2 and 4 layers and extrapolated linearly in depth, phase by
+phase: every decoder layer adds the same weights, saved activations, gradients and states.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from qplan.planner.inventory import Inventory
+from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
+from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size
+from qplan.planner.steps import StepTensors
 from qplan.planner.weights import WeightBytes, weight_bytes
 from qplan.planner.workload import Workload
+
+MIB = 1024**2
+# Workspace cuBLAS takes per handle through the caching allocator (memory-facts.md).
+CUBLAS_WORKSPACE = {"hopper": 32 * MIB, "blackwell": 32 * MIB}
+CUBLAS_WORKSPACE_DEFAULT = 8 * MIB
+# Freed blocks of many sizes stay cached during a step; allowance on what churns.
+FRAGMENTATION_ALLOWANCE = 0.05
+TRACE_FULL_DEPTH_UP_TO = 4
+TRACE_DEPTHS = (2, 4)
+
+COMPONENT_ORDER = (
+    "weights", "adapters", "gradients", "optimizer_states", "kv_cache", "logits",
+    "activations", "transients", "allocator",
+)
 
 
 @dataclass(frozen=True)
@@ -15,6 +50,7 @@ class ComponentPlan:
     weights: WeightBytes
     components: dict[str, int]  # name -> bytes, CUDA context excluded
     peak_allocated_bytes: int
+    traced_layers: tuple[int, ...] = ()
 
 
 def load_components(
@@ -40,11 +76,162 @@ def load_components(
     return ComponentPlan(weights, components, weights.allocated_bytes + transient)
 
 
+def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[str, int]:
+    """Split the storages live at the peak into components."""
+    parts = dict.fromkeys(COMPONENT_ORDER, 0)
+    roles = (
+        ("weights", seen.weights),
+        ("adapters", seen.adapters),
+        ("gradients", seen.gradients),
+        ("optimizer_states", seen.optimizer_states),
+        ("kv_cache", seen.kv_cache),
+    )
+    for storage in snapshot.storages:
+        size = alloc_size(storage.nbytes) if rounded else storage.nbytes
+        name = next((role for role, serials in roles if storage.serial in serials), None)
+        if name is None:
+            if storage.tag == "logits":
+                name = "logits"
+            elif storage.phase == "forward":
+                name = "activations"
+            else:
+                name = "transients"
+        parts[name] += size
+    return parts
+
+
+def _with_layers(config: Any, layers: int) -> Any:
+    """A copy of ``config`` with only the first ``layers`` decoder layers."""
+    truncated = copy.deepcopy(config)
+    text = truncated.get_text_config()
+    text.num_hidden_layers = layers
+    layer_types = getattr(text, "layer_types", None)
+    if isinstance(layer_types, list):
+        text.layer_types = layer_types[:layers]
+    return truncated
+
+
+def num_layers(config: Any) -> int:
+    return int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
+
+
+@dataclass(frozen=True)
+class TraceOutcome:
+    components: dict[str, int]
+    peak_bytes: int
+    phase_peaks: dict[str, int]
+
+
+def trace_components(
+    config: Any,
+    workload: Workload,
+    precision: str,
+    compute_dtype: str,
+    *,
+    target: str = "cuda",
+    quant_storage: str = "uint8",
+    skip_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+    layers: int | None = None,
+) -> TraceOutcome:
+    """Trace ``workload`` at ``precision`` on a meta model of ``config`` (all its layers,
+    or the first ``layers``) and split the peak into components."""
+    from qplan.planner.quantize_meta import quantize_meta_model
+    from qplan.planner.trace import trace
+    from qplan.planner.training_setup import prepare_for_training
+
+    cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
+    model = build_meta_model(cfg, trust_remote_code)
+    inventory = take_inventory(model, skip_modules)
+    model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
+    if workload.is_training:
+        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
+    snapshot, seen, phase_peaks = trace(model, workload, target=target)
+    rounded = target == "cuda"
+    parts = classify(snapshot, seen, rounded)
+    peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
+    # The allocated peak may fall a few bytes apart from the raw-bytes peak moment.
+    parts["transients"] += max(0, peak - sum(parts.values()))
+    return TraceOutcome(parts, peak, phase_peaks)
+
+
+def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
+                 target_layers: int) -> TraceOutcome:
+    """Linear in depth: value(L) = value(d1) + (L - d1) * (value(d2) - value(d1)) / (d2 - d1)."""
+    d1, d2 = depths
+    scale = (target_layers - d1) / (d2 - d1)
+
+    def line(a: int, b: int) -> int:
+        return max(0, round(a + (b - a) * scale))
+
+    phases = {
+        phase: line(low.phase_peaks.get(phase, 0), high.phase_peaks.get(phase, 0))
+        for phase in high.phase_peaks
+    }
+    components = {name: line(low.components[name], high.components[name])
+                  for name in high.components}
+    peak = max(line(low.peak_bytes, high.peak_bytes), *phases.values())
+    components["transients"] += max(0, peak - sum(components.values()))
+    return TraceOutcome(components, peak, phases)
+
+
 def workload_components(
     inventory: Inventory,
     workload: Workload,
     precision: str,
     compute_dtype: str,
     quant_storage: str = "uint8",
+    *,
+    config: Any = None,
+    gpu_architecture: str | None = None,
+    trust_remote_code: bool = False,
+    skip_modules: list[str] | None = None,
+    target: str = "cuda",
+    tracer: Callable[..., TraceOutcome] = trace_components,
 ) -> ComponentPlan:
-    return load_components(inventory, precision, compute_dtype, quant_storage)
+    """Components of ``workload`` at ``precision``; ``config`` is needed beyond ``load``."""
+    if workload.mode == "load":
+        return load_components(inventory, precision, compute_dtype, quant_storage)
+    if config is None:
+        raise ValueError("a config is needed to trace a workload")
+    weights = weight_bytes(
+        inventory, precision, compute_dtype=compute_dtype, quant_storage=quant_storage
+    )
+    depth = num_layers(config)
+    common = dict(
+        target=target, quant_storage=quant_storage, skip_modules=skip_modules,
+        trust_remote_code=trust_remote_code,
+    )
+    if depth <= TRACE_FULL_DEPTH_UP_TO:
+        outcome = tracer(config, workload, precision, compute_dtype, **common)
+        traced: tuple[int, ...] = (depth,)
+    else:
+        low = tracer(config, workload, precision, compute_dtype, layers=TRACE_DEPTHS[0],
+                     **common)
+        high = tracer(config, workload, precision, compute_dtype, layers=TRACE_DEPTHS[1],
+                      **common)
+        outcome = _extrapolate(low, high, TRACE_DEPTHS, depth)
+        traced = TRACE_DEPTHS
+    components = dict(outcome.components)
+    peak = outcome.peak_bytes
+    if workload.kv_dtype and components.get("kv_cache"):
+        model_kv = DTYPE_BYTES[_kv_model_dtype(precision, compute_dtype)]
+        delta = components["kv_cache"] * DTYPE_BYTES[workload.kv_dtype] // model_kv - \
+            components["kv_cache"]
+        components["kv_cache"] += delta
+        peak += delta
+    if workload.optimizer == "paged_adamw_8bit":
+        # Paged states live in CUDA managed memory: outside torch's counters, seen by NVML.
+        peak -= components["optimizer_states"]
+    if target == "cuda":
+        workspace = CUBLAS_WORKSPACE.get(gpu_architecture or "", CUBLAS_WORKSPACE_DEFAULT)
+        components["transients"] += workspace
+        peak += workspace
+        churn = sum(components[k] for k in ("activations", "logits", "transients",
+                                            "gradients"))
+        components["allocator"] = int(churn * FRAGMENTATION_ALLOWANCE)
+    return ComponentPlan(weights, components, peak, traced)
+
+
+def _kv_model_dtype(precision: str, compute_dtype: str) -> str:
+    return PRECISIONS[precision].full_dtype or compute_dtype

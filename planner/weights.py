@@ -48,7 +48,7 @@ def load_dtype_for(precision: Precision, compute_dtype: str) -> str:
     return precision.full_dtype or compute_dtype
 
 
-def _param_dtype(t: TensorInfo, load_dtype: str) -> str:
+def param_dtype(t: TensorInfo, load_dtype: str) -> str:
     if t.kind == "buffer":
         return load_dtype if t.follows_load_dtype else t.build_dtype
     if load_dtype == "float16" and t.fp32_under_fp16:
@@ -101,7 +101,7 @@ def weight_bytes(
             layers += 1
             largest = max(largest, t.numel)
             continue
-        size = tensor_bytes(t, _param_dtype(t, load_dtype))
+        size = tensor_bytes(t, param_dtype(t, load_dtype))
         if t.kind == "buffer":
             buffers += size
         else:

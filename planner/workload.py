@@ -6,14 +6,52 @@ from dataclasses import dataclass
 
 MODES = ("load", "inference", "lora", "qlora", "full")
 TRAINING_MODES = ("lora", "qlora", "full")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+KV_DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_INFERENCE_SEQ = 4096
+DEFAULT_TRAINING_SEQ = 2048
 
 
 @dataclass(frozen=True)
 class Workload:
-    """A workload. ``load`` is the weights resident on the device and nothing else."""
+    """A workload. ``load`` is the weights resident on the device and nothing else.
 
-    mode: str = "load"
+    ``seq_len`` 0 means "the mode's default, capped by the model's max positions".
+    """
+
+    mode: str = "inference"
+    batch: int = 1
+    seq_len: int = 0
+    kv_dtype: str | None = None  # inference: KV cache dtype (default: the model's dtype)
+    lora_r: int = 16
+    lora_alpha: int | None = None  # default 2 * r; does not change memory
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"
+    attn: str = "sdpa"
 
     @property
     def is_training(self) -> bool:
         return self.mode in TRAINING_MODES
+
+    @property
+    def is_lora(self) -> bool:
+        return self.mode in ("lora", "qlora")
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        if self.lora_targets in (("all-linear",), ()):
+            return "all-linear"
+        return list(self.lora_targets)
+
+
+def default_seq_len(mode: str, max_positions: int | None) -> int:
+    """min(4096, max positions) for inference, min(2048, max positions) for training."""
+    base = DEFAULT_INFERENCE_SEQ if mode in ("inference", "load") else DEFAULT_TRAINING_SEQ
+    return min(base, max_positions) if max_positions else base

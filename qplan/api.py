@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -12,10 +13,24 @@ from qplan.planner.budget import Headroom, budget_for
 from qplan.planner.components import workload_components
 from qplan.planner.decide import compute_dtype_for, decide
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES
+from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
 from qplan.planner.spec import ModelSpec
-from qplan.planner.workload import MODES, Workload
+from qplan.planner.workload import (
+    ATTENTIONS,
+    KV_DTYPES,
+    MODES,
+    OPTIMIZERS,
+    Workload,
+    default_seq_len,
+)
 from qplan.report import GpuInfo, ModelInfo, Report
+
+# Candidates each mode plans: full fine-tuning keeps 16/32-bit weights (bitsandbytes
+# weights cannot be trained), QLoRA is LoRA on a 4-bit base.
+MODE_PRECISIONS = {
+    "full": ("fp32", "bf16", "fp16"),
+    "qlora": ("fp4", "nf4", "fp4-dq", "nf4-dq"),
+}
 
 
 def parse_headroom(text: str | None) -> Headroom:
@@ -95,41 +110,133 @@ def resolve_target(gpu: str | GpuTarget, num_gpus: int | None) -> GpuTarget:
     return resolve_gpu(gpu, num_gpus=num_gpus)
 
 
+def _choice(value: str | None, allowed: Sequence[str], option: str) -> None:
+    if value is not None and value not in allowed:
+        raise UsageError(f"unknown {option} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def make_workload(
+    mode: str,
+    config: Any,
+    *,
+    batch: int = 1,
+    seq_len: int | None = None,
+    kv_dtype: str | None = None,
+    lora_r: int = 16,
+    lora_alpha: int | None = None,
+    lora_targets: str | Sequence[str] | None = None,
+    lora_dropout: float = 0.0,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    attn: str = "sdpa",
+) -> Workload:
+    """Validate the workload options; seq_len defaults to the mode's default, capped by
+    the model's max positions."""
+    _choice(mode, MODES, "mode")
+    _choice(optimizer, OPTIMIZERS, "optimizer")
+    _choice(attn, ATTENTIONS, "attention implementation")
+    _choice(kv_dtype, KV_DTYPES, "KV cache dtype")
+    text = config.get_text_config()
+    max_positions = getattr(text, "max_position_embeddings", None) or getattr(
+        text, "n_positions", None
+    )
+    if batch < 1 or batch > 1 << 20:
+        raise UsageError(f"--batch must be between 1 and 1048576, not {batch}")
+    if seq_len is None or seq_len == 0:
+        seq_len = default_seq_len(mode, max_positions)
+    if seq_len < 1 or seq_len > 1 << 24:
+        raise UsageError(f"--seq-len must be between 1 and 16777216, not {seq_len}")
+    if not 1 <= lora_r <= 65536:
+        raise UsageError(f"--lora-r must be between 1 and 65536, not {lora_r}")
+    if isinstance(lora_targets, str):
+        lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    targets = tuple(lora_targets) if lora_targets else ("all-linear",)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise UsageError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
+    return Workload(
+        mode=mode, batch=batch, seq_len=seq_len, kv_dtype=kv_dtype, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_targets=targets, lora_dropout=lora_dropout,
+        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
+    )
+
+
+def workload_dict(workload: Workload, compute: str, quant_storage: str, target: str) -> dict:
+    data = asdict(workload)
+    if workload.mode == "load":
+        data = {"mode": "load"}
+    data.update(compute_dtype=compute, quant_storage=quant_storage, target=target)
+    if workload.is_lora:
+        data["lora_alpha"] = workload.alpha
+    return data
+
+
 def estimate(
     model: str | ModelSpec,
     *,
     gpu: str | GpuTarget = "auto",
     num_gpus: int | None = None,
-    mode: str = "load",
+    mode: str = "inference",
     precisions: str | Sequence[str] | None = None,
     headroom: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     skip_modules: Sequence[str] | None = None,
     quant_storage: str = "uint8",
+    target: str = "cuda",
+    **workload_options: Any,
 ) -> Report:
-    """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options."""
+    """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options.
+
+    ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
+    lora_dropout, gradient_checkpointing, optimizer, attn. ``target="cpu"`` predicts what
+    the same workload holds on a CPU (what ``qplan measure`` checks without a GPU).
+    """
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
-    if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    _choice(mode, MODES, "mode")
     names, explicit = parse_precisions(precisions)
+    allowed = MODE_PRECISIONS.get(mode)
+    if allowed is not None:
+        dropped = [n for n in names if n not in allowed]
+        if explicit and dropped:
+            raise UsageError(
+                f"--mode {mode} plans only {', '.join(allowed)}; drop {', '.join(dropped)} "
+                "from --precisions"
+            )
+        names = [n for n in names if n in allowed]
     room = parse_headroom(headroom)
     spec = resolve(model, revision, trust_remote_code)
-    target = resolve_target(gpu, num_gpus)
+    gpu_target = resolve_target(gpu, num_gpus)
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)
     meta = build_meta_model(copy.deepcopy(spec.config), spec.trust_remote_code)
     inventory = take_inventory(meta, skip_modules)
-    workload = Workload(mode=mode)
-    budget = budget_for(target, room)
-    compute = compute_dtype_for(target)
+    workload = make_workload(mode, spec.config, **workload_options)
+    budget = budget_for(gpu_target, room)
+    compute = compute_dtype_for(gpu_target)
+
+    traced: dict[tuple, Any] = {}
 
     def plan_one(precision: str):
-        plan = workload_components(inventory, workload, precision, compute, quant_storage)
+        # fp4 and nf4 store and compute alike (only the quant map's values differ), so
+        # their traces are the same: trace one of each pair.
+        prec = PRECISIONS[precision]
+        key = (prec.bits, prec.double_quant, prec.full_dtype)
+        plan = traced.get(key) if workload.mode != "load" else None
+        if plan is not None:
+            return plan.weights, plan.components, plan.peak_allocated_bytes
+        plan = workload_components(
+            inventory, workload, precision, compute, quant_storage,
+            config=spec.config, gpu_architecture=gpu_target.architecture,
+            trust_remote_code=spec.trust_remote_code,
+            skip_modules=list(skip_modules) if skip_modules is not None else None,
+            target=target,
+        )
+        traced[key] = plan
         return plan.weights, plan.components, plan.peak_allocated_bytes
 
-    decision = decide(names, target, budget, plan_one, explicit=explicit, compute_dtype=compute)
+    decision = decide(names, gpu_target, budget, plan_one, explicit=explicit,
+                      compute_dtype=compute)
     return Report(
         model=ModelInfo(
             id=spec.id,
@@ -142,19 +249,19 @@ def estimate(
             config_path=spec.config_path,
         ),
         gpu=GpuInfo(
-            name=target.name,
-            count=target.count,
-            memory_bytes=target.memory_bytes,
-            source=target.source,
-            compute_capability=target.compute_capability,
-            bf16=target.bf16,
-            architecture=target.architecture,
-            free_bytes=target.free_bytes,
+            name=gpu_target.name,
+            count=gpu_target.count,
+            memory_bytes=gpu_target.memory_bytes,
+            source=gpu_target.source,
+            compute_capability=gpu_target.compute_capability,
+            bf16=gpu_target.bf16,
+            architecture=gpu_target.architecture,
+            free_bytes=gpu_target.free_bytes,
             cuda_context_bytes=budget.cuda_context_bytes,
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload={"mode": mode, "compute_dtype": compute, "quant_storage": quant_storage},
+        workload=workload_dict(workload, compute, quant_storage, target),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=decision.warnings,

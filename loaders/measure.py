@@ -1,0 +1,136 @@
+"""Measure a workload's real peak: random weights, real bitsandbytes load, real steps.
+
+The model is built from its config with random weights (optionally shrunk to its first
+``layers`` decoder layers), saved to a temporary folder and loaded back through
+``from_pretrained`` with the plan's BitsAndBytesConfig, so quantisation is bitsandbytes'
+own. The training patches are the planner's (planner/training_setup.py) and the steps are
+the planner's (planner/steps.py): only the tensors are real.
+
+* CPU: a LiveTensorTracker counts every storage (the model's, and every op output) and
+  takes the peak; the components are split as the planner splits its prediction.
+* CUDA: torch.cuda.max_memory_allocated / max_memory_reserved and NVML's used memory for
+  the device, besides the tracker.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qplan.errors import DeviceError, QplanError
+from qplan.planner.components import classify, num_layers
+from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.quantize_meta import bnb_config
+from qplan.planner.steps import run_workload
+from qplan.planner.trace import vocab_tagger
+from qplan.planner.training_setup import prepare_for_training
+from qplan.planner.weights import load_dtype_for
+from qplan.planner.workload import Workload
+
+
+@dataclass(frozen=True)
+class Measurement:
+    device: str
+    precision: str
+    layers: int
+    peak_bytes: int  # tensor level: tracker on CPU, max_memory_allocated on CUDA
+    components: dict[str, int]  # tracker's split of the peak
+    reserved_bytes: int | None = None  # CUDA: max_memory_reserved
+    nvml_used_bytes: int | None = None  # CUDA: NVML used for the device after the run
+
+
+def shrink(config: Any, layers: int | None) -> Any:
+    """A copy of ``config`` keeping only the first ``layers`` decoder layers."""
+    from qplan.planner.components import _with_layers
+
+    if layers is None:
+        return copy.deepcopy(config)
+    if layers < 1:
+        raise QplanError(f"--layers must be at least 1, not {layers}")
+    return _with_layers(config, min(layers, num_layers(config)))
+
+
+def random_model(config: Any, precision: str, compute_dtype: str, device: str) -> Any:
+    """Random weights from ``config``, loaded back through from_pretrained at ``precision``."""
+    from transformers import AutoModelForCausalLM
+
+    load_dtype = getattr(torch, load_dtype_for(PRECISIONS[precision], compute_dtype))
+    quant = bnb_config(precision, compute_dtype)
+    with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
+        model.save_pretrained(folder)
+        del model
+        gc.collect()
+        device_map: Any = {"": 0} if device == "cuda" else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=load_dtype, quantization_config=quant, device_map=device_map
+        )
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights into an AVX512-BF16 layout at the first CPU
+        # inference forward; a GPU never does, so measure the code path the plan is for.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _nvml_used(index: int) -> int | None:
+    try:
+        from qplan.loaders.nvml import query_devices
+
+        devices = query_devices()
+    except QplanError:
+        return None
+    return next((d.used_bytes for d in devices if d.index == index), None)
+
+
+def measure(
+    config: Any,
+    workload: Workload,
+    precision: str,
+    compute_dtype: str,
+    *,
+    layers: int | None = None,
+    device: str = "cpu",
+) -> Measurement:
+    """Run ``workload`` for real at ``precision`` and measure its peak."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("no CUDA device for --device cuda; run on a GPU or use --device cpu")
+    config = shrink(config, layers)
+    model = random_model(config, precision, compute_dtype, device)
+    if workload.is_training:
+        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
+    vocab = config.get_text_config().vocab_size
+    tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seen = run_workload(model, workload, tracker)
+    components = classify(tracker.peak_snapshot(), seen, rounded=device == "cuda")
+    reserved = nvml = None
+    peak = tracker.peak
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()
+        nvml = _nvml_used(torch.cuda.current_device())
+    result = Measurement(
+        device=device,
+        precision=precision,
+        layers=num_layers(config),
+        peak_bytes=peak,
+        components=components,
+        reserved_bytes=reserved,
+        nvml_used_bytes=nvml,
+    )
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result

@@ -1,0 +1,263 @@
+"""Turn a Report into configs people run: a transformers snippet, a peft snippet, Axolotl YAML.
+
+Pure text generation: no torch, no transformers, no files. Every value comes from the
+report (the chosen candidate and ``report.workload``), so what is emitted is what was
+planned; settings the report does not record fall back to the ``Workload`` defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any
+
+from qplan.errors import UsageError
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.workload import Workload
+
+# qplan optimizer -> the Axolotl / HF TrainingArguments name that runs it.
+AXOLOTL_OPTIMIZERS = {
+    "adamw": "adamw_torch_fused",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+GC_KWARGS = '{"use_reentrant": False}'
+
+
+def workload_of(report: Any) -> Workload:
+    """The Workload a report was planned for; keys it lacks take the Workload defaults.
+
+    Reports only carry JSON types, so the targets list comes back as a tuple here.
+    """
+    data = dict(report.workload)
+    known = {f.name for f in fields(Workload)}
+    values = {k: v for k, v in data.items() if k in known and v is not None}
+    if "lora_targets" in values:
+        targets = values["lora_targets"]
+        values["lora_targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
+    return Workload(**values)
+
+
+def chosen_precision(report: Any, precision: str | None = None) -> str:
+    """``precision`` when given (it must be a candidate), else the recommendation."""
+    names = [c.precision for c in report.candidates]
+    if precision is not None:
+        if precision not in names:
+            raise UsageError(
+                f"precision {precision!r} is not in the plan ({', '.join(names)}); "
+                "pick one of those"
+            )
+        return precision
+    if report.recommendation is None:
+        raise UsageError(
+            f"nothing fits {report.gpu.name}, so there is no recommendation to emit; "
+            "name a precision (--precisions) or pick a bigger GPU"
+        )
+    return str(report.recommendation.precision)
+
+
+def _compute_dtype(report: Any, precision: str) -> str:
+    return str(report.candidate(precision).compute_dtype)
+
+
+def _device_map(report: Any) -> str:
+    return '"auto"' if report.gpu.count > 1 else '{"": 0}'
+
+
+def emit_transformers(report: Any, precision: str | None = None) -> str:
+    """A Python snippet that loads the model with the planned precision and placement."""
+    precision = chosen_precision(report, precision)
+    prec = PRECISIONS[precision]
+    workload = workload_of(report)
+    dtype = _compute_dtype(report, precision)
+    quant_storage = str(report.workload.get("quant_storage") or "uint8")
+    lines = [
+        f"# qplan plan: {report.model.id} at {precision} on {report.gpu.name} "
+        f"(mode {workload.mode})",
+        "import torch",
+        "from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+        "",
+    ]
+    call = [f"    {json.dumps(report.model.id)},"]
+    if prec.quant_type == "int8":
+        lines += ["quantization_config = BitsAndBytesConfig(load_in_8bit=True)", ""]
+        call.append("    quantization_config=quantization_config,")
+    elif prec.quantized:
+        lines += [
+            "quantization_config = BitsAndBytesConfig(",
+            "    load_in_4bit=True,",
+            f'    bnb_4bit_quant_type="{prec.quant_type}",',
+            f"    bnb_4bit_use_double_quant={prec.double_quant},",
+            f"    bnb_4bit_compute_dtype=torch.{dtype},",
+            f"    bnb_4bit_quant_storage=torch.{quant_storage},",
+            ")",
+            "",
+        ]
+        call.append("    quantization_config=quantization_config,")
+    call += [
+        f"    dtype=torch.{dtype},",
+        f"    device_map={_device_map(report)},",
+        f'    attn_implementation="{workload.attn}",',
+    ]
+    lines += ["model = AutoModelForCausalLM.from_pretrained(", *call, ")"]
+    return "\n".join(lines) + "\n"
+
+
+def emit_peft(report: Any, precision: str | None = None) -> str:
+    """A snippet that turns the loaded ``model`` into the planned LoRA / QLoRA model.
+
+    It mirrors ``planner.training_setup.prepare_for_training``, the patches the estimate
+    traced, so the emitted run needs what was planned.
+    """
+    workload = workload_of(report)
+    if not workload.is_lora:
+        raise UsageError(
+            f"--emit peft needs a LoRA plan (--mode lora or qlora), not mode {workload.mode}"
+        )
+    precision = chosen_precision(report, precision)
+    quantized = PRECISIONS[precision].quantized
+    gc = workload.gradient_checkpointing
+    lines = ["from peft import LoraConfig, get_peft_model"]
+    if quantized:
+        lines[0] += ", prepare_model_for_kbit_training"
+        lines += [
+            "",
+            "model = prepare_model_for_kbit_training(",
+            "    model,",
+            f"    use_gradient_checkpointing={gc},",
+            f"    gradient_checkpointing_kwargs={GC_KWARGS},",
+            ")",
+        ]
+    else:
+        lines += ["", "model.requires_grad_(False)"]
+        if gc:
+            lines.append(
+                f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={GC_KWARGS})"
+            )
+    targets = workload.target_modules
+    lines += [
+        "lora_config = LoraConfig(",
+        f"    r={workload.lora_r},",
+        f"    lora_alpha={workload.alpha},",
+        f"    lora_dropout={workload.lora_dropout!r},",
+        f"    target_modules={json.dumps(targets)},",
+        '    task_type="CAUSAL_LM",',
+        ")",
+        "model = get_peft_model(model, lora_config)",
+        "model.config.use_cache = False",
+        "model.print_trainable_parameters()",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    # JSON scalars are valid YAML scalars (strings quoted, true/false, numbers).
+    return json.dumps(value)
+
+
+def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any]:
+    """The Axolotl keys of a training plan, in the order they are written."""
+    workload = workload_of(report)
+    if not workload.is_training:
+        raise UsageError(
+            f"Axolotl configs are for training; plan with --mode lora, qlora or full "
+            f"(this plan is mode {workload.mode})"
+        )
+    precision = chosen_precision(report, precision)
+    prec = PRECISIONS[precision]
+    if workload.mode == "full" and prec.quantized:
+        raise UsageError(f"full fine-tuning cannot train {precision} weights; pick bf16 or fp16")
+    dtype = _compute_dtype(report, precision)
+    out: dict[str, Any] = {"base_model": report.model.id}
+    if prec.is_4bit:
+        out["load_in_4bit"] = True
+        out["adapter"] = "qlora"
+    elif prec.quant_type == "int8":
+        out["load_in_8bit"] = True
+        out["adapter"] = "lora"
+    elif workload.is_lora:
+        out["adapter"] = "lora"
+    if prec.is_4bit:
+        # Axolotl's QLoRA defaults are nf4, double quant and bf16 quant storage; spell out
+        # what the plan used so Axolotl loads exactly that.
+        out["bnb_config_kwargs"] = {
+            "bnb_4bit_quant_type": prec.quant_type,
+            "bnb_4bit_use_double_quant": prec.double_quant,
+            "bnb_4bit_quant_storage": str(report.workload.get("quant_storage") or "uint8"),
+        }
+    if workload.is_lora:
+        out["lora_r"] = workload.lora_r
+        out["lora_alpha"] = workload.alpha
+        out["lora_dropout"] = workload.lora_dropout
+        if workload.target_modules == "all-linear":
+            out["lora_target_linear"] = True
+        else:
+            out["lora_target_modules"] = list(workload.target_modules)
+    if workload.seq_len:
+        out["sequence_len"] = workload.seq_len
+    out["micro_batch_size"] = workload.batch
+    out["gradient_accumulation_steps"] = 1
+    out["gradient_checkpointing"] = workload.gradient_checkpointing
+    if workload.gradient_checkpointing:
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    out["optimizer"] = AXOLOTL_OPTIMIZERS[workload.optimizer]
+    full_dtype = prec.full_dtype or dtype
+    out["bf16"] = full_dtype == "bfloat16"
+    out["fp16"] = full_dtype == "float16"
+    if workload.attn == "flash_attention_2":
+        out["flash_attention"] = True
+    elif workload.attn == "sdpa":
+        out["sdp_attention"] = True
+    else:
+        out["eager_attention"] = True
+    return out
+
+
+def emit_axolotl(report: Any, precision: str | None = None) -> str:
+    """Axolotl YAML for the plan's model, precision and training workload.
+
+    Dataset, output and schedule keys are left for the user: qplan plans memory, not data.
+    """
+    settings = axolotl_settings(report, precision)
+    lines = [f"# qplan plan: {report.model.id} on {report.gpu.name}; add datasets and output_dir"]
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in value.items()]
+        elif isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"  - {_yaml_scalar(v)}" for v in value]
+        else:
+            lines.append(f"{key}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, Any]:
+    """The ``qplan.api.estimate`` keyword arguments that re-plan ``report`` at one precision.
+
+    This is what an emitted Axolotl YAML reads back as (``loaders.axolotl.read_axolotl``).
+    """
+    precision = chosen_precision(report, precision)
+    workload = workload_of(report)
+    mode = workload.mode
+    if mode == "lora" and PRECISIONS[precision].is_4bit:
+        # LoRA on a 4-bit base is QLoRA: the same patches, and Axolotl's name for it.
+        mode = "qlora"
+    kwargs: dict[str, Any] = {"mode": mode, "precisions": precision}
+    if PRECISIONS[precision].is_4bit:
+        kwargs["quant_storage"] = str(report.workload.get("quant_storage") or "uint8")
+    if workload.seq_len:
+        kwargs["seq_len"] = workload.seq_len
+    kwargs["batch"] = workload.batch
+    kwargs["gradient_checkpointing"] = workload.gradient_checkpointing
+    kwargs["optimizer"] = workload.optimizer
+    kwargs["attn"] = workload.attn
+    if workload.is_lora:
+        kwargs["lora_r"] = workload.lora_r
+        kwargs["lora_alpha"] = workload.alpha
+        kwargs["lora_dropout"] = workload.lora_dropout
+        targets = workload.target_modules
+        kwargs["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets)
+    return kwargs

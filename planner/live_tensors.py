@@ -1,0 +1,123 @@
+"""Count the bytes of live tensor storages while PyTorch runs, and find the peak.
+
+A ``TorchDispatchMode`` sees every op's outputs; each new storage is counted once (views
+share it) and uncounted when its storage object is released (PyTorch preserves a storage's
+Python object, so a ``weakref.finalize`` fires exactly when the memory is freed). Works
+for real CPU tensors (the CPU measurement) and for meta tensors (the planner's trace).
+
+Every allocation and free is logged, so the live set at the peak can be replayed after the
+run and split into components by what each storage turned out to be (gradient, optimizer
+state, KV cache, ...), without copying the live set at every new peak.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+from qplan.planner.precision import alloc_size
+
+
+@dataclass(frozen=True)
+class LiveStorage:
+    serial: int
+    nbytes: int
+    phase: str
+    tag: str | None
+
+
+@dataclass(frozen=True)
+class PeakSnapshot:
+    """The live storages at the tensor-level peak."""
+
+    peak_bytes: int  # raw storage bytes, as a CPU allocator sees them
+    peak_allocated_bytes: int  # each storage rounded to 512 bytes, as CUDA counts them
+    phase: str
+    storages: tuple[LiveStorage, ...]
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Track live storages; ``phase`` and ``tagger`` label new ones as they appear."""
+
+    def __init__(self, tagger: Callable[[torch.Tensor], str | None] | None = None) -> None:
+        super().__init__()
+        self.phase = "setup"
+        self.tagger = tagger
+        self._serials = itertools.count()
+        self._live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
+        self._events: list[tuple[int, int, str, str | None]] = []  # (serial, ±nbytes, ...)
+        self.current = 0
+        self.current_allocated = 0
+        self.peak = 0
+        self.peak_allocated = 0
+        self._peak_event = -1
+        self._peak_phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
+
+    # -- counting ---------------------------------------------------------------------
+    def add(self, tensor: torch.Tensor) -> int | None:
+        """Count ``tensor``'s storage if it is new; returns its serial."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        known = self._live.get(key)
+        if known is not None:
+            return known[0]
+        nbytes = storage.nbytes()
+        serial = next(self._serials)
+        self._live[key] = (serial, nbytes)
+        tag = self.tagger(tensor) if self.tagger is not None else None
+        self._events.append((serial, nbytes, self.phase, tag))
+        self.current += nbytes
+        self.current_allocated += alloc_size(nbytes)
+        weakref.finalize(storage, self._release, key, serial)
+        if self.current_allocated > self.peak_allocated:
+            self.peak_allocated = self.current_allocated
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_event = len(self._events) - 1
+            self._peak_phase = self.phase
+        if self.current > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.current
+        return serial
+
+    def add_all(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self.add(tensor)
+
+    def serial_of(self, tensor: torch.Tensor) -> int | None:
+        known = self._live.get(id(tensor.untyped_storage()))
+        return known[0] if known is not None else None
+
+    def _release(self, key: int, serial: int) -> None:
+        known = self._live.get(key)
+        if known is None or known[0] != serial:
+            return
+        del self._live[key]
+        self.current -= known[1]
+        self.current_allocated -= alloc_size(known[1])
+        self._events.append((serial, -known[1], self.phase, None))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self.add, out)
+        return out
+
+    # -- results ----------------------------------------------------------------------
+    def peak_snapshot(self) -> PeakSnapshot:
+        """Replay the event log up to the peak: the storages live at that moment."""
+        live: dict[int, LiveStorage] = {}
+        for serial, nbytes, phase, tag in self._events[: self._peak_event + 1]:
+            if nbytes >= 0:
+                live[serial] = LiveStorage(serial, nbytes, phase, tag)
+            else:
+                live.pop(serial, None)
+        return PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase, tuple(live.values()))

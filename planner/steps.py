@@ -1,0 +1,172 @@
+"""Run one workload's steps on a model under a LiveTensorTracker.
+
+The same code runs on meta tensors (the planner's prediction) and on real tensors (the
+measurement), so the two differ only where kernels differ.
+
+* inference: a prefill of ``batch x seq_len`` tokens into a DynamicCache (the KV cache for
+  the whole context), keeping only the last position's logits as ``generate`` does.
+* training: two optimizer steps (forward with labels, backward, step, zero_grad): the
+  second step starts with the optimizer states that the first one created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.workload import Workload
+
+
+@dataclass
+class StepTensors:
+    """Serials of the storages that turned out to be one thing or another."""
+
+    weights: set[int] = field(default_factory=set)
+    adapters: set[int] = field(default_factory=set)
+    gradients: set[int] = field(default_factory=set)
+    optimizer_states: set[int] = field(default_factory=set)
+    kv_cache: set[int] = field(default_factory=set)
+
+
+def _quant_tensors(param: Any) -> Iterator[torch.Tensor]:
+    state = getattr(param, "quant_state", None)
+    while state is not None:
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+        state = getattr(state, "state2", None)
+    scb = getattr(param, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        yield scb
+
+
+def track_model(model: nn.Module, tracker: LiveTensorTracker, seen: StepTensors) -> None:
+    """Count the tensors the model already holds: weights (frozen or full) and adapters."""
+    for name, param in model.named_parameters():
+        serial = tracker.add(param)
+        is_adapter = param.requires_grad and "lora_" in name
+        (seen.adapters if is_adapter else seen.weights).add(serial)  # type: ignore[arg-type]
+        for extra in _quant_tensors(param):
+            seen.weights.add(tracker.add(extra))  # type: ignore[arg-type]
+    for buf in model.buffers():
+        seen.weights.add(tracker.add(buf))  # type: ignore[arg-type]
+
+
+def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
+    if device.type == "meta":
+        return torch.empty((batch, seq_len), dtype=torch.long, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    return ids.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def run_inference(
+    model: nn.Module, workload: Workload, tracker: LiveTensorTracker, seen: StepTensors
+) -> None:
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = input_ids(workload.batch, workload.seq_len, vocab, device)
+    model.eval()
+    with torch.no_grad():
+        tracker.phase = "forward"
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for tensor in _cache_tensors(out.past_key_values):
+            serial = tracker.serial_of(tensor)
+            if serial is not None:
+                seen.kv_cache.add(serial)
+        del out
+    tracker.phase = "done"
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, device: torch.device) -> Any:
+    """The optimizer ``name`` as a training run builds it (transformers' defaults)."""
+    if name == "adamw":
+        # transformers 5.x defaults to torch's fused AdamW (adamw_torch_fused); the trace
+        # lets it run on meta (planner/trace.py), so every device takes the same kernel.
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(params, lr=1e-4)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _optimizer_state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def run_training(
+    model: nn.Module,
+    workload: Workload,
+    tracker: LiveTensorTracker,
+    seen: StepTensors,
+    steps: int = 2,
+) -> None:
+    device = model_device(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = input_ids(workload.batch, workload.seq_len, vocab, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, workload.optimizer, device)
+    model.train()
+    for _ in range(steps):
+        tracker.phase = "forward"
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        loss = out.loss
+        del out
+        tracker.phase = "backward"
+        loss.backward()
+        del loss
+        for param in params:
+            if param.grad is not None:
+                serial = tracker.serial_of(param.grad)
+                if serial is not None:
+                    seen.gradients.add(serial)
+        tracker.phase = "optimizer"
+        optimizer.step()
+        for tensor in _optimizer_state_tensors(optimizer):
+            serial = tracker.serial_of(tensor)
+            if serial is not None:
+                seen.optimizer_states.add(serial)
+        optimizer.zero_grad(set_to_none=True)
+    tracker.phase = "done"
+
+
+def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracker) -> StepTensors:
+    """Track the model's tensors, then run the workload; returns what each storage was."""
+    seen = StepTensors()
+    track_model(model, tracker, seen)
+    with tracker:
+        if workload.is_training:
+            run_training(model, workload, tracker, seen)
+        else:
+            run_inference(model, workload, tracker, seen)
+    return seen

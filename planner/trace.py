@@ -1,0 +1,243 @@
+"""Predict a workload's tensor-level peak by running its real step on the meta device.
+
+The model is the real module tree (transformers, bitsandbytes layers, peft adapters) with
+every tensor on meta: nothing is allocated, but every op produces outputs of the right
+shape and dtype, and autograd saves exactly what it would. A LiveTensorTracker counts the
+storages and finds the peak, which the components split by what each storage was.
+
+Meta tensors carry no values, so the few places where a real run decides something from
+data are pinned to what they decide for a dense, unpadded batch:
+
+* attention: on meta, ``scaled_dot_product_attention`` would fall back to its math path
+  (materialising the scores); the trace calls the fused kernel the target device picks
+  instead: FlashAttention on CUDA for 16-bit inputs without a mask (memory-efficient
+  attention otherwise), the flash kernel for CPU on CPU. Their meta kernels give the real
+  output and logsumexp shapes, and autograd saves what the real kernels save.
+* packed-sequence detection (transformers' ``find_packed_sequence_indices``) reads position
+  ids; for an ordinary batch it finds no packing.
+* MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
+  experts path, whose shapes are static: every expert sees its share of the
+  ``tokens x top_k`` routed rows, the same rows in total as a real routing.
+* fused AdamW (transformers' default optimizer) runs on meta through ``torch._fused_adamw_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
+from qplan.planner.steps import StepTensors, run_workload
+from qplan.planner.workload import Workload
+
+TARGETS = ("cuda", "cpu")
+
+
+def _sdpa_for(target: str, attn: str, original: Any):
+    aten = torch.ops.aten
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+        if target == "cpu" and dropout_p > 0:
+            # PyTorch's CPU kernel selection takes the math path for attention dropout,
+            # which is what SDPA on meta does too.
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if target == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+            )[0]
+        if key.shape[-3] != query.shape[-3]:
+            # The CUDA fused kernels take equal head counts: expand K/V as SDPA does.
+            groups = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(groups, dim=-3)
+            value = value.repeat_interleave(groups, dim=-3)
+        flash_ok = (
+            attn_mask is None
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] <= 256
+        )
+        if flash_ok or attn == "flash_attention_2":
+            return aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )[0]
+        needs_lse = any(t.requires_grad for t in (query, key, value))
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale
+        )[0]
+
+    return sdpa
+
+
+def _allow_fused_on_meta() -> Iterator[None]:
+    import torch.optim.optimizer as optimizer_module
+
+    original = optimizer_module._get_fused_kernels_supported_devices
+
+    def devices() -> list[str]:
+        return [*original(), "meta"]
+
+    optimizer_module._get_fused_kernels_supported_devices = devices
+    try:
+        yield
+    finally:
+        optimizer_module._get_fused_kernels_supported_devices = original
+
+
+@contextlib.contextmanager
+def trace_patches(target: str, attn: str) -> Iterator[None]:
+    """Pin the data-dependent decisions of a real run while tracing on meta."""
+    from transformers import masking_utils
+
+    with contextlib.ExitStack() as stack:
+        original_sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = _sdpa_for(target, attn, original_sdpa)
+        stack.callback(setattr, torch.nn.functional, "scaled_dot_product_attention",
+                       original_sdpa)
+        original_packed = masking_utils.find_packed_sequence_indices
+        masking_utils.find_packed_sequence_indices = lambda *a, **k: None
+        stack.callback(setattr, masking_utils, "find_packed_sequence_indices", original_packed)
+        stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
+        stack.enter_context(_meta_autocast_off())
+        stack.enter_context(_int8_quant_without_outliers())
+        stack.enter_context(_grouped_mm_fallback_off_bf16())
+        if target == "cpu":
+            stack.enter_context(_int8_cpu_training_path())
+        yield
+
+
+@contextlib.contextmanager
+def _int8_cpu_training_path() -> Iterator[None]:
+    """bitsandbytes trains LLM.int8 layers on CPU through MatMul8bitFp (dequantise, then
+    matmul); on meta it would take the CUDA path, so route meta tensors the CPU way."""
+    try:
+        import bitsandbytes
+        from bitsandbytes.autograd import _functions
+    except ImportError:
+        yield
+        return
+    original = bitsandbytes.matmul
+
+    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        if A.device.type == "meta" and state is not None and state.is_training:
+            return _functions.MatMul8bitFp.apply(A, B, out, bias, state)
+        return original(A, B, out=out, state=state, threshold=threshold, bias=bias)
+
+    bitsandbytes.matmul = matmul
+    try:
+        yield
+    finally:
+        bitsandbytes.matmul = original
+
+
+@contextlib.contextmanager
+def _grouped_mm_fallback_off_bf16() -> Iterator[None]:
+    """grouped_mm's meta kernel accepts only bf16 (the CUDA constraint); for other dtypes
+    (fp32 experts after k-bit preparation) use transformers' fallback op, same shapes."""
+    from transformers.integrations import moe
+
+    original = moe._can_use_grouped_mm
+
+    def can_use(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> bool:
+        if weight.device.type == "meta":
+            return weight.dtype == torch.bfloat16 and input.dtype == torch.bfloat16
+        return original(input, weight, offs)
+
+    moe._can_use_grouped_mm = can_use
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
+
+
+@contextlib.contextmanager
+def _meta_autocast_off() -> Iterator[None]:
+    """``torch.autocast("meta", enabled=False)`` (peft's expert LoRA) is a no-op: meta
+    tensors have no autocast to turn off, but torch rejects the device type."""
+    original = torch.autocast
+
+    class _Autocast(original):  # type: ignore[misc, valid-type]
+        def __new__(cls, device_type: str, *args: Any, **kwargs: Any):
+            if device_type == "meta":
+                return contextlib.nullcontext()
+            return original(device_type, *args, **kwargs)
+
+    torch.autocast = _Autocast  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.autocast = original  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _int8_quant_without_outliers() -> Iterator[None]:
+    """LLM.int8's activation quantiser returns the outlier columns, a data-dependent
+    count; the trace assumes none (outliers add only small temporaries)."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        yield
+        return
+    original = bnb_functional.int8_vectorwise_quant
+
+    def quantize(A: torch.Tensor, threshold: float = 0.0):
+        if A.device.type != "meta":
+            return original(A, threshold)
+        rows = A.numel() // A.shape[-1]
+        outliers = None if threshold == 0.0 else A.new_empty(0, dtype=torch.int64)
+        return (torch.empty(A.shape, dtype=torch.int8, device=A.device),
+                torch.empty(rows, dtype=torch.float32, device=A.device), outliers)
+
+    namespace = torch.ops.bitsandbytes
+    original_mixed = namespace.int8_mixed_scaled_mm
+
+    def mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+        if A.device.type != "meta":
+            return original_mixed(A, CA, CB, SCA, SCB, outlier_cols, bias)
+        out = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias,
+                                                            dtype=A.dtype)
+        return out, None
+
+    bnb_functional.int8_vectorwise_quant = quantize
+    namespace.int8_mixed_scaled_mm = mixed_scaled_mm
+    try:
+        yield
+    finally:
+        bnb_functional.int8_vectorwise_quant = original
+        namespace.int8_mixed_scaled_mm = original_mixed
+
+
+def use_static_experts(model: Any) -> None:
+    """Route MoE layers through transformers' grouped_mm experts (static shapes)."""
+    setter = getattr(model, "set_experts_implementation", None)
+    can = getattr(model, "_can_set_experts_implementation", None)
+    if setter is not None and can is not None and can():
+        setter("grouped_mm")
+
+
+def vocab_tagger(vocab: int):
+    """Tag storages whose last dimension is the vocabulary: logits, their fp32 copies,
+    the loss's log-softmax and their gradients."""
+
+    def tag(tensor: torch.Tensor) -> str | None:
+        if tensor.dim() >= 2 and tensor.shape[-1] == vocab:
+            return "logits"
+        return None
+
+    return tag
+
+
+def trace(
+    model: Any, workload: Workload, target: str = "cuda"
+) -> tuple[PeakSnapshot, StepTensors, dict[str, int]]:
+    """Run ``workload`` on the meta ``model``; returns the peak, the storage roles and
+    the peak of each phase (forward, backward, optimizer)."""
+    vocab = model.config.get_text_config().vocab_size
+    tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
+    use_static_experts(model)
+    with trace_patches(target, workload.attn):
+        seen = run_workload(model, workload, tracker)
+    return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks)
