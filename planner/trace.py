@@ -24,6 +24,7 @@ data are pinned to what they decide for a dense, unpadded batch:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,6 +239,9 @@ def trace(
     vocab = model.config.get_text_config().vocab_size
     tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
     use_static_experts(model)
-    with trace_patches(target, workload.attn):
+    # bitsandbytes and transformers warn about dtype casts on every layer call; those are
+    # facts of the real run, not news to the user of a plan.
+    with warnings.catch_warnings(), trace_patches(target, workload.attn):
+        warnings.simplefilter("ignore")
         seen = run_workload(model, workload, tracker)
     return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from qplan.errors import UsageError
 from qplan.planner.budget import Headroom, budget_for
 from qplan.planner.components import workload_components
-from qplan.planner.decide import compute_dtype_for, decide
+from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide, gib
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
+from qplan.planner.solve import Solution, solve_for
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
     ATTENTIONS,
@@ -183,6 +184,7 @@ def estimate(
     skip_modules: Sequence[str] | None = None,
     quant_storage: str = "uint8",
     target: str = "cuda",
+    solve: str | None = None,
     **workload_options: Any,
 ) -> Report:
     """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options.
@@ -194,6 +196,9 @@ def estimate(
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
     _choice(mode, MODES, "mode")
+    if solve is not None:
+        solve = solve.replace("-", "_")
+        _choice(solve, ("batch", "seq_len"), "--solve variable")
     names, explicit = parse_precisions(precisions)
     allowed = MODE_PRECISIONS.get(mode)
     if allowed is not None:
@@ -217,26 +222,44 @@ def estimate(
 
     traced: dict[tuple, Any] = {}
 
-    def plan_one(precision: str):
+    def plan_for(precision: str, wl: Workload):
         # fp4 and nf4 store and compute alike (only the quant map's values differ), so
         # their traces are the same: trace one of each pair.
         prec = PRECISIONS[precision]
-        key = (prec.bits, prec.double_quant, prec.full_dtype)
-        plan = traced.get(key) if workload.mode != "load" else None
-        if plan is not None:
-            return plan.weights, plan.components, plan.peak_allocated_bytes
-        plan = workload_components(
-            inventory, workload, precision, compute, quant_storage,
-            config=spec.config, gpu_architecture=gpu_target.architecture,
-            trust_remote_code=spec.trust_remote_code,
-            skip_modules=list(skip_modules) if skip_modules is not None else None,
-            target=target,
-        )
-        traced[key] = plan
+        key = (prec.bits, prec.double_quant, prec.full_dtype, wl)
+        plan = traced.get(key) if wl.mode != "load" else None
+        if plan is None:
+            plan = workload_components(
+                inventory, wl, precision, compute, quant_storage,
+                config=spec.config, gpu_architecture=gpu_target.architecture,
+                trust_remote_code=spec.trust_remote_code,
+                skip_modules=list(skip_modules) if skip_modules is not None else None,
+                target=target,
+            )
+            traced[key] = plan
+        return plan
+
+    def plan_one(precision: str):
+        plan = plan_for(precision, workload)
         return plan.weights, plan.components, plan.peak_allocated_bytes
 
     decision = decide(names, gpu_target, budget, plan_one, explicit=explicit,
                       compute_dtype=compute)
+    warnings = list(decision.warnings)
+    solutions: list[Solution] = []
+    variables = [solve] if solve else []
+    if decision.recommendation is None and workload.mode != "load" and not variables:
+        variables = ["batch", "seq_len"]
+    if variables:
+        if workload.mode == "load":
+            raise UsageError("--solve needs a workload: use --mode inference, lora, qlora or full")
+        order = choosable(names, gpu_target, explicit)
+        limit = budget.available_bytes - budget.headroom_bytes
+        for variable in variables:
+            for precision in order:
+                solutions.append(_solve_one(precision, variable, workload, plan_for,
+                                            budget.cuda_context_bytes, limit, spec.config))
+        warnings.extend(_advice(decision, workload, plan_for, budget, gpu_target, order))
     return Report(
         model=ModelInfo(
             id=spec.id,
@@ -264,7 +287,107 @@ def estimate(
         workload=workload_dict(workload, compute, quant_storage, target),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
-        warnings=decision.warnings,
+        warnings=tuple(warnings),
+        solutions=tuple(solutions),
         notes=spec.notes,
         versions=_versions(),
     )
+
+
+def _max_positions(config: Any) -> int:
+    text = config.get_text_config()
+    found = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return int(found or 131072)
+
+
+def _solve_one(precision: str, variable: str, workload: Workload, plan_for: Any,
+               context: int, limit: int, config: Any) -> Solution:
+    def needed(value: int) -> int:
+        plan = plan_for(precision, replace(workload, **{variable: value}))
+        return sum(plan.components.values()) + context
+
+    upper = _max_positions(config) if variable == "seq_len" else 4096
+    return solve_for(precision, variable, needed, limit, upper)
+
+
+def _advice(decision: Decision, workload: Workload, plan_for: Any, budget: Any, gpu: GpuTarget,
+            order: list[str]) -> list[str]:
+    """What would make the workload fit when nothing does: checkpointing, an 8-bit
+    optimizer, more GPUs."""
+    if decision.recommendation is not None or not order:
+        return []
+    limit = budget.available_bytes - budget.headroom_bytes
+    best = order[-1]
+    advice = []
+    tries = []
+    if workload.is_training and not workload.gradient_checkpointing:
+        tries.append(("gradient checkpointing (--gradient-checkpointing)",
+                      replace(workload, gradient_checkpointing=True)))
+    if workload.is_training and workload.optimizer in ("adamw", "adafactor"):
+        tries.append(("an 8-bit optimizer (--optimizer adamw_8bit)",
+                      replace(workload, optimizer="adamw_8bit")))
+    for label, changed in tries:
+        total = sum(plan_for(best, changed).components.values()) + budget.cuda_context_bytes
+        verdict = "fits" if total <= limit else "still does not fit"
+        advice.append(f"with {label}, {best} needs {gib(total)} and {verdict}")
+    smallest = min((c for c in decision.candidates if c.precision in order),
+                   key=lambda c: c.total_bytes)
+    usable = max(1, limit - budget.cuda_context_bytes)
+    per_gpu_weights = smallest.total_bytes - budget.cuda_context_bytes
+    gpus = -(-per_gpu_weights // usable)
+    advice.append(
+        f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs it "
+        f"would need at least {gpus} x {gpu.name} (a multi-GPU plan is not modelled yet)"
+    )
+    return advice
+
+
+def measure_workload(
+    model: str | ModelSpec,
+    *,
+    precision: str = "bf16",
+    mode: str = "inference",
+    layers: int | None = None,
+    device: str | None = None,
+    gpu: str | GpuTarget = "80GiB",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **workload_options: Any,
+) -> Report:
+    """Predict, then run the workload for real on random weights here and compare.
+
+    ``layers`` keeps the first N decoder layers (to measure a big model on a small
+    machine); the prediction is made for the same shrunk model and the same device.
+    """
+    import torch
+
+    from qplan.loaders.measure import measure, shrink
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _choice(device, ("cpu", "cuda"), "--device")
+    parse_precisions(precision)
+    spec = resolve(model, revision, trust_remote_code)
+    small = replace(spec, config=shrink(spec.config, layers))
+    report = estimate(small, gpu=gpu, mode=mode, precisions=precision, target=device,
+                      **workload_options)
+    candidate = report.candidate(precision)
+    workload = make_workload(mode, small.config, **workload_options)
+    measured = measure(small.config, workload, precision, candidate.compute_dtype,
+                       device=device)
+    predicted = candidate.peak_allocated_bytes
+    block = {
+        "device": device,
+        "precision": precision,
+        "layers": measured.layers,
+        "peak_bytes": measured.peak_bytes,
+        "predicted_peak_bytes": predicted,
+        "error_pct": 100.0 * (predicted - measured.peak_bytes) / measured.peak_bytes,
+        "components": measured.components,
+        "predicted_components": {k: v for k, v in candidate.components.items()
+                                 if k != "cuda_context"},
+        "reserved_bytes": measured.reserved_bytes,
+        "nvml_used_bytes": measured.nvml_used_bytes,
+        "predicted_total_bytes": candidate.total_bytes,
+    }
+    return replace(report, measured=block)

@@ -45,7 +45,52 @@ GpuOpt = Annotated[
 NumGpusOpt = Annotated[
     int | None, typer.Option("--num-gpus", help="Number of such GPUs (default: 1, or 'Nx' prefix).")
 ]
-ModeOpt = Annotated[str, typer.Option("--mode", "-m", help="Workload: load (weights only).")]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        "-m",
+        help="Workload: inference (KV cache + prefill), lora, qlora (LoRA on 4-bit), full "
+        "(full fine-tuning), or load (weights only).",
+    ),
+]
+BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Batch (micro-batch for training).")]
+SeqOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seq-len",
+        "-s",
+        help="Tokens per sequence (default: min(4096, max positions) for inference, "
+        "min(2048, max positions) for training).",
+    ),
+]
+KvOpt = Annotated[
+    str | None, typer.Option("--kv-dtype", help="KV cache dtype (default: the model's).")
+]
+LoraROpt = Annotated[int, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlphaOpt = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha (2r).")]
+LoraTargetsOpt = Annotated[
+    str, typer.Option("--lora-targets", help="all-linear, or a comma list of module names.")
+]
+LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
+GcOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward (training).",
+    ),
+]
+OptimOpt = Annotated[
+    str,
+    typer.Option(
+        "--optimizer", help="adamw (torch fused), adamw_8bit, paged_adamw_8bit, sgd, adafactor."
+    ),
+]
+AttnOpt = Annotated[str, typer.Option("--attn", help="sdpa, eager or flash_attention_2.")]
+SolveOpt = Annotated[
+    str | None,
+    typer.Option("--solve", help="batch or seq-len: the largest value that fits, per precision."),
+]
 PrecisionsOpt = Annotated[
     str | None,
     typer.Option(
@@ -92,9 +137,13 @@ def _guarded(debug: bool, action: Callable[[], T]) -> T:
 
 
 def gib(nbytes: int | None) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
     if nbytes is None:
         return "-"
-    return f"{nbytes / 1024**3:,.2f} GiB"
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:,.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _signed_gib(nbytes: int) -> str:
@@ -134,12 +183,39 @@ def render_report(report: Any) -> None:
         out.print(f"[dim]note: {note}[/]")
     for warning in report.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
+    for solution in report.solutions:
+        name = "longest --seq-len" if solution.variable == "seq_len" else "largest --batch"
+        value = "none fits" if solution.value is None else f"{solution.value:,}"
+        out.print(
+            f"{name} for {solution.precision}: {value} (needs {gib(solution.needed_bytes)})"
+        )
+    if report.measured:
+        _render_measured(report.measured)
     rec = report.recommendation
     if rec is None:
         out.print("[bold red]No candidate fits.[/]")
         return
     out.print(f"[bold green]Recommendation: {rec.precision}[/] - {rec.reason}")
+    chosen_candidate = next(c for c in report.candidates if c.precision == rec.precision)
+    parts = ", ".join(
+        f"{name} {gib(value)}" for name, value in chosen_candidate.components.items() if value
+    )
+    out.print(f"[dim]{rec.precision} components: {parts}[/]", soft_wrap=True)
     out.print("from_pretrained kwargs: " + json.dumps(rec.load_kwargs), soft_wrap=True)
+
+
+def _render_measured(measured: dict[str, Any]) -> None:
+    out.print(
+        f"measured on {measured['device']} ({measured['precision']}, "
+        f"{measured['layers']} layers): peak {gib(measured['peak_bytes'])}, predicted "
+        f"{gib(measured['predicted_peak_bytes'])}, error {measured['error_pct']:+.2f}%"
+    )
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("component", "predicted", "measured"):
+        table.add_column(column, justify="left" if column == "component" else "right")
+    for name, value in measured["components"].items():
+        table.add_row(name, gib(measured["predicted_components"].get(name, 0)), gib(value))
+    out.print(table)
 
 
 def _emit_report(report: Any, as_json: bool, output: Path | None) -> None:
@@ -157,13 +233,50 @@ def _emit_report(report: Any, as_json: bool, output: Path | None) -> None:
         render_report(report)
 
 
+def _workload_options(
+    batch: int,
+    seq_len: int | None,
+    kv_dtype: str | None,
+    lora_r: int,
+    lora_alpha: int | None,
+    lora_targets: str,
+    lora_dropout: float,
+    gradient_checkpointing: bool,
+    optimizer: str,
+    attn: str,
+) -> dict[str, Any]:
+    return dict(
+        batch=batch,
+        seq_len=seq_len,
+        kv_dtype=kv_dtype,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
+        attn=attn,
+    )
+
+
 @app.command()
 def estimate(
     model: Annotated[str, typer.Argument(help="Hub id, local folder, or path to config.json.")],
     gpu: GpuOpt = "auto",
     num_gpus: NumGpusOpt = None,
-    mode: ModeOpt = "load",
+    mode: ModeOpt = "inference",
     precisions: PrecisionsOpt = None,
+    batch: BatchOpt = 1,
+    seq_len: SeqOpt = None,
+    kv_dtype: KvOpt = None,
+    lora_r: LoraROpt = 16,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_targets: LoraTargetsOpt = "all-linear",
+    lora_dropout: LoraDropoutOpt = 0.0,
+    gradient_checkpointing: GcOpt = True,
+    optimizer: OptimOpt = "adamw",
+    attn: AttnOpt = "sdpa",
+    solve: SolveOpt = None,
     headroom: HeadroomOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
@@ -171,7 +284,7 @@ def estimate(
     output: OutputOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Estimate the memory MODEL needs per precision on a GPU, and recommend one."""
+    """Estimate the memory MODEL needs per precision for a workload on a GPU; recommend one."""
 
     def run() -> None:
         from qplan.api import estimate as plan
@@ -185,6 +298,65 @@ def estimate(
             headroom=headroom,
             revision=revision,
             trust_remote_code=trust_remote_code,
+            solve=solve,
+            **_workload_options(
+                batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
+                gradient_checkpointing, optimizer, attn,
+            ),
+        )
+        _emit_report(report, as_json, output)
+
+    _guarded(debug, run)
+
+
+@app.command()
+def measure(
+    model: Annotated[str, typer.Argument(help="Hub id, local folder, or path to config.json.")],
+    precision: Annotated[
+        str, typer.Option("--precision", help="The precision to run (default bf16).")
+    ] = "bf16",
+    mode: ModeOpt = "inference",
+    layers: Annotated[
+        int | None, typer.Option("--layers", help="Keep only the first N decoder layers.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
+    ] = None,
+    gpu: GpuOpt = "80GiB",
+    batch: BatchOpt = 1,
+    seq_len: SeqOpt = None,
+    kv_dtype: KvOpt = None,
+    lora_r: LoraROpt = 16,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_targets: LoraTargetsOpt = "all-linear",
+    lora_dropout: LoraDropoutOpt = 0.0,
+    gradient_checkpointing: GcOpt = True,
+    optimizer: OptimOpt = "adamw",
+    attn: AttnOpt = "sdpa",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run real steps of a workload on random weights here, and compare with the prediction."""
+
+    def run() -> None:
+        from qplan.api import measure_workload
+
+        report = measure_workload(
+            model,
+            precision=precision,
+            mode=mode,
+            layers=layers,
+            device=device,
+            gpu=gpu,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            **_workload_options(
+                batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
+                gradient_checkpointing, optimizer, attn,
+            ),
         )
         _emit_report(report, as_json, output)
 

@@ -8,6 +8,7 @@ from importlib.resources import files
 from typing import Any
 
 from qplan.planner.decide import Candidate, Recommendation
+from qplan.planner.solve import Solution
 
 SCHEMA_ID = "qplan.report/v1"
 
@@ -50,6 +51,7 @@ class Report:
     notes: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)
     measured: dict[str, Any] | None = None
+    solutions: tuple[Solution, ...] = ()
     schema: str = SCHEMA_ID
 
     def candidate(self, precision: str) -> Candidate:
