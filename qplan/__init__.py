@@ -10,7 +10,7 @@ from typing import Any
 
 from qplan.errors import QplanError
 
-__all__ = ["QplanError", "estimate"]
+__all__ = ["QplanError", "estimate", "load"]
 __version__ = "0.1.0"
 
 
@@ -19,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from qplan.api import estimate
 
         return estimate
+    if name == "load":
+        from qplan.loading import load
+
+        return load
     raise AttributeError(f"module 'qplan' has no attribute {name!r}")

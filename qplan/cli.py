@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qplan.errors import QplanError
+from qplan.errors import QplanError, UsageError
 
 app = typer.Typer(
     name="qplan",
@@ -54,7 +54,9 @@ ModeOpt = Annotated[
         "(full fine-tuning), or load (weights only).",
     ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Batch (micro-batch for training).")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch", "-b", help="Batch (micro-batch for training); 1.")
+]
 SeqOpt = Annotated[
     int | None,
     typer.Option(
@@ -67,26 +69,30 @@ SeqOpt = Annotated[
 KvOpt = Annotated[
     str | None, typer.Option("--kv-dtype", help="KV cache dtype (default: the model's).")
 ]
-LoraROpt = Annotated[int, typer.Option("--lora-r", help="LoRA rank.")]
+LoraROpt = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (16).")]
 LoraAlphaOpt = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha (2r).")]
 LoraTargetsOpt = Annotated[
-    str, typer.Option("--lora-targets", help="all-linear, or a comma list of module names.")
+    str | None,
+    typer.Option("--lora-targets", help="all-linear (default), or a comma list of modules."),
 ]
-LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
+LoraDropoutOpt = Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout (0).")]
 GcOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations in the backward (training).",
+        help="Recompute activations in the backward (training; on by default).",
     ),
 ]
 OptimOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
-        "--optimizer", help="adamw (torch fused), adamw_8bit, paged_adamw_8bit, sgd, adafactor."
+        "--optimizer", help="adamw (torch fused, default), adamw_8bit, paged_adamw_8bit, sgd, "
+        "adafactor."
     ),
 ]
-AttnOpt = Annotated[str, typer.Option("--attn", help="sdpa, eager or flash_attention_2.")]
+AttnOpt = Annotated[
+    str | None, typer.Option("--attn", help="sdpa (default), eager or flash_attention_2.")
+]
 SolveOpt = Annotated[
     str | None,
     typer.Option("--solve", help="batch or seq-len: the largest value that fits, per precision."),
@@ -218,7 +224,7 @@ def _render_measured(measured: dict[str, Any]) -> None:
     out.print(table)
 
 
-def _emit_report(report: Any, as_json: bool, output: Path | None) -> None:
+def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool = True) -> None:
     from qplan.report import report_json
 
     text = report_json(report)
@@ -229,23 +235,28 @@ def _emit_report(report: Any, as_json: bool, output: Path | None) -> None:
             raise QplanError(f"cannot write the report to {output}: {exc.strerror}") from None
     if as_json:
         sys.stdout.write(text + "\n")
-    else:
+    elif render:
         render_report(report)
 
 
+def _set_only(**options: Any) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def _workload_options(
-    batch: int,
+    batch: int | None,
     seq_len: int | None,
     kv_dtype: str | None,
-    lora_r: int,
+    lora_r: int | None,
     lora_alpha: int | None,
-    lora_targets: str,
-    lora_dropout: float,
-    gradient_checkpointing: bool,
-    optimizer: str,
-    attn: str,
+    lora_targets: str | None,
+    lora_dropout: float | None,
+    gradient_checkpointing: bool | None,
+    optimizer: str | None,
+    attn: str | None,
 ) -> dict[str, Any]:
-    return dict(
+    """The workload options the user set (unset ones keep the API's defaults)."""
+    return _set_only(
         batch=batch,
         seq_len=seq_len,
         kv_dtype=kv_dtype,
@@ -259,27 +270,48 @@ def _workload_options(
     )
 
 
+EmitOpt = Annotated[
+    str | None,
+    typer.Option("--emit", help="Print the plan as code/config: transformers, peft or axolotl."),
+]
+AxolotlOpt = Annotated[
+    Path | None, typer.Option("--axolotl", help="Read the model and workload from an Axolotl YAML.")
+]
+
+
 @app.command()
 def estimate(
-    model: Annotated[str, typer.Argument(help="Hub id, local folder, or path to config.json.")],
+    model: Annotated[
+        str | None, typer.Argument(help="Hub id, local folder, or path to config.json.")
+    ] = None,
     gpu: GpuOpt = "auto",
     num_gpus: NumGpusOpt = None,
-    mode: ModeOpt = "inference",
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            "-m",
+            help="Workload: inference (default: KV cache + prefill), lora, qlora (LoRA on "
+            "4-bit), full (full fine-tuning), or load (weights only).",
+        ),
+    ] = None,
     precisions: PrecisionsOpt = None,
-    batch: BatchOpt = 1,
+    batch: BatchOpt = None,
     seq_len: SeqOpt = None,
     kv_dtype: KvOpt = None,
-    lora_r: LoraROpt = 16,
+    lora_r: LoraROpt = None,
     lora_alpha: LoraAlphaOpt = None,
-    lora_targets: LoraTargetsOpt = "all-linear",
-    lora_dropout: LoraDropoutOpt = 0.0,
-    gradient_checkpointing: GcOpt = True,
-    optimizer: OptimOpt = "adamw",
-    attn: AttnOpt = "sdpa",
+    lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    gradient_checkpointing: GcOpt = None,
+    optimizer: OptimOpt = None,
+    attn: AttnOpt = None,
     solve: SolveOpt = None,
     headroom: HeadroomOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
+    emit: EmitOpt = None,
+    axolotl: AxolotlOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
     debug: DebugOpt = False,
@@ -289,24 +321,59 @@ def estimate(
     def run() -> None:
         from qplan.api import estimate as plan
 
-        report = plan(
-            model,
-            gpu=gpu,
-            num_gpus=num_gpus,
-            mode=mode,
-            precisions=precisions,
-            headroom=headroom,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            solve=solve,
-            **_workload_options(
+        options: dict[str, Any] = _set_only(
+            num_gpus=num_gpus, precisions=precisions, headroom=headroom, revision=revision,
+            solve=solve, **_workload_options(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
                 gradient_checkpointing, optimizer, attn,
             ),
         )
+        if mode is not None:
+            options["mode"] = mode
+        target_gpu, target_model = gpu, model
+        if axolotl is not None:
+            from qplan.loaders.axolotl import read_axolotl
+
+            plan_file = read_axolotl(axolotl)
+            target_model = model or plan_file.model
+            options = {**plan_file.estimate_kwargs, **options}  # flags win over the YAML
+            if gpu == "auto" and plan_file.gpu:
+                target_gpu = plan_file.gpu
+            for note in plan_file.notes:
+                err.print(f"[dim]note: {note}[/]", soft_wrap=True)
+            if plan_file.unused_keys:
+                err.print(
+                    f"[dim]note: not used for the plan: {', '.join(plan_file.unused_keys)}[/]",
+                    soft_wrap=True,
+                )
+        if target_model is None:
+            raise UsageError("no model given; pass MODEL or --axolotl FILE")
+        if emit is not None and emit not in EMITTERS:
+            raise UsageError(f"--emit {emit!r}: choose one of {', '.join(EMITTERS)}")
+        report = plan(target_model, gpu=target_gpu, trust_remote_code=trust_remote_code,
+                      **options)
+        if emit is not None:
+            if output is not None:
+                _emit_report(report, False, output, render=False)
+            sys.stdout.write(_emit_text(emit, report))
+            return
         _emit_report(report, as_json, output)
 
     _guarded(debug, run)
+
+
+EMITTERS = ("transformers", "peft", "axolotl")
+
+
+def _emit_text(kind: str, report: Any) -> str:
+    from qplan.planner.emit import emit_axolotl, emit_peft, emit_transformers
+
+    if kind == "transformers":
+        return emit_transformers(report)
+    if kind == "peft":
+        # The loading snippet first, so what is printed runs as a whole.
+        return emit_transformers(report) + "\n" + emit_peft(report)
+    return emit_axolotl(report)
 
 
 @app.command()
@@ -323,16 +390,16 @@ def measure(
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
     ] = None,
     gpu: GpuOpt = "80GiB",
-    batch: BatchOpt = 1,
+    batch: BatchOpt = None,
     seq_len: SeqOpt = None,
     kv_dtype: KvOpt = None,
-    lora_r: LoraROpt = 16,
+    lora_r: LoraROpt = None,
     lora_alpha: LoraAlphaOpt = None,
-    lora_targets: LoraTargetsOpt = "all-linear",
-    lora_dropout: LoraDropoutOpt = 0.0,
-    gradient_checkpointing: GcOpt = True,
-    optimizer: OptimOpt = "adamw",
-    attn: AttnOpt = "sdpa",
+    lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    gradient_checkpointing: GcOpt = None,
+    optimizer: OptimOpt = None,
+    attn: AttnOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -416,6 +483,112 @@ def models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
         out.print(table)
 
     _guarded(debug, run)
+
+
+@app.command()
+def load(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Hub id, folder or config.json (optional with --from-report)."),
+    ] = None,
+    gpu: GpuOpt = "auto",
+    num_gpus: NumGpusOpt = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", "-m", help="load, inference, lora, qlora, full.")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="Load this candidate instead of the recommendation."),
+    ] = None,
+    from_report: Annotated[
+        Path | None,
+        typer.Option("--from-report", help="Load exactly what an earlier `estimate --json` chose."),
+    ] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option("--random-weights", help="Random weights from the config (a dry run)."),
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present).")
+    ] = None,
+    batch: BatchOpt = None,
+    seq_len: SeqOpt = None,
+    kv_dtype: KvOpt = None,
+    lora_r: LoraROpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    gradient_checkpointing: GcOpt = None,
+    optimizer: OptimOpt = None,
+    attn: Annotated[
+        str | None,
+        typer.Option(
+            "--attn", help="Default: flash_attention_2 when installed on cc >= 8.0, else sdpa."
+        ),
+    ] = None,
+    headroom: HeadroomOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Load MODEL as planned (quantisation, dtype, placement, attention, training patches)
+    and report predicted against measured memory."""
+
+    def run() -> None:
+        from qplan.loading import load as load_model
+
+        options = _set_only(
+            num_gpus=num_gpus, mode=mode, headroom=headroom, revision=revision,
+            **_workload_options(
+                batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
+                gradient_checkpointing, optimizer, attn,
+            ),
+        )
+        if trust_remote_code:
+            options["trust_remote_code"] = True
+        progress = None if as_json else (lambda message: err.print(f"[dim]{message}...[/]"))
+        loaded = load_model(
+            model, gpu=gpu, precision=precision, from_report=from_report,
+            random_weights=random_weights, device=device, progress=progress, **options,
+        )
+        report = loaded.report
+        if as_json or output is not None:
+            _emit_report(report, as_json, output, render=False)
+        if not as_json:
+            _render_loaded(report)
+
+    _guarded(debug, run)
+
+
+def _render_loaded(report: Any) -> None:
+    m = report.measured
+    out.print(
+        f"loaded [bold]{report.model.id}[/] at [bold]{m['precision']}[/] on {m['device']} "
+        f"(attention: {m['attn_implementation']})"
+    )
+    seen = m["weights_bytes"] + m.get("adapter_bytes", 0)
+    label = "weights + adapters" if "adapter_bytes" in m else "weights"
+    out.print(
+        f"{label}: predicted {gib(m['predicted_bytes'])} ({m['predicted_bytes']:,} B), measured "
+        f"{gib(seen)} ({seen:,} B), error {m['error_pct']:+.2f}%"
+    )
+    if "trainable_parameters" in m:
+        out.print(f"trainable parameters: {m['trainable_parameters']:,} of {m['all_parameters']:,}")
+    if "planned_resident_bytes" in m:
+        out.print(
+            f"after the training patches: planned {gib(m['planned_resident_bytes'])}, resident "
+            f"{gib(m['resident_bytes'])}, error {m['resident_error_pct']:+.2f}%"
+        )
+    if m["device"] == "cuda":
+        out.print(
+            f"CUDA: allocated {gib(m['allocated_bytes'])}, reserved {gib(m['reserved_bytes'])}, "
+            f"NVML used {gib(m.get('nvml_used_bytes'))}; planned total "
+            f"{gib(m['planned_total_bytes'])}"
+        )
+    for warning in report.warnings:
+        out.print(f"[yellow]warning:[/] {warning}")
 
 
 def main() -> None:

@@ -1,0 +1,305 @@
+"""Read an Axolotl training YAML into the model and the estimate keyword arguments it means.
+
+Axolotl's own loader (``axolotl/loaders/model.py``) decides what these keys do, and it is
+mirrored here:
+
+* ``adapter: qlora`` with ``load_in_4bit`` quantises with nf4, double quantisation and
+  bfloat16 quant storage unless ``bnb_config_kwargs`` says otherwise;
+* ``adapter: lora`` with ``load_in_8bit`` is LLM.int8; 4-bit only happens with qlora;
+* ``bf16`` / ``fp16`` pick the load dtype; no adapter means full fine-tuning;
+* ``gpu_memory_limit`` (an int is GiB) caps each GPU, so it is used as the GPU size.
+
+Keys that do not change the memory plan (datasets, schedules, logging, ...) are returned in
+``unused_keys`` so the CLI can say they were not read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qplan.errors import ConfigError
+
+# Axolotl / HF TrainingArguments optimizer names -> qplan's (what their state costs).
+OPTIMIZERS = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_hf": "adamw",
+    "adamw_apex_fused": "adamw",
+    # Paged 32-bit AdamW keeps fp32 states like AdamW; paging only moves them under pressure.
+    "paged_adamw_32bit": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+ADAPTERS = {"lora": "lora", "qlora": "qlora"}
+# Set keys that change memory in ways qplan does not plan: said in a note, not just listed.
+NOT_PLANNED = {
+    "deepspeed": "DeepSpeed sharding",
+    "fsdp": "FSDP sharding",
+    "fsdp_config": "FSDP sharding",
+    "activation_offloading": "activation offloading",
+    "sample_packing": "sample packing (attention over packed sequences)",
+    "xformers_attention": "xformers attention (planned as sdpa)",
+}
+GIB = 2**30
+# Keys this reader turns into the plan (everything else is reported as unused).
+USED_KEYS = frozenset(
+    {
+        "base_model",
+        "adapter",
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_config_kwargs",
+        "sequence_len",
+        "micro_batch_size",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "optimizer",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "lora_target_linear",
+        "bf16",
+        "fp16",
+        "tf32",
+        "flash_attention",
+        "sdp_attention",
+        "eager_attention",
+        "gpu_memory_limit",
+        "trust_remote_code",
+        "revision_of_model",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AxolotlPlan:
+    """What an Axolotl YAML asks qplan to plan.
+
+    ``estimate_kwargs`` go to ``qplan.api.estimate`` as they are; ``gpu_memory_limit``
+    (bytes), when set, is the GPU size to plan for (``gpu`` gives it as ``--gpu`` text).
+    """
+
+    model: str
+    estimate_kwargs: dict[str, Any]
+    gpu_memory_limit: int | None
+    unused_keys: tuple[str, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gpu(self) -> str | None:
+        """``--gpu`` text for the memory limit (a size), or None when the YAML sets none."""
+        if self.gpu_memory_limit is None:
+            return None
+        mib, rest = divmod(self.gpu_memory_limit, 2**20)
+        return f"{mib}MiB" if rest == 0 else f"{self.gpu_memory_limit / 1e6:.6f}MB"
+
+
+def _bad(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"axolotl config {path}: {why}")
+
+
+def _flag(raw: dict[str, Any], key: str, path: Path) -> bool | str | None:
+    value = raw.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
+        lowered = value.strip().lower()
+        return lowered if lowered == "auto" else lowered == "true"
+    raise _bad(path, f"{key} must be true, false (or auto), not {value!r}")
+
+
+def _int(raw: dict[str, Any], key: str, path: Path) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _bad(path, f"{key} must be a positive integer, not {value!r}")
+    return value
+
+
+def parse_memory_limit(value: Any, path: Path) -> int | None:
+    """Axolotl's ``gpu_memory_limit``: an int is GiB, a string a size such as "20GiB"."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _bad(path, f"gpu_memory_limit must be a size such as 20GiB, not {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise _bad(path, "gpu_memory_limit must be more than zero")
+        return int(value * GIB)
+    from qplan.errors import UsageError
+    from qplan.loaders.gpus import parse_size
+
+    try:
+        return parse_size(str(value))
+    except UsageError:
+        raise _bad(path, f"gpu_memory_limit {value!r} is not a size; use e.g. 20GiB") from None
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read axolotl config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise _bad(path, f"is not valid YAML ({problem}{where}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise _bad(path, "does not hold a YAML mapping of settings")
+    return raw
+
+
+def _precisions(raw: dict[str, Any], adapter: str | None, path: Path) -> tuple[str, list[str]]:
+    """(precisions for estimate, notes) from load_in_* and bf16/fp16, as Axolotl loads."""
+    four = _flag(raw, "load_in_4bit", path) is True
+    eight = _flag(raw, "load_in_8bit", path) is True
+    notes: list[str] = []
+    if four and eight:
+        raise _bad(path, "sets both load_in_4bit and load_in_8bit; keep one")
+    if adapter == "qlora" and not four:
+        raise _bad(path, "adapter qlora needs load_in_4bit: true (Axolotl requires it)")
+    if four and adapter != "qlora":
+        raise _bad(path, "load_in_4bit only quantises with adapter: qlora in Axolotl")
+    if eight and adapter != "lora":
+        raise _bad(path, "load_in_8bit only quantises with adapter: lora in Axolotl")
+    if four:
+        kwargs = raw.get("bnb_config_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise _bad(path, "bnb_config_kwargs must be a mapping")
+        quant_type = str(kwargs.get("bnb_4bit_quant_type", "nf4"))
+        if quant_type not in ("nf4", "fp4"):
+            raise _bad(path, f"bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4")
+        double = kwargs.get("bnb_4bit_use_double_quant", True)
+        return quant_type + ("-dq" if double else ""), notes
+    if eight:
+        return "int8", notes
+    bf16, fp16 = _flag(raw, "bf16", path), _flag(raw, "fp16", path)
+    if bf16 is True:
+        return "bf16", notes
+    if fp16 is True:
+        return "fp16", notes
+    if bf16 == "auto" or fp16 == "auto":
+        return "bf16,fp16", notes
+    notes.append("neither bf16 nor fp16 is set: Axolotl loads and trains in float32")
+    return "fp32", notes
+
+
+def _quant_storage(raw: dict[str, Any]) -> str:
+    kwargs = raw.get("bnb_config_kwargs") or {}
+    value = kwargs.get("bnb_4bit_quant_storage", "bfloat16")
+    return str(value).removeprefix("torch.")
+
+
+def _targets(raw: dict[str, Any], path: Path) -> tuple[tuple[str, ...], list[str]]:
+    if _flag(raw, "lora_target_linear", path) is True:
+        return ("all-linear",), []
+    modules = raw.get("lora_target_modules")
+    if modules is None:
+        return ("all-linear",), ["no lora_target_modules / lora_target_linear: planned all-linear"]
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise _bad(path, "lora_target_modules must be a list of module names")
+    return tuple(modules), []
+
+
+def _attn(raw: dict[str, Any], path: Path) -> str | None:
+    if _flag(raw, "flash_attention", path) is True:
+        return "flash_attention_2"
+    if _flag(raw, "sdp_attention", path) is True:
+        return "sdpa"
+    if _flag(raw, "eager_attention", path) is True:
+        return "eager"
+    return None
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def read_axolotl(path: str | Path) -> AxolotlPlan:
+    """Read an Axolotl YAML; a malformed file or missing base_model is a ConfigError."""
+    path = Path(path)
+    raw = _load_yaml(path)
+    model = raw.get("base_model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad(path, "has no base_model; set base_model to a Hub id or a local folder")
+    adapter_raw = raw.get("adapter")
+    if adapter_raw not in (None, "", *ADAPTERS):
+        raise _bad(path, f"adapter {adapter_raw!r} is not planned by qplan (lora, qlora or none)")
+    adapter = ADAPTERS.get(adapter_raw) if adapter_raw else None
+    mode = adapter or "full"
+    precisions, notes = _precisions(raw, adapter, path)
+
+    kwargs: dict[str, Any] = {"mode": mode, "precisions": precisions}
+    if precisions.endswith(("nf4", "fp4", "-dq")):
+        kwargs["quant_storage"] = _quant_storage(raw)
+    seq_len = _int(raw, "sequence_len", path)
+    if seq_len is not None:
+        kwargs["seq_len"] = seq_len
+    kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
+    gc = raw.get("gradient_checkpointing")
+    # Axolotl also accepts "offload" / "offload_disk"; they checkpoint as well.
+    kwargs["gradient_checkpointing"] = bool(gc) if gc is not None else False
+    optimizer = raw.get("optimizer")
+    if optimizer is not None:
+        if optimizer not in OPTIMIZERS:
+            raise _bad(
+                path,
+                f"optimizer {optimizer!r} is not planned by qplan; use one of "
+                + ", ".join(sorted(OPTIMIZERS)),
+            )
+        kwargs["optimizer"] = OPTIMIZERS[optimizer]
+    attn = _attn(raw, path)
+    if attn is not None:
+        kwargs["attn"] = attn
+    if adapter is not None:
+        r = _int(raw, "lora_r", path)
+        if r is None:
+            notes.append("no lora_r: planned with qplan's default rank")
+        else:
+            kwargs["lora_r"] = r
+        alpha = raw.get("lora_alpha")
+        if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise _bad(path, f"lora_alpha must be a number, not {alpha!r}")
+            kwargs["lora_alpha"] = int(alpha)
+        targets, target_notes = _targets(raw, path)
+        kwargs["lora_targets"] = targets
+        notes += target_notes
+        dropout = raw.get("lora_dropout")
+        if dropout is not None:
+            if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+                raise _bad(path, f"lora_dropout must be a number, not {dropout!r}")
+            kwargs["lora_dropout"] = float(dropout)
+    if raw.get("trust_remote_code"):
+        kwargs["trust_remote_code"] = True
+    if raw.get("revision_of_model"):
+        kwargs["revision"] = str(raw["revision_of_model"])
+    limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
+    # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.
+    unused = tuple(sorted(k for k in raw if k not in USED_KEYS and _is_set(raw[k])))
+    notes += [
+        f"{key}: {what} is not in the plan; it is for one GPU without it"
+        for key, what in NOT_PLANNED.items()
+        if _is_set(raw.get(key)) and raw.get(key) is not False
+    ]
+    return AxolotlPlan(
+        model=model.strip(),
+        estimate_kwargs=kwargs,
+        gpu_memory_limit=limit,
+        unused_keys=unused,
+        notes=tuple(notes),
+    )
