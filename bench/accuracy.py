@@ -29,6 +29,12 @@ CASES = [
 ]
 
 
+def _size_proxy(config) -> int:
+    text = config.get_text_config()
+    hidden = getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)
+    return hidden * (getattr(text, "vocab_size", 0) + 12 * hidden * text.num_hidden_layers)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -40,16 +46,24 @@ def main() -> int:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
+    import dataclasses
+    import tempfile
+
     from qplan.api import estimate, make_workload
-    from qplan.loaders.measure import measure, shrink
+    from qplan.loaders.measure import measure, save_random_weights, shrink
     from qplan.loaders.model_source import list_catalog, resolve_model
 
     ids = [m for m in args.models.split(",") if m] or [e.id for e in list_catalog()]
+    specs = {model_id: resolve_model(model_id) for model_id in ids}
+    # Smallest first (by a 2-layer parameter count proxy), so a cut-short run covers most.
+    ids.sort(key=lambda m: _size_proxy(shrink(specs[m].config, args.layers)))
     rows, skipped = [], []
     for model_id in ids:
-        spec = resolve_model(model_id)
+        spec = specs[model_id]
         config = shrink(spec.config, args.layers)
-        small = type(spec)(**{**spec.__dict__, "config": config})
+        small = dataclasses.replace(spec, config=config)
+        folder = tempfile.mkdtemp(prefix="qplan-bench-")
+        save_random_weights(config, folder)
         for mode, precision, gc in CASES:
             shape = dict(batch=args.batch, seq_len=args.seq_len, gradient_checkpointing=gc)
             started = time.perf_counter()
@@ -61,7 +75,8 @@ def main() -> int:
                 skipped.append((model_id, mode, precision, gc))
                 continue
             workload = make_workload(mode, config, **shape)
-            measured = measure(config, workload, precision, candidate.compute_dtype)
+            measured = measure(config, workload, precision, candidate.compute_dtype,
+                               weights_dir=folder)
             error = (
                 100 * (candidate.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes
             )

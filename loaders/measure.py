@@ -56,22 +56,34 @@ def shrink(config: Any, layers: int | None) -> Any:
     return _with_layers(config, min(layers, num_layers(config)))
 
 
-def random_model(config: Any, precision: str, compute_dtype: str, device: str) -> Any:
-    """Random weights from ``config``, loaded back through from_pretrained at ``precision``."""
+def save_random_weights(config: Any, folder: str, dtype: str = "bfloat16") -> str:
+    """Random weights from ``config`` saved as a checkpoint in ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    return folder
+
+
+def random_model(config: Any, precision: str, compute_dtype: str, device: str,
+                 weights_dir: str | None = None) -> Any:
+    """Random weights from ``config`` (or the checkpoint in ``weights_dir``), loaded back
+    through from_pretrained at ``precision`` so bitsandbytes quantises them itself."""
+    if weights_dir is None:
+        with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
+            save_random_weights(config, folder)
+            return random_model(config, precision, compute_dtype, device, folder)
     from transformers import AutoModelForCausalLM
 
     load_dtype = getattr(torch, load_dtype_for(PRECISIONS[precision], compute_dtype))
     quant = bnb_config(precision, compute_dtype)
-    with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
-        model.save_pretrained(folder)
-        del model
-        gc.collect()
-        device_map: Any = {"": 0} if device == "cuda" else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=load_dtype, quantization_config=quant, device_map=device_map
-        )
+    device_map: Any = {"": 0} if device == "cuda" else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        weights_dir, dtype=load_dtype, quantization_config=quant, device_map=device_map
+    )
     for module in model.modules():
         # bitsandbytes repacks 4-bit weights into an AVX512-BF16 layout at the first CPU
         # inference forward; a GPU never does, so measure the code path the plan is for.
@@ -98,12 +110,17 @@ def measure(
     *,
     layers: int | None = None,
     device: str = "cpu",
+    weights_dir: str | None = None,
 ) -> Measurement:
-    """Run ``workload`` for real at ``precision`` and measure its peak."""
+    """Run ``workload`` for real at ``precision`` and measure its peak.
+
+    ``weights_dir``: a checkpoint of ``config`` (already shrunk) to load instead of fresh
+    random weights, so several measurements share one set.
+    """
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("no CUDA device for --device cuda; run on a GPU or use --device cpu")
     config = shrink(config, layers)
-    model = random_model(config, precision, compute_dtype, device)
+    model = random_model(config, precision, compute_dtype, device, weights_dir)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
     vocab = config.get_text_config().vocab_size

@@ -612,6 +612,8 @@ def _check_architectures(architectures: Any, *, origin: str, version: str) -> No
             f"{origin} has an `architectures` entry that is not a list of class names; "
             'fix it, e.g. "architectures": ["LlamaForCausalLM"]'
         )
+    if all(name in _causal_lm_architectures() for name in architectures):
+        return  # the common case, answered without scanning transformers' whole namespace
     known = _known_architectures()
     for name in architectures:
         if name not in known:
@@ -619,6 +621,13 @@ def _check_architectures(architectures: Any, *, origin: str, version: str) -> No
                 f"{origin} names architecture '{name}', which transformers {version} does not "
                 "have; upgrade transformers or correct `architectures` in config.json"
             )
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_lm_architectures() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 @functools.lru_cache(maxsize=1)

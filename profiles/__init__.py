@@ -7,7 +7,10 @@ editable install (which maps packages only) and from a built wheel.
 from __future__ import annotations
 
 from importlib.resources import files
-from importlib.resources.abc import Traversable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; the annotation alone needs it
+    from importlib.resources.abc import Traversable
 
 
 def data_dir(name: str) -> Traversable:

@@ -54,6 +54,10 @@ def parse_headroom(text: str | None) -> Headroom:
         return Headroom(fraction=None, bytes=0)
     from qplan.loaders.gpus import parse_size
 
+    if raw.startswith("-"):
+        raise UsageError(
+            f"headroom {text!r} cannot be negative; use e.g. --headroom 5% or --headroom 1GiB"
+        )
     try:
         size = parse_size(raw)
     except UsageError:
@@ -218,6 +222,11 @@ def estimate(
     inventory = take_inventory(meta, skip_modules)
     workload = make_workload(mode, spec.config, **workload_options)
     budget = budget_for(gpu_target, room)
+    if budget.headroom_bytes >= gpu_target.memory_bytes:
+        raise UsageError(
+            f"headroom {headroom!r} is as large as {gpu_target.name}'s whole memory; "
+            "use e.g. --headroom 5% or --headroom 1GiB"
+        )
     compute = compute_dtype_for(gpu_target)
 
     traced: dict[tuple, Any] = {}

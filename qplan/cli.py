@@ -162,12 +162,14 @@ def render_report(report: Any) -> None:
     out.print(
         f"[bold]{model.id}[/] ({model.architecture}, {model.parameters / 1e9:.2f}B parameters, "
         f"{model.source}) on [bold]{count}{gpu.name}[/] ({gib(gpu.memory_bytes)}, "
-        f"{gpu.source}); mode: {report.workload['mode']}"
+        f"{gpu.source}); mode: {report.workload['mode']}",
+        soft_wrap=True,
     )
     out.print(
         f"usable: {gib(gpu.usable_bytes)} = "
         f"{'free ' + gib(gpu.free_bytes) if gpu.free_bytes is not None else gib(gpu.memory_bytes)}"
-        f" - CUDA context {gib(gpu.cuda_context_bytes)} - headroom {gib(gpu.headroom_bytes)}"
+        f" - CUDA context {gib(gpu.cuda_context_bytes)} - headroom {gib(gpu.headroom_bytes)}",
+        soft_wrap=True,
     )
     table = Table(show_edge=False, header_style="bold")
     for column in ("precision", "weights", "overhead", "total", "fits", "headroom"):
@@ -186,9 +188,9 @@ def render_report(report: Any) -> None:
         )
     out.print(table)
     for note in report.notes:
-        out.print(f"[dim]note: {note}[/]")
+        out.print(f"[dim]note: {note}[/]", soft_wrap=True)
     for warning in report.warnings:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     for solution in report.solutions:
         name = "longest --seq-len" if solution.variable == "seq_len" else "largest --batch"
         value = "none fits" if solution.value is None else f"{solution.value:,}"
@@ -201,7 +203,7 @@ def render_report(report: Any) -> None:
     if rec is None:
         out.print("[bold red]No candidate fits.[/]")
         return
-    out.print(f"[bold green]Recommendation: {rec.precision}[/] - {rec.reason}")
+    out.print(f"[bold green]Recommendation: {rec.precision}[/] - {rec.reason}", soft_wrap=True)
     chosen_candidate = next(c for c in report.candidates if c.precision == rec.precision)
     parts = ", ".join(
         f"{name} {gib(value)}" for name, value in chosen_candidate.components.items() if value
@@ -592,7 +594,20 @@ def _render_loaded(report: Any) -> None:
 
 
 def main() -> None:
-    app()
+    """Run the app, then leave without the interpreter's teardown.
+
+    Tearing down the ~2,600 modules torch and transformers import takes about a second and
+    does nothing for a command-line run, so flush and exit directly.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

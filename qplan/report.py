@@ -63,6 +63,7 @@ def report_dict(report: Report) -> dict[str, Any]:
     data = asdict(report)
     if data["measured"] is None:
         del data["measured"]
+    data = {"schema": data.pop("schema"), **data}  # the schema name first, for readers
     return json.loads(json.dumps(data))
 
 
