@@ -87,9 +87,31 @@ def device_map_for(report: Report, device: str) -> tuple[Any, dict[Any, int] | N
     if device == "cpu":
         return "cpu", None
     count = report.gpu.count
+    strategy = getattr(report, "strategy", None)
+    if count > 1 and strategy is not None and strategy.device_map:
+        return dict(strategy.device_map), planned_max_memory(report)
     if count > 1 and torch.cuda.device_count() >= count:
         return "auto", {i: report.gpu.usable_bytes for i in range(count)}
     return {"": 0}, None
+
+
+# transformers' bitsandbytes quantizers shrink max_memory to 90% (adjust_max_memory)
+# before inferring a device map; qplan's budgets are exact, so they are handed over
+# divided by 0.9. The planned device_map (an explicit dict) is what decides the split -
+# transformers uses max_memory only for string device maps - and this keeps the two
+# consistent for anyone who re-plans with device_map="auto".
+BNB_MAX_MEMORY_FRACTION = 0.90
+
+
+def planned_max_memory(report: Report) -> dict[Any, int]:
+    """The plan's max_memory with int GPU keys, compensated for the 90% quantised cut."""
+    strategy = report.strategy
+    assert strategy is not None and strategy.max_memory is not None
+    quantized = "quantization_config" in (report.recommendation.load_kwargs
+                                          if report.recommendation else {})
+    scale = 1 / BNB_MAX_MEMORY_FRACTION if quantized else 1.0
+    return {(int(k) if k.isdigit() else k): int(v * scale)
+            for k, v in strategy.max_memory.items()}
 
 
 def _capability(report: Report, device: str) -> tuple[int, int] | None:

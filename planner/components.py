@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
@@ -51,6 +51,9 @@ class ComponentPlan:
     components: dict[str, int]  # name -> bytes, CUDA context excluded
     peak_allocated_bytes: int
     traced_layers: tuple[int, ...] = ()
+    # Peak bytes per phase (setup, forward, backward, optimizer): multi-GPU plans re-split
+    # the step when sharding moves the peak to another phase.
+    phase_peaks: dict[str, int] = field(default_factory=dict)
 
 
 def load_components(
@@ -230,7 +233,7 @@ def workload_components(
         churn = sum(components[k] for k in ("activations", "logits", "transients",
                                             "gradients"))
         components["allocator"] = int(churn * FRAGMENTATION_ALLOWANCE)
-    return ComponentPlan(weights, components, peak, traced)
+    return ComponentPlan(weights, components, peak, traced, dict(outcome.phase_peaks))
 
 
 def _kv_model_dtype(precision: str, compute_dtype: str) -> str:

@@ -97,11 +97,14 @@ def decide(
     *,
     explicit: bool = False,
     compute_dtype: str | None = None,
+    fits_for: Callable[[str], bool] | None = None,
 ) -> Decision:
     """Plan each precision and pick one.
 
     ``components_for(precision)`` returns the weights, the components (without the CUDA
-    context, added here) and the tensor-level peak.
+    context, added here) and the tensor-level peak. ``fits_for`` decides fitting instead of
+    the one-device budget (multi-GPU plans: the components are the busiest GPU's, and the
+    plan fits when every GPU does and nothing is offloaded).
     """
     compute = compute_dtype or compute_dtype_for(gpu)
     warnings: list[str] = []
@@ -124,7 +127,7 @@ def decide(
                 components=components,
                 peak_allocated_bytes=peak,
                 total_bytes=total,
-                fits=left >= budget.headroom_bytes,
+                fits=left >= budget.headroom_bytes if fits_for is None else fits_for(precision),
                 headroom_bytes=left,
                 notes=notes,
             )
@@ -159,13 +162,17 @@ def _reason(
 ) -> str:
     """One sentence: why this precision and not a less aggressive one."""
     skipped = [by_name[p] for p in order[: order.index(chosen.precision)]]
+    # Several GPUs: the figures are the busiest GPU's.
+    per = f" per GPU (busiest of {gpu.count})" if gpu.count > 1 else ""
     fit = (
-        f"{chosen.precision} needs {gib(chosen.total_bytes)} of {gpu.name}'s "
+        f"{chosen.precision} needs {gib(chosen.total_bytes)}{per} of {gpu.name}'s "
         f"{gib(budget.memory_bytes)} and leaves {gib(chosen.headroom_bytes)} free"
     )
     if not skipped:
         return f"{fit}; it is the least aggressive precision that fits."
     worse = skipped[-1]
+    if gpu.count > 1:
+        return f"{fit}; {worse.precision} does not fit the {gpu.count} GPUs without offload."
     return (
         f"{fit}; {worse.precision} would need {gib(worse.total_bytes)}, "
         f"{gib(budget.headroom_bytes - worse.headroom_bytes)} more than fits with headroom."

@@ -83,6 +83,18 @@ class Inventory:
     def quantizable_parameters(self) -> int:
         return sum(t.numel for t in self.parameters if t.quantizable)
 
+    def unquantizable_matrices(self) -> tuple[int, tuple[str, ...]]:
+        """Parameters in weight matrices bitsandbytes will not quantise, beyond embeddings
+        and the output layer: e.g. MoE experts that transformers 5.x fuses into 3-D
+        parameters. Returns (count, owning module types)."""
+        skipped = [
+            t for t in self.parameters
+            if not t.quantizable and len(t.shape) >= 2
+            and t.module_type not in ("Embedding",) and not t.tied_names
+            and t.module.split(".")[-1] not in ("lm_head", "embed_out", "output")
+        ]
+        return sum(t.numel for t in skipped), tuple(sorted({t.module_type for t in skipped}))
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

@@ -24,6 +24,7 @@ data are pinned to what they decide for a dense, unpadded batch:
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -241,7 +242,13 @@ def trace(
     use_static_experts(model)
     # bitsandbytes and transformers warn about dtype casts on every layer call; those are
     # facts of the real run, not news to the user of a plan.
-    with warnings.catch_warnings(), trace_patches(target, workload.attn):
-        warnings.simplefilter("ignore")
-        seen = run_workload(model, workload, tracker)
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), trace_patches(target, workload.attn):
+            warnings.simplefilter("ignore")
+            seen = run_workload(model, workload, tracker)
+    finally:
+        bnb_logger.setLevel(level)
     return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks)

@@ -228,6 +228,12 @@ def estimate(
             "use e.g. --headroom 5% or --headroom 1GiB"
         )
     compute = compute_dtype_for(gpu_target)
+    multi = _multi_gpu(gpu_target, room, num_gpus, spec, inventory, meta, workload, compute,
+                       quant_storage, skip_modules)
+    if multi is not None:
+        gpu_target = replace(gpu_target, count=len(multi.budgets))
+        # Mixed devices (--gpu auto): the figures are shown against the smallest one.
+        budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
     traced: dict[tuple, Any] = {}
 
@@ -250,11 +256,18 @@ def estimate(
 
     def plan_one(precision: str):
         plan = plan_for(precision, workload)
-        return plan.weights, plan.components, plan.peak_allocated_bytes
+        if multi is None:
+            return plan.weights, plan.components, plan.peak_allocated_bytes
+        busiest = multi.strategy(precision, plan).busiest
+        parts = {k: v for k, v in busiest.components.items() if k != "cuda_context"}
+        return plan.weights, parts, plan.peak_allocated_bytes
 
     decision = decide(names, gpu_target, budget, plan_one, explicit=explicit,
-                      compute_dtype=compute)
+                      compute_dtype=compute,
+                      fits_for=None if multi is None else lambda p: multi.found[p].fits)
+    strategy = _chosen_strategy(multi, decision)
     warnings = list(decision.warnings)
+    warnings.extend(_unquantized_warning(inventory, names))
     solutions: list[Solution] = []
     variables = [solve] if solve else []
     if decision.recommendation is None and workload.mode != "load" and not variables:
@@ -300,7 +313,50 @@ def estimate(
         solutions=tuple(solutions),
         notes=spec.notes,
         versions=_versions(),
+        devices=strategy.devices if strategy is not None else (),
+        strategy=strategy,
     )
+
+
+def _multi_gpu(target: GpuTarget, room: Headroom, num_gpus: int | None, spec: ModelSpec,
+               inventory: Any, meta: Any, workload: Workload, compute: str,
+               quant_storage: str, skip_modules: Sequence[str] | None) -> Any:
+    """The multi-GPU planner when the target has several GPUs; None for one."""
+    from qplan.planner.multi_gpu import MultiGpuPlanner, device_budgets
+
+    devices = None
+    if target.source == "nvml" and num_gpus is None:
+        from qplan.errors import QplanError
+        from qplan.loaders.gpus import auto_devices
+
+        try:
+            devices = auto_devices()  # every visible GPU, each with its own free memory
+        except QplanError:
+            devices = None
+        if devices is not None and len(devices) <= 1:
+            devices = None
+    budgets = device_budgets(target, room, devices)
+    if len(budgets) <= 1:
+        return None
+    return MultiGpuPlanner(
+        config=spec.config, inventory=inventory, meta=meta, workload=workload,
+        budgets=budgets, gpu_name=target.name, compute_dtype=compute,
+        quant_storage=quant_storage,
+        skip_modules=list(skip_modules) if skip_modules is not None else None,
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
+def _chosen_strategy(multi: Any, decision: Decision) -> Any:
+    """The strategy of the recommendation, else of the smallest candidate (what comes
+    closest), so the report shows how far off the GPUs are."""
+    if multi is None or not multi.found:
+        return None
+    if decision.recommendation is not None:
+        return multi.found.get(decision.recommendation.precision)
+    smallest = min((c for c in decision.candidates if c.precision in multi.found),
+                   key=lambda c: c.total_bytes)
+    return multi.found[smallest.precision]
 
 
 def _max_positions(config: Any) -> int:
@@ -344,10 +400,11 @@ def _advice(decision: Decision, workload: Workload, plan_for: Any, budget: Any, 
     usable = max(1, limit - budget.cuda_context_bytes)
     per_gpu_weights = smallest.total_bytes - budget.cuda_context_bytes
     gpus = -(-per_gpu_weights // usable)
-    advice.append(
-        f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs it "
-        f"would need at least {gpus} x {gpu.name} (a multi-GPU plan is not modelled yet)"
-    )
+    if gpu.count == 1:
+        advice.append(
+            f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs "
+            f"it would need at least {gpus} x {gpu.name} (plan it with --num-gpus {gpus})"
+        )
     return advice
 
 
@@ -400,3 +457,19 @@ def measure_workload(
         "predicted_total_bytes": candidate.total_bytes,
     }
     return replace(report, measured=block)
+
+
+def _unquantized_warning(inventory: Any, names: Sequence[str]) -> list[str]:
+    """Say when quantisation leaves a large share of the model in the load dtype."""
+    if not any(PRECISIONS[n].quantized for n in names):
+        return []
+    count, types = inventory.unquantizable_matrices()
+    total = inventory.num_parameters
+    if not total or count / total < 0.10:
+        return []
+    return [
+        f"{count / 1e9:.2f}B of {total / 1e9:.2f}B parameters ({100 * count / total:.0f}%) are "
+        f"in {', '.join(types)} weights bitsandbytes does not quantise (only nn.Linear is "
+        "replaced); at int8/4-bit they stay in the load dtype, and peft's k-bit preparation "
+        "upcasts them to fp32"
+    ]

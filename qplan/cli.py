@@ -171,22 +171,25 @@ def render_report(report: Any) -> None:
         f" - CUDA context {gib(gpu.cuda_context_bytes)} - headroom {gib(gpu.headroom_bytes)}",
         soft_wrap=True,
     )
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("precision", "weights", "overhead", "total", "fits", "headroom"):
-        table.add_column(column, justify="left" if column == "precision" else "right")
-    chosen = report.recommendation.precision if report.recommendation else None
-    for c in report.candidates:
-        style = "bold green" if c.precision == chosen else None
-        table.add_row(
-            c.precision,
-            gib(c.weights_bytes),
-            gib(c.total_bytes - c.weights_bytes),
-            gib(c.total_bytes),
-            "yes" if c.fits else "no",
-            _signed_gib(c.headroom_bytes),
-            style=style,
-        )
-    out.print(table)
+    if report.strategy is not None:
+        _render_multi_candidates(report)
+    else:
+        table = Table(show_edge=False, header_style="bold")
+        for column in ("precision", "weights", "overhead", "total", "fits", "headroom"):
+            table.add_column(column, justify="left" if column == "precision" else "right")
+        chosen = report.recommendation.precision if report.recommendation else None
+        for c in report.candidates:
+            style = "bold green" if c.precision == chosen else None
+            table.add_row(
+                c.precision,
+                gib(c.weights_bytes),
+                gib(c.total_bytes - c.weights_bytes),
+                gib(c.total_bytes),
+                "yes" if c.fits else "no",
+                _signed_gib(c.headroom_bytes),
+                style=style,
+            )
+        out.print(table)
     for note in report.notes:
         out.print(f"[dim]note: {note}[/]", soft_wrap=True)
     for warning in report.warnings:
@@ -210,6 +213,67 @@ def render_report(report: Any) -> None:
     )
     out.print(f"[dim]{rec.precision} components: {parts}[/]", soft_wrap=True)
     out.print("from_pretrained kwargs: " + json.dumps(rec.load_kwargs), soft_wrap=True)
+
+
+def _render_multi_candidates(report: Any) -> None:
+    """Several GPUs: each candidate's whole weights and its busiest GPU, then the devices."""
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("precision", "weights (all)", "busiest GPU", "fits", "headroom"):
+        table.add_column(column, justify="left" if column == "precision" else "right")
+    chosen = report.recommendation.precision if report.recommendation else None
+    for c in report.candidates:
+        style = "bold green" if c.precision == chosen else None
+        table.add_row(c.precision, gib(c.weights_bytes), gib(c.total_bytes),
+                      "yes" if c.fits else "no", _signed_gib(c.headroom_bytes), style=style)
+    out.print(table)
+    strategy = report.strategy
+    which = chosen or "closest candidate"
+    out.print(f"[bold]strategy ({which}): {strategy.name}[/] - {strategy.reason}",
+              soft_wrap=True)
+    if strategy.options:
+        tried = ", ".join(
+            f"{o.name} {gib(o.per_gpu_bytes)}{' + host ' + gib(o.cpu_bytes) if o.cpu_bytes else ''}"
+            f" ({'fits' if o.fits else 'no'})" for o in strategy.options
+        )
+        out.print(f"[dim]per GPU: {tried}[/]", soft_wrap=True)
+    # One column per device, identical neighbours merged (8 equal ranks -> "cuda:0-7").
+    groups: list[list[Any]] = []
+    for d in report.devices:
+        same = groups and groups[-1][0].components == d.components and \
+            groups[-1][0].limit_bytes == d.limit_bytes
+        if same:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    names = sorted({k for d in report.devices for k, v in d.components.items() if v},
+                   key=_component_rank)
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("per device")
+    for group in groups:
+        label = group[0].device
+        if len(group) > 1:
+            label += f"-{group[-1].device.rpartition(':')[2]}"
+        table.add_column(label, justify="right")
+    for n in names:
+        table.add_row(n, *(gib(g[0].components.get(n, 0)) for g in groups))
+    table.add_row("total", *(gib(g[0].total_bytes) for g in groups), style="bold")
+    table.add_row("limit", *(gib(g[0].limit_bytes) for g in groups))
+    out.print(table)
+    for note in strategy.notes:
+        out.print(f"[dim]note: {note}[/]", soft_wrap=True)
+    if strategy.offloaded:
+        shown = ", ".join(strategy.offloaded[:4]) + (", ..." if len(strategy.offloaded) > 4 else "")
+        out.print(f"[yellow]warning:[/] {len(strategy.offloaded)} module(s) offloaded "
+                  f"({shown}): generation will be much slower", soft_wrap=True)
+
+
+_COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "model_states",
+               "gathered", "kv_cache", "logits", "activations", "transients", "allocator",
+               "communication", "offloaded", "cuda_context")
+
+
+def _component_rank(name: str) -> int:
+    return _COMPONENTS.index(name) if name in _COMPONENTS else len(_COMPONENTS)
 
 
 def _render_measured(measured: dict[str, Any]) -> None:
@@ -274,7 +338,10 @@ def _workload_options(
 
 EmitOpt = Annotated[
     str | None,
-    typer.Option("--emit", help="Print the plan as code/config: transformers, peft or axolotl."),
+    typer.Option(
+        "--emit",
+        help="Print the plan as code/config: transformers, peft, axolotl or accelerate.",
+    ),
 ]
 AxolotlOpt = Annotated[
     Path | None, typer.Option("--axolotl", help="Read the model and workload from an Axolotl YAML.")
@@ -364,11 +431,15 @@ def estimate(
     _guarded(debug, run)
 
 
-EMITTERS = ("transformers", "peft", "axolotl")
+EMITTERS = ("transformers", "peft", "axolotl", "accelerate")
 
 
 def _emit_text(kind: str, report: Any) -> str:
     from qplan.planner.emit import emit_axolotl, emit_peft, emit_transformers
+    from qplan.planner.emit_accelerate import emit_accelerate
+
+    if kind == "accelerate":
+        return emit_accelerate(report)
 
     if kind == "transformers":
         return emit_transformers(report)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.errors import ConfigError, QplanError, UsageError
+from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
 from qplan.planner.spec import ModelSpec
 from qplan.report import SCHEMA_ID, GpuInfo, ModelInfo, Report
 
@@ -51,6 +52,17 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+def _strategy(data: Mapping[str, Any] | None) -> Strategy | None:
+    if not data:
+        return None
+    built = _build(Strategy, data)
+    return dataclasses.replace(
+        built,
+        devices=tuple(_build(DeviceUse, d) for d in data.get("devices", ())),
+        options=tuple(_build(StrategyOption, o) for o in data.get("options", ())),
+    )
+
+
 def report_from_dict(data: Mapping[str, Any]) -> Report:
     """Rebuild a Report from ``report_dict`` / ``estimate --json`` output."""
     from qplan.planner.decide import Candidate, Recommendation
@@ -73,6 +85,8 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
             notes=tuple(data.get("notes", ())),
             versions=dict(data.get("versions", {})),
             measured=data.get("measured"),
+            devices=tuple(_build(DeviceUse, d) for d in data.get("devices", ())),
+            strategy=_strategy(data.get("strategy")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(

@@ -8,6 +8,7 @@ from importlib.resources import files
 from typing import Any
 
 from qplan.planner.decide import Candidate, Recommendation
+from qplan.planner.placement import DeviceUse, Strategy
 from qplan.planner.solve import Solution
 
 SCHEMA_ID = "qplan.report/v1"
@@ -53,6 +54,9 @@ class Report:
     measured: dict[str, Any] | None = None
     solutions: tuple[Solution, ...] = ()
     schema: str = SCHEMA_ID
+    # Several GPUs: every device's share of the chosen plan, and the strategy with its reason.
+    devices: tuple[DeviceUse, ...] = ()
+    strategy: Strategy | None = None
 
     def candidate(self, precision: str) -> Candidate:
         return next(c for c in self.candidates if c.precision == precision)
@@ -63,6 +67,9 @@ def report_dict(report: Report) -> dict[str, Any]:
     data = asdict(report)
     if data["measured"] is None:
         del data["measured"]
+    if data["strategy"] is None:
+        # One GPU: the JSON stays as it was before multi-GPU plans.
+        del data["strategy"], data["devices"]
     data = {"schema": data.pop("schema"), **data}  # the schema name first, for readers
     return json.loads(json.dumps(data))
 

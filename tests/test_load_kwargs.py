@@ -130,14 +130,17 @@ def test_cpu_load_uses_cpu_device_map(tiny_model_dir, recorded):
     assert kwargs["attn_implementation"] == "sdpa"
 
 
-def test_multi_gpu_plan_spreads_with_max_memory(tiny_model_dir, recorded, monkeypatch):
+def test_multi_gpu_plan_loads_with_the_planned_device_map(tiny_model_dir, recorded, monkeypatch):
     from qplan.loaders.loading import device_map_for
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     report = estimate(str(tiny_model_dir("llama")), gpu="2xA100-80GB", mode="load")
     device_map, max_memory = device_map_for(report, "cuda")
-    assert device_map == "auto"
-    assert max_memory == {0: report.gpu.usable_bytes, 1: report.gpu.usable_bytes}
+    # Multi-GPU plans carry their own split (planner/device_map.py): loaded as planned.
+    assert device_map == report.strategy.device_map
+    assert max_memory == {
+        (int(k) if k.isdigit() else k): v for k, v in report.strategy.max_memory.items()
+    }
 
 
 def test_flash_attention_on_cpu_is_refused(tiny_model_dir):

@@ -1,0 +1,92 @@
+"""The multi-GPU step of an estimate: per precision, how the candidate spreads over the GPUs.
+
+Inference and ``load`` split the layers with a device map (planner/device_map.py); training
+picks a parallel strategy (planner/parallel.py). Both start from the single-device traced
+components of the candidate, so deep models are still traced at 2 and 4 layers only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qplan.planner.budget import Budget, Headroom, budget_for
+from qplan.planner.components import ComponentPlan
+from qplan.planner.device_map import decoder_layers, device_map_strategy, plan_device_map
+from qplan.planner.gpu import GpuTarget
+from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
+from qplan.planner.parallel import LORA_PARAM_BYTES, TrainingInput, param_layout, plan_training
+from qplan.planner.placement import Strategy
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.workload import Workload
+
+
+def device_budgets(
+    target: GpuTarget, headroom: Headroom, devices: Sequence[GpuTarget] | None = None
+) -> list[Budget]:
+    """One budget per GPU: each listed device with its own memory, else ``count`` alike."""
+    if devices:
+        return [budget_for(d, headroom) for d in devices]
+    return [budget_for(target, headroom)] * target.count
+
+
+@dataclass
+class MultiGpuPlanner:
+    """Strategies per precision for one model, workload and GPU set (cached per precision)."""
+
+    config: Any
+    inventory: Inventory
+    meta: Any  # the unquantised meta model the inventory was taken from
+    workload: Workload
+    budgets: list[Budget]
+    gpu_name: str
+    compute_dtype: str
+    quant_storage: str = "uint8"
+    skip_modules: list[str] | None = None
+    trust_remote_code: bool = False
+    found: dict[str, Strategy] = field(default_factory=dict)
+
+    def strategy(self, precision: str, plan: ComponentPlan) -> Strategy:
+        if precision not in self.found:
+            if self.workload.is_training:
+                self.found[precision] = self._training(precision, plan)
+            else:
+                self.found[precision] = self._inference(precision, plan)
+        return self.found[precision]
+
+    def _inference(self, precision: str, plan: ComponentPlan) -> Strategy:
+        from qplan.planner.quantize_meta import quantize_meta_model
+
+        # A fresh meta model per precision: quantising and the quant-state buffers change it.
+        model = build_meta_model(copy.deepcopy(self.config), self.trust_remote_code)
+        inventory = take_inventory(model, self.skip_modules)
+        model = quantize_meta_model(
+            model, inventory, precision, self.compute_dtype, self.quant_storage
+        )
+        device_plan = plan_device_map(model, self.budgets, plan.components)
+        return device_map_strategy(device_plan, self.gpu_name)
+
+    def _training(self, precision: str, plan: ComponentPlan) -> Strategy:
+        layers = decoder_layers(self.meta)
+        storage = self.quant_storage
+        layout = param_layout(self.inventory, precision, self.compute_dtype, storage, layers)
+        fsdp_storage = self.compute_dtype if PRECISIONS[precision].is_4bit else storage
+        fsdp_layout = (
+            layout
+            if fsdp_storage == storage
+            else param_layout(self.inventory, precision, self.compute_dtype, fsdp_storage, layers)
+        )
+        lora = self.workload.is_lora
+        adapters = int(plan.components.get("adapters", 0))
+        data = TrainingInput(
+            components=plan.components,
+            layout=layout,
+            fsdp_layout=fsdp_layout,
+            lora=lora,
+            trainable_params=adapters // LORA_PARAM_BYTES if lora else layout.num_params,
+            phase_peaks=plan.phase_peaks,
+        )
+        layer_class = type(self.meta.get_submodule(layers[0])).__name__ if layers else None
+        return replace(plan_training(data, self.budgets), layer_class=layer_class)
