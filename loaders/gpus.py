@@ -29,6 +29,7 @@ profiles, the policy follows from what a memory planner needs:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -531,14 +532,7 @@ def _resolve_auto(count: int | None) -> GpuTarget:
             f"GPU instead (--gpu {count}x{normalize(first.name) or 'NAME'})"
         )
     target = _target_from_device(first, count or len(same))
-    return GpuTarget(
-        name=target.name,
-        count=target.count,
-        memory_bytes=target.memory_bytes,
-        source=target.source,
-        compute_capability=target.compute_capability,
-        bf16=target.bf16,
-        architecture=target.architecture,
-        free_bytes=min(d.free_bytes for d in same[: target.count]),
-        profile_key=target.profile_key,
+    # Plan for the tightest device: the lowest free memory among those counted.
+    return dataclasses.replace(
+        target, free_bytes=min(d.free_bytes for d in same[: target.count])
     )

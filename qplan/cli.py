@@ -503,34 +503,38 @@ def measure(
     _guarded(debug, run)
 
 
+def _print_list(items: list[Any], columns: tuple[str, ...], row: Any, as_json: bool) -> None:
+    """A listing as JSON (the dataclasses) or as a table (``row`` gives the cells)."""
+    from dataclasses import asdict
+
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(item) for item in items], indent=2) + "\n")
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for item in items:
+        table.add_row(*row(item))
+    out.print(table)
+
+
 @app.command()
 def gpus(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List the shipped GPU profiles."""
 
     def run() -> None:
-        from dataclasses import asdict
-
         from qplan.loaders.gpus import load_profiles
 
-        profiles = load_profiles()
-        if as_json:
-            sys.stdout.write(json.dumps([asdict(p) for p in profiles], indent=2) + "\n")
-            return
-        table = Table(show_edge=False, header_style="bold")
-        for column in ("key", "name", "memory", "cc", "bf16", "fp8", "GB/s", "aliases"):
-            table.add_column(column)
-        for p in profiles:
-            table.add_row(
-                p.key,
-                p.name,
-                gib(p.memory_bytes),
-                p.compute_capability,
-                "yes" if p.bf16 else "no",
-                "yes" if p.fp8 else "no",
-                f"{p.bandwidth_gb_s:,.0f}",
-                ", ".join(p.aliases[:4]),
-            )
-        out.print(table)
+        _print_list(
+            list(load_profiles()),
+            ("key", "name", "memory", "cc", "bf16", "fp8", "GB/s", "aliases"),
+            lambda p: (
+                p.key, p.name, gib(p.memory_bytes), p.compute_capability,
+                "yes" if p.bf16 else "no", "yes" if p.fp8 else "no",
+                f"{p.bandwidth_gb_s:,.0f}", ", ".join(p.aliases[:4]),
+            ),
+            as_json,
+        )
 
     _guarded(debug, run)
 
@@ -540,20 +544,14 @@ def models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List the bundled offline catalog of model configs."""
 
     def run() -> None:
-        from dataclasses import asdict
-
         from qplan.loaders.model_source import list_catalog
 
-        entries = list_catalog()
-        if as_json:
-            sys.stdout.write(json.dumps([asdict(e) for e in entries], indent=2) + "\n")
-            return
-        table = Table(show_edge=False, header_style="bold")
-        for column in ("id", "model_type", "architecture"):
-            table.add_column(column)
-        for e in entries:
-            table.add_row(e.id, e.model_type, e.architecture)
-        out.print(table)
+        _print_list(
+            list_catalog(),
+            ("id", "model_type", "architecture"),
+            lambda e: (e.id, e.model_type, e.architecture),
+            as_json,
+        )
 
     _guarded(debug, run)
 
