@@ -9,12 +9,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from qplan.errors import UsageError
+from qplan.planner.advice import (
+    advice_when_nothing_fits,
+    solve_one,
+    unquantized_warning,
+)
 from qplan.planner.budget import Headroom, budget_for
 from qplan.planner.components import workload_components
-from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide, gib
+from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
-from qplan.planner.solve import Solution, solve_for
+from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
     ATTENTIONS,
@@ -159,9 +164,17 @@ def make_workload(
     if not 0.0 <= lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
     return Workload(
-        mode=mode, batch=batch, seq_len=seq_len, kv_dtype=kv_dtype, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_targets=targets, lora_dropout=lora_dropout,
-        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
+        mode=mode,
+        batch=batch,
+        seq_len=seq_len,
+        kv_dtype=kv_dtype,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_targets=targets,
+        lora_dropout=lora_dropout,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
+        attn=attn,
     )
 
 
@@ -228,8 +241,18 @@ def estimate(
             "use e.g. --headroom 5% or --headroom 1GiB"
         )
     compute = compute_dtype_for(gpu_target)
-    multi = _multi_gpu(gpu_target, room, num_gpus, spec, inventory, meta, workload, compute,
-                       quant_storage, skip_modules)
+    multi = _multi_gpu(
+        gpu_target,
+        room,
+        num_gpus,
+        spec,
+        inventory,
+        meta,
+        workload,
+        compute,
+        quant_storage,
+        skip_modules,
+    )
     if multi is not None:
         gpu_target = replace(gpu_target, count=len(multi.budgets))
         # Mixed devices (--gpu auto): the figures are shown against the smallest one.
@@ -245,8 +268,13 @@ def estimate(
         plan = traced.get(key) if wl.mode != "load" else None
         if plan is None:
             plan = workload_components(
-                inventory, wl, precision, compute, quant_storage,
-                config=spec.config, gpu_architecture=gpu_target.architecture,
+                inventory,
+                wl,
+                precision,
+                compute,
+                quant_storage,
+                config=spec.config,
+                gpu_architecture=gpu_target.architecture,
                 trust_remote_code=spec.trust_remote_code,
                 skip_modules=list(skip_modules) if skip_modules is not None else None,
                 target=target,
@@ -262,12 +290,18 @@ def estimate(
         parts = {k: v for k, v in busiest.components.items() if k != "cuda_context"}
         return plan.weights, parts, plan.peak_allocated_bytes
 
-    decision = decide(names, gpu_target, budget, plan_one, explicit=explicit,
-                      compute_dtype=compute,
-                      fits_for=None if multi is None else lambda p: multi.found[p].fits)
+    decision = decide(
+        names,
+        gpu_target,
+        budget,
+        plan_one,
+        explicit=explicit,
+        compute_dtype=compute,
+        fits_for=None if multi is None else lambda p: multi.found[p].fits,
+    )
     strategy = _chosen_strategy(multi, decision)
     warnings = list(decision.warnings)
-    warnings.extend(_unquantized_warning(inventory, names))
+    warnings.extend(unquantized_warning(inventory, names))
     solutions: list[Solution] = []
     variables = [solve] if solve else []
     if decision.recommendation is None and workload.mode != "load" and not variables:
@@ -279,9 +313,20 @@ def estimate(
         limit = budget.available_bytes - budget.headroom_bytes
         for variable in variables:
             for precision in order:
-                solutions.append(_solve_one(precision, variable, workload, plan_for,
-                                            budget.cuda_context_bytes, limit, spec.config))
-        warnings.extend(_advice(decision, workload, plan_for, budget, gpu_target, order))
+                solutions.append(
+                    solve_one(
+                        precision,
+                        variable,
+                        workload,
+                        plan_for,
+                        budget.cuda_context_bytes,
+                        limit,
+                        spec.config,
+                    )
+                )
+        warnings.extend(
+            advice_when_nothing_fits(decision, workload, plan_for, budget, gpu_target, order)
+        )
     return Report(
         model=ModelInfo(
             id=spec.id,
@@ -318,9 +363,18 @@ def estimate(
     )
 
 
-def _multi_gpu(target: GpuTarget, room: Headroom, num_gpus: int | None, spec: ModelSpec,
-               inventory: Any, meta: Any, workload: Workload, compute: str,
-               quant_storage: str, skip_modules: Sequence[str] | None) -> Any:
+def _multi_gpu(
+    target: GpuTarget,
+    room: Headroom,
+    num_gpus: int | None,
+    spec: ModelSpec,
+    inventory: Any,
+    meta: Any,
+    workload: Workload,
+    compute: str,
+    quant_storage: str,
+    skip_modules: Sequence[str] | None,
+) -> Any:
     """The multi-GPU planner when the target has several GPUs; None for one."""
     from qplan.planner.multi_gpu import MultiGpuPlanner, device_budgets
 
@@ -339,8 +393,13 @@ def _multi_gpu(target: GpuTarget, room: Headroom, num_gpus: int | None, spec: Mo
     if len(budgets) <= 1:
         return None
     return MultiGpuPlanner(
-        config=spec.config, inventory=inventory, meta=meta, workload=workload,
-        budgets=budgets, gpu_name=target.name, compute_dtype=compute,
+        config=spec.config,
+        inventory=inventory,
+        meta=meta,
+        workload=workload,
+        budgets=budgets,
+        gpu_name=target.name,
+        compute_dtype=compute,
         quant_storage=quant_storage,
         skip_modules=list(skip_modules) if skip_modules is not None else None,
         trust_remote_code=spec.trust_remote_code,
@@ -354,58 +413,10 @@ def _chosen_strategy(multi: Any, decision: Decision) -> Any:
         return None
     if decision.recommendation is not None:
         return multi.found.get(decision.recommendation.precision)
-    smallest = min((c for c in decision.candidates if c.precision in multi.found),
-                   key=lambda c: c.total_bytes)
+    smallest = min(
+        (c for c in decision.candidates if c.precision in multi.found), key=lambda c: c.total_bytes
+    )
     return multi.found[smallest.precision]
-
-
-def _max_positions(config: Any) -> int:
-    text = config.get_text_config()
-    found = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    return int(found or 131072)
-
-
-def _solve_one(precision: str, variable: str, workload: Workload, plan_for: Any,
-               context: int, limit: int, config: Any) -> Solution:
-    def needed(value: int) -> int:
-        plan = plan_for(precision, replace(workload, **{variable: value}))
-        return sum(plan.components.values()) + context
-
-    upper = _max_positions(config) if variable == "seq_len" else 4096
-    return solve_for(precision, variable, needed, limit, upper)
-
-
-def _advice(decision: Decision, workload: Workload, plan_for: Any, budget: Any, gpu: GpuTarget,
-            order: list[str]) -> list[str]:
-    """What would make the workload fit when nothing does: checkpointing, an 8-bit
-    optimizer, more GPUs."""
-    if decision.recommendation is not None or not order:
-        return []
-    limit = budget.available_bytes - budget.headroom_bytes
-    best = order[-1]
-    advice = []
-    tries = []
-    if workload.is_training and not workload.gradient_checkpointing:
-        tries.append(("gradient checkpointing (--gradient-checkpointing)",
-                      replace(workload, gradient_checkpointing=True)))
-    if workload.is_training and workload.optimizer in ("adamw", "adafactor"):
-        tries.append(("an 8-bit optimizer (--optimizer adamw_8bit)",
-                      replace(workload, optimizer="adamw_8bit")))
-    for label, changed in tries:
-        total = sum(plan_for(best, changed).components.values()) + budget.cuda_context_bytes
-        verdict = "fits" if total <= limit else "still does not fit"
-        advice.append(f"with {label}, {best} needs {gib(total)} and {verdict}")
-    smallest = min((c for c in decision.candidates if c.precision in order),
-                   key=lambda c: c.total_bytes)
-    usable = max(1, limit - budget.cuda_context_bytes)
-    per_gpu_weights = smallest.total_bytes - budget.cuda_context_bytes
-    gpus = -(-per_gpu_weights // usable)
-    if gpu.count == 1:
-        advice.append(
-            f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs "
-            f"it would need at least {gpus} x {gpu.name} (plan it with --num-gpus {gpus})"
-        )
-    return advice
 
 
 def measure_workload(
@@ -435,12 +446,12 @@ def measure_workload(
     parse_precisions(precision)
     spec = resolve(model, revision, trust_remote_code)
     small = replace(spec, config=shrink(spec.config, layers))
-    report = estimate(small, gpu=gpu, mode=mode, precisions=precision, target=device,
-                      **workload_options)
+    report = estimate(
+        small, gpu=gpu, mode=mode, precisions=precision, target=device, **workload_options
+    )
     candidate = report.candidate(precision)
     workload = make_workload(mode, small.config, **workload_options)
-    measured = measure(small.config, workload, precision, candidate.compute_dtype,
-                       device=device)
+    measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device)
     predicted = candidate.peak_allocated_bytes
     block = {
         "device": device,
@@ -450,26 +461,11 @@ def measure_workload(
         "predicted_peak_bytes": predicted,
         "error_pct": 100.0 * (predicted - measured.peak_bytes) / measured.peak_bytes,
         "components": measured.components,
-        "predicted_components": {k: v for k, v in candidate.components.items()
-                                 if k != "cuda_context"},
+        "predicted_components": {
+            k: v for k, v in candidate.components.items() if k != "cuda_context"
+        },
         "reserved_bytes": measured.reserved_bytes,
         "nvml_used_bytes": measured.nvml_used_bytes,
         "predicted_total_bytes": candidate.total_bytes,
     }
     return replace(report, measured=block)
-
-
-def _unquantized_warning(inventory: Any, names: Sequence[str]) -> list[str]:
-    """Say when quantisation leaves a large share of the model in the load dtype."""
-    if not any(PRECISIONS[n].quantized for n in names):
-        return []
-    count, types = inventory.unquantizable_matrices()
-    total = inventory.num_parameters
-    if not total or count / total < 0.10:
-        return []
-    return [
-        f"{count / 1e9:.2f}B of {total / 1e9:.2f}B parameters ({100 * count / total:.0f}%) are "
-        f"in {', '.join(types)} weights bitsandbytes does not quantise (only nn.Linear is "
-        "replaced); at int8/4-bit they stay in the load dtype, and peft's k-bit preparation "
-        "upcasts them to fp32"
-    ]

@@ -1,0 +1,105 @@
+"""What the planner says beyond the table: what would fit, and what to watch out for.
+
+Pure decision logic over traced plans: the largest batch / longest sequence per precision,
+the advice when nothing fits (gradient checkpointing, an 8-bit optimizer, more GPUs), and a
+warning when bitsandbytes leaves much of the model unquantised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from qplan.planner.decide import Decision, gib
+from qplan.planner.gpu import GpuTarget
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.solve import Solution, solve_for
+from qplan.planner.workload import Workload
+
+
+def max_positions(config: Any) -> int:
+    text = config.get_text_config()
+    found = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return int(found or 131072)
+
+
+def solve_one(
+    precision: str,
+    variable: str,
+    workload: Workload,
+    plan_for: Any,
+    context: int,
+    limit: int,
+    config: Any,
+) -> Solution:
+    def needed(value: int) -> int:
+        plan = plan_for(precision, replace(workload, **{variable: value}))
+        return sum(plan.components.values()) + context
+
+    upper = max_positions(config) if variable == "seq_len" else 4096
+    return solve_for(precision, variable, needed, limit, upper)
+
+
+def advice_when_nothing_fits(
+    decision: Decision,
+    workload: Workload,
+    plan_for: Any,
+    budget: Any,
+    gpu: GpuTarget,
+    order: list[str],
+) -> list[str]:
+    """What would make the workload fit when nothing does: checkpointing, an 8-bit
+    optimizer, more GPUs."""
+    if decision.recommendation is not None or not order:
+        return []
+    limit = budget.available_bytes - budget.headroom_bytes
+    best = order[-1]
+    advice = []
+    tries = []
+    if workload.is_training and not workload.gradient_checkpointing:
+        tries.append(
+            (
+                "gradient checkpointing (--gradient-checkpointing)",
+                replace(workload, gradient_checkpointing=True),
+            )
+        )
+    if workload.is_training and workload.optimizer in ("adamw", "adafactor"):
+        tries.append(
+            (
+                "an 8-bit optimizer (--optimizer adamw_8bit)",
+                replace(workload, optimizer="adamw_8bit"),
+            )
+        )
+    for label, changed in tries:
+        total = sum(plan_for(best, changed).components.values()) + budget.cuda_context_bytes
+        verdict = "fits" if total <= limit else "still does not fit"
+        advice.append(f"with {label}, {best} needs {gib(total)} and {verdict}")
+    smallest = min(
+        (c for c in decision.candidates if c.precision in order), key=lambda c: c.total_bytes
+    )
+    usable = max(1, limit - budget.cuda_context_bytes)
+    per_gpu_weights = smallest.total_bytes - budget.cuda_context_bytes
+    gpus = -(-per_gpu_weights // usable)
+    if gpu.count == 1:
+        advice.append(
+            f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs "
+            f"it would need at least {gpus} x {gpu.name} (plan it with --num-gpus {gpus})"
+        )
+    return advice
+
+
+def unquantized_warning(inventory: Any, names: Sequence[str]) -> list[str]:
+    """Say when quantisation leaves a large share of the model in the load dtype."""
+    if not any(PRECISIONS[n].quantized for n in names):
+        return []
+    count, types = inventory.unquantizable_matrices()
+    total = inventory.num_parameters
+    if not total or count / total < 0.10:
+        return []
+    return [
+        f"{count / 1e9:.2f}B of {total / 1e9:.2f}B parameters ({100 * count / total:.0f}%) are "
+        f"in {', '.join(types)} weights bitsandbytes does not quantise (only nn.Linear is "
+        "replaced); at int8/4-bit they stay in the load dtype, and peft's k-bit preparation "
+        "upcasts them to fp32"
+    ]
