@@ -25,6 +25,7 @@ from torch import nn
 from qplan.errors import DeviceError, ModelNotFoundError, QplanError, UsageError
 from qplan.loaders.resident import resident_bytes
 from qplan.planner.decide import Candidate, gib
+from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import Workload
@@ -95,23 +96,13 @@ def device_map_for(report: Report, device: str) -> tuple[Any, dict[Any, int] | N
     return {"": 0}, None
 
 
-# transformers' bitsandbytes quantizers shrink max_memory to 90% (adjust_max_memory)
-# before inferring a device map; qplan's budgets are exact, so they are handed over
-# divided by 0.9. The planned device_map (an explicit dict) is what decides the split -
-# transformers uses max_memory only for string device maps - and this keeps the two
-# consistent for anyone who re-plans with device_map="auto".
-BNB_MAX_MEMORY_FRACTION = 0.90
-
-
 def planned_max_memory(report: Report) -> dict[Any, int]:
-    """The plan's max_memory with int GPU keys, compensated for the 90% quantised cut."""
+    """The plan's max_memory as from_pretrained takes it (see planner.device_map)."""
     strategy = report.strategy
     assert strategy is not None and strategy.max_memory is not None
     quantized = "quantization_config" in (report.recommendation.load_kwargs
                                           if report.recommendation else {})
-    scale = 1 / BNB_MAX_MEMORY_FRACTION if quantized else 1.0
-    return {(int(k) if k.isdigit() else k): int(v * scale)
-            for k, v in strategy.max_memory.items()}
+    return from_pretrained_max_memory(strategy.max_memory, quantized)
 
 
 def _capability(report: Report, device: str) -> tuple[int, int] | None:

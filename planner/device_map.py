@@ -271,3 +271,17 @@ def device_map_strategy(plan: DevicePlan, gpu_name: str) -> Strategy:
         max_memory={str(k): int(v) for k, v in plan.max_memory.items()},
         offloaded=plan.offloaded,
     )
+
+
+# transformers' bitsandbytes quantizers shrink max_memory to 90% (adjust_max_memory)
+# before inferring a device map; qplan's budgets are exact, so they are handed over
+# divided by 0.9. The planned device_map (an explicit dict) is what decides the split -
+# transformers uses max_memory only for string device maps - and this keeps the two
+# consistent for anyone who re-plans with device_map="auto".
+BNB_MAX_MEMORY_FRACTION = 0.90
+
+
+def from_pretrained_max_memory(max_memory: dict[str, int], quantized: bool) -> dict[Any, int]:
+    """The plan's max_memory with int GPU keys, compensated for the 90% quantised cut."""
+    scale = 1 / BNB_MAX_MEMORY_FRACTION if quantized else 1.0
+    return {(int(k) if k.isdigit() else k): int(v * scale) for k, v in max_memory.items()}

@@ -62,8 +62,27 @@ def _compute_dtype(report: Any, precision: str) -> str:
     return str(report.candidate(precision).compute_dtype)
 
 
-def _device_map(report: Any) -> str:
-    return '"auto"' if report.gpu.count > 1 else '{"": 0}'
+def _placement(report: Any, quantized: bool) -> tuple[list[str], list[str]]:
+    """Lines defining the planned placement, and the from_pretrained arguments using it.
+
+    Several GPUs: the exact device map and max_memory qplan planned (accelerate's split with
+    qplan's budgets), not "auto", so the load is the one estimated.
+    """
+    strategy = getattr(report, "strategy", None)
+    if report.gpu.count > 1 and strategy is not None and strategy.device_map:
+        from qplan.planner.device_map import from_pretrained_max_memory
+
+        entries = [f"    {name!r}: {device!r}," for name, device in strategy.device_map.items()]
+        lines = ["device_map = {", *entries, "}"]
+        call = ["    device_map=device_map,"]
+        if strategy.max_memory:
+            memory = from_pretrained_max_memory(strategy.max_memory, quantized)
+            lines.append(f"max_memory = {memory!r}")
+            call.append("    max_memory=max_memory,")
+        return lines, call
+    if report.gpu.count > 1:
+        return [], ['    device_map="auto",']
+    return [], ['    device_map={"": 0},']
 
 
 def emit_transformers(report: Any, precision: str | None = None) -> str:
@@ -96,12 +115,13 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
             "",
         ]
         call.append("    quantization_config=quantization_config,")
+    placement_lines, placement_args = _placement(report, prec.quantized)
     call += [
         f"    dtype=torch.{dtype},",
-        f"    device_map={_device_map(report)},",
+        *placement_args,
         f'    attn_implementation="{workload.attn}",',
     ]
-    lines += ["model = AutoModelForCausalLM.from_pretrained(", *call, ")"]
+    lines += [*placement_lines, "model = AutoModelForCausalLM.from_pretrained(", *call, ")"]
     return "\n".join(lines) + "\n"
 
 

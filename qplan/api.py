@@ -17,6 +17,7 @@ from qplan.planner.advice import (
 from qplan.planner.budget import Headroom, budget_for
 from qplan.planner.components import workload_components
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
+from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
 from qplan.planner.solve import Solution
@@ -300,6 +301,17 @@ def estimate(
         fits_for=None if multi is None else lambda p: multi.found[p].fits,
     )
     strategy = _chosen_strategy(multi, decision)
+    if strategy is not None and strategy.device_map and decision.recommendation is not None:
+        # The planned split, as from_pretrained takes it: what `qplan load` passes too.
+        rec = decision.recommendation
+        quantized = "quantization_config" in rec.load_kwargs
+        kwargs = {**rec.load_kwargs, "device_map": dict(strategy.device_map)}
+        if strategy.max_memory:
+            kwargs["max_memory"] = {
+                str(k): v
+                for k, v in from_pretrained_max_memory(strategy.max_memory, quantized).items()
+            }
+        decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
     warnings = list(decision.warnings)
     warnings.extend(unquantized_warning(inventory, names))
     solutions: list[Solution] = []

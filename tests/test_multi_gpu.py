@@ -142,7 +142,8 @@ def test_one_gpu_reports_have_no_strategy(tiny_model_dir):
 
 def test_loading_uses_the_planned_map_with_compensated_max_memory(tiny_model_dir):
     from qplan.api import estimate
-    from qplan.loaders.loading import BNB_MAX_MEMORY_FRACTION, device_map_for
+    from qplan.loaders.loading import device_map_for
+    from qplan.planner.device_map import BNB_MAX_MEMORY_FRACTION
 
     report = estimate(
         str(tiny_model_dir("llama")), gpu="2xA100-80GB", mode="load", precisions="nf4"
@@ -152,3 +153,21 @@ def test_loading_uses_the_planned_map_with_compensated_max_memory(tiny_model_dir
     planned = report.strategy.max_memory
     assert max_memory[0] == int(planned["0"] / BNB_MAX_MEMORY_FRACTION)
     assert max_memory["cpu"] == int(planned["cpu"] / BNB_MAX_MEMORY_FRACTION)
+
+
+def test_emitted_transformers_snippet_carries_the_planned_split(tiny_model_dir):
+    """--emit transformers for several GPUs writes the planned device map, not "auto"."""
+    from qplan.api import estimate
+    from qplan.planner.emit import emit_transformers
+
+    report = estimate(str(tiny_model_dir("llama")), gpu="2x 1GiB", mode="inference",
+                      precisions="bf16", headroom="0")
+    assert report.strategy is not None and report.strategy.device_map
+    snippet = emit_transformers(report)
+    assert "device_map=device_map" in snippet and '"auto"' not in snippet
+    namespace: dict = {}
+    exec(snippet.split("model = AutoModelForCausalLM")[0].split("import torch")[1]
+         .replace("from transformers import AutoModelForCausalLM, BitsAndBytesConfig", ""),
+         {"torch": __import__("torch")}, namespace)
+    assert namespace["device_map"] == dict(report.strategy.device_map)
+    assert report.recommendation.load_kwargs["device_map"] == dict(report.strategy.device_map)
