@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qplan.errors import DeviceError, ModelNotFoundError, QplanError, UsageError
+from qplan.loaders.host_memory import check_host_room
 from qplan.loaders.resident import resident_bytes
 from qplan.planner.decide import Candidate, gib
 from qplan.planner.device_map import from_pretrained_max_memory
@@ -402,6 +403,13 @@ def load_planned(
         )
     where = pick_device(device)
     source = weights_source(spec, random_weights)
+    if where == "cpu":
+        check_host_room(
+            candidate.weights_bytes,
+            candidate.weights_bytes if source is None else 0,
+            f"loading {spec.id} at {precision} on CPU",
+            "load on a GPU, pick a smaller precision, or a machine with more memory",
+        )
     kwargs = load_kwargs(report, candidate, where, attn)
 
     warnings: list[str] = []

@@ -463,6 +463,15 @@ def measure_workload(
     )
     candidate = report.candidate(precision)
     workload = make_workload(mode, small.config, **workload_options)
+    if device == "cpu":
+        from qplan.loaders.host_memory import check_host_room
+
+        check_host_room(
+            candidate.peak_allocated_bytes,
+            candidate.weights_bytes,
+            f"measuring {spec.id} ({mode}, {precision}) on CPU",
+            "pass --layers N to keep only the first N decoder layers",
+        )
     measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device)
     predicted = candidate.peak_allocated_bytes
     block = {
