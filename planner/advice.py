@@ -78,15 +78,36 @@ def advice_when_nothing_fits(
     smallest = min(
         (c for c in decision.candidates if c.precision in order), key=lambda c: c.total_bytes
     )
-    usable = max(1, limit - budget.cuda_context_bytes)
-    per_gpu_weights = smallest.total_bytes - budget.cuda_context_bytes
-    gpus = -(-per_gpu_weights // usable)
     if gpu.count == 1:
-        advice.append(
-            f"{smallest.precision} needs {gib(smallest.total_bytes)} in all; split across GPUs "
-            f"it would need at least {gpus} x {gpu.name} (plan it with --num-gpus {gpus})"
-        )
+        advice.append(_more_gpus_advice(smallest.precision, smallest.components,
+                                        smallest.total_bytes, limit, budget.cuda_context_bytes,
+                                        gpu.name))
     return advice
+
+
+# What more GPUs can divide between them: sharded or split by layers. Activations, logits
+# and step temporaries belong to each GPU's own micro-batch (or, for a layer split, to the
+# GPUs that run layers), so every GPU keeps them whole.
+SPLITTABLE = ("weights", "adapters", "gradients", "optimizer_states", "kv_cache")
+
+
+def _more_gpus_advice(precision: str, components: dict[str, int], total: int, limit: int,
+                      context: int, gpu_name: str) -> str:
+    splittable = sum(v for k, v in components.items() if k in SPLITTABLE)
+    per_gpu = sum(v for k, v in components.items() if k not in SPLITTABLE and
+                  k != "cuda_context") + context
+    room = limit - per_gpu
+    if room <= 0:
+        return (
+            f"more GPUs would not help {precision}: its activations, logits and temporaries "
+            f"alone need {gib(per_gpu)} on every GPU, more than {gpu_name} can give; lower "
+            "--seq-len or --batch"
+        )
+    gpus = max(2, -(-splittable // room))
+    return (
+        f"{precision} needs {gib(total)} in all; split across GPUs it would need at least "
+        f"{gpus} x {gpu_name} (plan it with --num-gpus {gpus})"
+    )
 
 
 def unquantized_warning(inventory: Any, names: Sequence[str]) -> list[str]:
