@@ -12,8 +12,9 @@ optimizer step: recomputed checkpoint segments, dequantised 4-bit weights, tempo
 plus the cuBLAS workspace on CUDA), allocator (the caching allocator's segment rounding
 and a fragmentation allowance).
 
-Deep models are traced at 2 and 4 layers and extrapolated linearly in depth, phase by
-phase: every decoder layer adds the same weights, saved activations, gradients and states.
+Deep models are traced at two shallow depths and extrapolated linearly in depth, phase by
+phase: every decoder layer (or every repeating block of layers, planner/depths.py) adds the
+same weights, saved activations, gradients and states.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qplan.planner.depths import layer_signatures, trace_depths
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size
@@ -36,8 +38,6 @@ CUBLAS_WORKSPACE = {"hopper": 32 * MIB, "blackwell": 32 * MIB}
 CUBLAS_WORKSPACE_DEFAULT = 8 * MIB
 # Freed blocks of many sizes stay cached during a step; allowance on what churns.
 FRAGMENTATION_ALLOWANCE = 0.05
-TRACE_FULL_DEPTH_UP_TO = 4
-TRACE_DEPTHS = (2, 4)
 
 COMPONENT_ORDER = (
     "weights", "adapters", "gradients", "optimizer_states", "kv_cache", "logits",
@@ -123,6 +123,8 @@ class TraceOutcome:
     components: dict[str, int]
     peak_bytes: int
     phase_peaks: dict[str, int]
+    # The components at each phase's own peak (same keys as phase_peaks).
+    phase_components: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def trace_components(
@@ -149,33 +151,60 @@ def trace_components(
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
-    snapshot, seen, phase_peaks = trace(model, workload, target=target)
+    snapshot, seen, phase_snapshots = trace(model, workload, target=target)
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
     # The allocated peak may fall a few bytes apart from the raw-bytes peak moment.
     parts["transients"] += max(0, peak - sum(parts.values()))
-    return TraceOutcome(parts, peak, phase_peaks)
+    phase_peaks = {key: snap.peak_bytes for key, snap in phase_snapshots.items()}
+    phase_components = {key: classify(snap, seen, rounded)
+                        for key, snap in phase_snapshots.items()}
+    return TraceOutcome(parts, peak, phase_peaks, phase_components)
 
 
 def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
                  target_layers: int) -> TraceOutcome:
-    """Linear in depth: value(L) = value(d1) + (L - d1) * (value(d2) - value(d1)) / (d2 - d1)."""
+    """Linear in depth: value(L) = value(d1) + (L - d1) * (value(d2) - value(d1)) / (d2 - d1),
+    for the peak of every phase and part of a phase; the components are those of the
+    part that peaks highest at the target depth, extrapolated the same way."""
     d1, d2 = depths
     scale = (target_layers - d1) / (d2 - d1)
 
     def line(a: int, b: int) -> int:
         return max(0, round(a + (b - a) * scale))
 
-    phases = {
-        phase: line(low.phase_peaks.get(phase, 0), high.phase_peaks.get(phase, 0))
+    def line_parts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+        return {name: line(a.get(name, 0), b[name]) for name in b}
+
+    # Only parts both traces have: the backward's "middle" layers exist from 3 layers on,
+    # and lie between its "top" and "bottom" parts (gradients grow, saved activations
+    # shrink, layer by layer).
+    lines = {
+        phase: line(low.phase_peaks[phase], high.phase_peaks[phase])
         for phase in high.phase_peaks
+        if phase in low.phase_peaks
     }
-    components = {name: line(low.components[name], high.components[name])
-                  for name in high.components}
-    peak = max(line(low.peak_bytes, high.peak_bytes), *phases.values())
+    phase_components = {
+        k: line_parts(low.phase_components[k], high.phase_components[k])
+        for k in lines if k in low.phase_components and k in high.phase_components
+    }
+    # A phase peaks at the largest of its parts (a line through two shallow peaks of the
+    # whole phase follows whichever part led there, and falls short of a part that
+    # overtakes it deeper down).
+    phases = dict(lines)
+    for key, value in lines.items():
+        phase, _, part = key.partition(":")
+        if part and phase in phases:
+            phases[phase] = max(phases[phase], value)
+    components = line_parts(low.components, high.components)
+    peak = line(low.peak_bytes, high.peak_bytes)
+    leader = max(phase_components, key=lambda k: lines[k], default=None)
+    if leader is not None and lines[leader] > peak:
+        components = dict(phase_components[leader])
+        peak = max(lines[leader], sum(components.values()))
     components["transients"] += max(0, peak - sum(components.values()))
-    return TraceOutcome(components, peak, phases)
+    return TraceOutcome(components, peak, phases, phase_components)
 
 
 def workload_components(
@@ -205,16 +234,15 @@ def workload_components(
         target=target, quant_storage=quant_storage, skip_modules=skip_modules,
         trust_remote_code=trust_remote_code,
     )
-    if depth <= TRACE_FULL_DEPTH_UP_TO:
+    depths = trace_depths(layer_signatures(inventory, config), depth)
+    if depths is None:
         outcome = tracer(config, workload, precision, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)
     else:
-        low = tracer(config, workload, precision, compute_dtype, layers=TRACE_DEPTHS[0],
-                     **common)
-        high = tracer(config, workload, precision, compute_dtype, layers=TRACE_DEPTHS[1],
-                      **common)
-        outcome = _extrapolate(low, high, TRACE_DEPTHS, depth)
-        traced = TRACE_DEPTHS
+        low = tracer(config, workload, precision, compute_dtype, layers=depths[0], **common)
+        high = tracer(config, workload, precision, compute_dtype, layers=depths[1], **common)
+        outcome = _extrapolate(low, high, depths, depth)
+        traced = depths
     components = dict(outcome.components)
     peak = outcome.peak_bytes
     if workload.kv_dtype and components.get("kv_cache"):

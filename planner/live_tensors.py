@@ -49,6 +49,9 @@ class LiveTensorTracker(TorchDispatchMode):
     def __init__(self, tagger: Callable[[torch.Tensor], str | None] | None = None) -> None:
         super().__init__()
         self.phase = "setup"
+        # A part of the phase (the backward of the top decoder layer, of the bottom one...):
+        # its peak is kept too, as "phase:segment" (see planner/steps.py).
+        self.segment: str | None = None
         self.tagger = tagger
         self._serials = itertools.count()
         self._live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
@@ -60,6 +63,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._peak_event = -1
         self._peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
+        self._phase_peak_events: dict[str, int] = {}
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -85,9 +89,15 @@ class LiveTensorTracker(TorchDispatchMode):
             self.peak = self.current
             self._peak_event = len(self._events) - 1
             self._peak_phase = self.phase
-        if self.current > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = self.current
+        self._record_phase_peak(self.phase)
+        if self.segment is not None:
+            self._record_phase_peak(f"{self.phase}:{self.segment}")
         return serial
+
+    def _record_phase_peak(self, key: str) -> None:
+        if self.current > self.phase_peaks.get(key, 0):
+            self.phase_peaks[key] = self.current
+            self._phase_peak_events[key] = len(self._events) - 1
 
     def add_all(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
@@ -112,12 +122,21 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
     # -- results ----------------------------------------------------------------------
-    def peak_snapshot(self) -> PeakSnapshot:
-        """Replay the event log up to the peak: the storages live at that moment."""
+    def peak_snapshot(self, phase: str | None = None) -> PeakSnapshot:
+        """Replay the event log up to the peak (of the whole run, or of one ``phase`` key
+        of ``phase_peaks``): the storages live at that moment."""
+        if phase is None:
+            event, peak, at = self._peak_event, self.peak, self._peak_phase
+        else:
+            event, peak, at = self._phase_peak_events[phase], self.phase_peaks[phase], phase
         live: dict[int, LiveStorage] = {}
-        for serial, nbytes, phase, tag in self._events[: self._peak_event + 1]:
+        for serial, nbytes, storage_phase, tag in self._events[: event + 1]:
             if nbytes >= 0:
-                live[serial] = LiveStorage(serial, nbytes, phase, tag)
+                live[serial] = LiveStorage(serial, nbytes, storage_phase, tag)
             else:
                 live.pop(serial, None)
-        return PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase, tuple(live.values()))
+        allocated = (
+            self.peak_allocated if phase is None
+            else sum(alloc_size(s.nbytes) for s in live.values())
+        )
+        return PeakSnapshot(peak, allocated, at, tuple(live.values()))

@@ -124,6 +124,39 @@ def _optimizer_state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
                 yield value
 
 
+def _segment_backward_by_layer(model: nn.Module, tracker: LiveTensorTracker) -> list[Any]:
+    """Label the backward's parts by decoder layer: ``head`` (loss, lm_head), ``top`` (the
+    last decoder layer), ``middle``, ``bottom`` (the first layer and the embeddings).
+
+    Each part's peak is linear in the model's depth, while the backward's overall peak is
+    the larger of an early one (the fp32 logits and their gradient) and a late one (every
+    gradient made): a maximum of two lines, which a line through two shallow traces cannot
+    follow. Deep models are extrapolated part by part (planner/components.py). A tensor
+    hook on each layer's output fires when its gradient arrives, as that layer's backward
+    (and its recomputation, with gradient checkpointing) begins; nothing else changes.
+    """
+    from qplan.planner.device_map import decoder_layers
+
+    names = decoder_layers(model)
+    handles = []
+    for index, name in enumerate(names):
+        part = "bottom" if index == 0 else "top" if index == len(names) - 1 else "middle"
+
+        def mark(grad: torch.Tensor, part: str = part) -> None:
+            if tracker.phase == "backward":
+                tracker.segment = part
+
+        def on_output(module: nn.Module, args: Any, output: Any, mark: Any = mark) -> None:
+            first = output if isinstance(output, torch.Tensor) else next(
+                (o for o in output if isinstance(o, torch.Tensor)), None
+            ) if isinstance(output, (tuple, list)) else None
+            if first is not None and first.requires_grad:
+                first.register_hook(mark)
+
+        handles.append(model.get_submodule(name).register_forward_hook(on_output))
+    return handles
+
+
 def run_training(
     model: nn.Module,
     workload: Workload,
@@ -137,13 +170,15 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
+    handles = _segment_backward_by_layer(model, tracker)
     for _ in range(steps):
         tracker.phase = "forward"
         out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
         del out
-        tracker.phase = "backward"
+        tracker.phase, tracker.segment = "backward", "head"
         loss.backward()
+        tracker.segment = None
         del loss
         for param in params:
             if param.grad is not None:
@@ -157,6 +192,8 @@ def run_training(
             if serial is not None:
                 seen.optimizer_states.add(serial)
         optimizer.zero_grad(set_to_none=True)
+    for handle in handles:
+        handle.remove()
     tracker.phase = "done"
 
 

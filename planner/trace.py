@@ -38,6 +38,33 @@ from qplan.planner.workload import Workload
 TARGETS = ("cuda", "cpu")
 
 
+# The memory-efficient CUDA kernel wants its bias rows aligned to this many elements.
+_MEM_EFFICIENT_MASK_ALIGNMENT = 8
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """What SDPA does to a boolean mask before any fused kernel (``convert_boolean_attn_mask``
+    in ATen's attention.cpp): a new [mask shape] tensor in the query dtype, which the kernel
+    saves for backward. Sliding-window layers longer than their window get such a mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask.logical_not(), torch.full((), float("-inf"), dtype=dtype,
+                                                      device=mask.device), zero)
+
+
+def _mem_efficient_mask(mask: torch.Tensor, query: torch.Tensor,
+                        key: torch.Tensor) -> torch.Tensor:
+    """ATen's ``preprocess_mask``: pad the last dimension to the kernel's alignment (a copy,
+    when the rows are not aligned), then expand to [batch, heads, q_len, kv_len] (a view)."""
+    align = _MEM_EFFICIENT_MASK_ALIGNMENT
+    aligned = mask.stride(-1) == 1 and all(st % align == 0 for st in mask.stride()[:-1])
+    if not aligned:
+        length = mask.shape[-1]
+        mask = torch.nn.functional.pad(mask, (0, align - length % align))[..., :length]
+    return mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+
+
 def _sdpa_for(target: str, attn: str, original: Any):
     aten = torch.ops.aten
 
@@ -48,6 +75,7 @@ def _sdpa_for(target: str, attn: str, original: Any):
             # which is what SDPA on meta does too.
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        attn_mask = _additive_mask(attn_mask, query.dtype)
         if target == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu(
                 query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
@@ -67,6 +95,8 @@ def _sdpa_for(target: str, attn: str, original: Any):
                 query, key, value, dropout_p, is_causal, False, scale=scale
             )[0]
         needs_lse = any(t.requires_grad for t in (query, key, value))
+        if attn_mask is not None:
+            attn_mask = _mem_efficient_mask(attn_mask, query, key)
         return aten._scaled_dot_product_efficient_attention(
             query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale
         )[0]
@@ -234,9 +264,10 @@ def vocab_tagger(vocab: int):
 
 def trace(
     model: Any, workload: Workload, target: str = "cuda"
-) -> tuple[PeakSnapshot, StepTensors, dict[str, int]]:
+) -> tuple[PeakSnapshot, StepTensors, dict[str, PeakSnapshot]]:
     """Run ``workload`` on the meta ``model``; returns the peak, the storage roles and
-    the peak of each phase (forward, backward, optimizer)."""
+    the peak of each phase (forward, backward, optimizer) and part of a phase
+    ("backward:top", ...)."""
     vocab = model.config.get_text_config().vocab_size
     tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
     use_static_experts(model)
@@ -251,4 +282,5 @@ def trace(
             seen = run_workload(model, workload, tracker)
     finally:
         bnb_logger.setLevel(level)
-    return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks)
+    phases = {key: tracker.peak_snapshot(key) for key in tracker.phase_peaks}
+    return tracker.peak_snapshot(), seen, phases

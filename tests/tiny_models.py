@@ -33,6 +33,13 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         ffn_dim=200, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
         word_embed_proj_dim=96,
     ),
+    # Five sliding-window layers to one global one, windows shorter than the test sequences:
+    # layer kinds that 2- and 4-layer traces alone would never see.
+    "gemma3": dict(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=1000,
+        hidden_size=96, intermediate_size=200, num_hidden_layers=20, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, sliding_window=32, max_position_embeddings=1024,
+    ),
     "mixtral": dict(
         model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=1000,
         hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,

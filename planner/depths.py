@@ -1,0 +1,123 @@
+"""Which depths to trace a deep model at, so that extrapolating in depth stays exact.
+
+Tracing every decoder layer of a 70B model would be slow, so deep models are traced at two
+shallow depths and the line through them is extended to the real depth. That is exact
+only when every layer added between the two depths costs what the layers of the real
+model cost — and decoder layers are not always alike:
+
+* Gemma 2 and gpt-oss alternate sliding-window and global attention; Gemma 3 has five
+  sliding layers to one global one (``config.layer_types``);
+* DeepSeek-V3 and GLM-4.5 keep their first ``first_k_dense_replace`` layers dense and make
+  the rest MoE; Qwen-MoE lists ``mlp_only_layers``; Llama 4 interleaves MoE layers and
+  leaves every fourth layer without RoPE (``no_rope_layers``).
+
+Each layer gets a signature: its tensors (names relative to the layer, module types,
+shapes, dtypes, what bitsandbytes would quantise), read off the full model's inventory,
+and its entry in every per-layer list of the config. The sequence of signatures is read as
+a prefix of ``s`` layers followed by a block of ``p`` layers that repeats to the end (a
+homogeneous model is s=0, p=1). With ``L = s + n*p + r`` layers, tracing at
+``d1 = s + r + k*p`` (k >= 1) and ``d2 = d1 + m*p`` keeps the prefix, whole blocks and the same
+partial block at the end, so ``L`` lies on the line through the two traces, block for
+block. A model with no such structure short of its full depth is traced at full depth.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qplan.planner.inventory import Inventory
+
+# The smallest depths a deep model is traced at; a homogeneous model gets (2, 4).
+MIN_LOW_DEPTH = 2
+MIN_BLOCK_LAYERS = 2
+
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    prefix_layers: int  # s: leading layers that do not repeat
+    period: int  # p: layers in the repeating block
+
+
+def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
+    """One hashable signature per decoder layer, or None when the decoder layers cannot
+    be found in the inventory."""
+    text = config.get_text_config()
+    depth = int(getattr(text, "num_hidden_layers", 0) or 0)
+    if depth <= 0:
+        return None
+    groups: dict[str, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    for tensor in inventory.tensors:
+        match = _LAYER_NAME.match(tensor.name)
+        if match is None:
+            continue
+        groups[match["prefix"]][int(match["index"])].append((
+            match["rest"], tensor.module_type, tensor.kind, tensor.shape, tensor.build_dtype,
+            tensor.quantizable, tensor.fp32_under_fp16, tensor.fp32_under_bf16,
+        ))
+    # The decoder stack is the numbered list whose indices are exactly 0..depth-1 (a vision
+    # tower or an MoE's expert list numbers its own modules differently).
+    stacks = [layers for layers in groups.values() if set(layers) == set(range(depth))]
+    if not stacks:
+        return None
+    layers = max(stacks, key=lambda s: sum(len(v) for v in s.values()))
+    per_layer_lists = [
+        (name, value) for name, value in sorted(vars(text).items())
+        if isinstance(value, (list, tuple)) and len(value) == depth
+    ]
+    return [
+        (tuple(sorted(layers[i], key=repr)),
+         tuple((name, repr(value[i])) for name, value in per_layer_lists))
+        for i in range(depth)
+    ]
+
+
+def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
+    s, p = pattern.prefix_layers, pattern.period
+    r = (depth - s) % p
+    # The low trace holds a whole block too: buffers shared by a kind of layer (Gemma 3's
+    # global rotary table) appear once a layer of that kind does, and must not enter the slope.
+    low = s + r + p
+    while low < MIN_LOW_DEPTH:
+        low += p
+    step = p
+    while step < MIN_BLOCK_LAYERS:
+        step += p
+    return low, low + step
+
+
+def _repeats(keys: Sequence[int], pattern: LayerPattern) -> bool:
+    s, p = pattern.prefix_layers, pattern.period
+    return all(keys[i] == keys[i + p] for i in range(s, len(keys) - p))
+
+
+def trace_depths(signatures: Sequence[tuple] | None, depth: int) -> tuple[int, int] | None:
+    """The two depths to trace at, or None to trace all ``depth`` layers.
+
+    Among the (prefix, period) readings of the layer sequence, the one whose deeper trace
+    is shallowest wins; a homogeneous model is (2, 4). Without signatures every layer is
+    taken to be alike.
+    """
+    if signatures is None:
+        pattern_depths = _depths_for(LayerPattern(0, 1), depth)
+        return pattern_depths if pattern_depths[1] < depth else None
+    ids: dict[tuple, int] = {}
+    keys = [ids.setdefault(sig, len(ids)) for sig in signatures]
+    candidates = sorted(
+        ((depths[1], depths[0]), p, s)
+        for p in range(1, depth + 1)
+        for s in range(depth - p + 1)
+        for depths in [_depths_for(LayerPattern(s, p), depth)]
+    )
+    for (high, low), p, s in candidates:
+        depths = (low, high)
+        if high >= depth:
+            return None
+        if _repeats(keys, LayerPattern(s, p)):
+            return depths
+    return None

@@ -1,0 +1,88 @@
+"""Deep models are traced at two shallow depths and extrapolated: the depths must keep
+every kind of layer, and the extrapolated peak must match a real run of the deep model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from tiny_models import make_config
+from transformers import AutoConfig
+
+from qplan.api import estimate, make_workload
+from qplan.loaders.measure import measure
+from qplan.planner.depths import layer_signatures, trace_depths
+from qplan.planner.inventory import build_meta_model, take_inventory
+
+
+def _signatures(pattern: str) -> list[tuple]:
+    """One signature per character: equal characters are equal layers."""
+    return [(kind,) for kind in pattern]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("a" * 32, (2, 4)),  # homogeneous: Llama, Qwen, Mistral
+        ("ab" * 13, (2, 4)),  # Gemma 2 / gpt-oss: sliding and global alternate
+        ("ab" * 12 + "a", (3, 5)),  # ... with an odd depth: the partial block is kept
+        ("aaaaab" * 4 + "aa", (8, 14)),  # Gemma 3: 5 sliding to 1 global, 26 layers
+        ("ddd" + "m" * 58, (4, 6)),  # DeepSeek-V3: dense prefix, then MoE layers
+        ("a" * 4, None),  # shallow: traced whole
+        ("abcabd" + "a" * 10, (7, 9)),  # an irregular prefix, then alike layers
+        ("abcdabcdabcaabdc", None),  # no repeating structure: traced whole
+    ],
+)
+def test_trace_depths_keep_every_kind_of_layer(pattern, expected):
+    depths = trace_depths(_signatures(pattern), len(pattern))
+    assert depths == expected
+    if depths is not None:
+        low, high = depths
+        # Both traces hold every kind of layer the model has.
+        assert set(pattern[:low]) == set(pattern) == set(pattern[:high])
+
+
+def test_layer_signatures_read_the_config_and_the_module_tree():
+    gemma3 = make_config("gemma3")
+    model = build_meta_model(copy.deepcopy(gemma3))
+    signatures = layer_signatures(take_inventory(model), gemma3)
+    assert signatures is not None and len(signatures) == gemma3.num_hidden_layers
+    kinds = [signatures.index(s) for s in signatures]
+    assert kinds[:6] == [0, 0, 0, 0, 0, 5]  # sliding x5, global
+    assert trace_depths(signatures, gemma3.num_hidden_layers) == (8, 14)
+    llama = make_config("llama", num_hidden_layers=9)
+    inventory = take_inventory(build_meta_model(copy.deepcopy(llama)))
+    assert trace_depths(layer_signatures(inventory, llama), 9) == (2, 4)
+
+
+SHAPE = dict(batch=1, seq_len=96, lora_r=8)
+CASES = [
+    ("inference", "bf16", True),
+    ("lora", "bf16", False),
+    ("qlora", "nf4", True),
+    ("qlora", "nf4-dq", False),
+    ("full", "bf16", True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "layers"), [("llama", 7), ("gemma3", 20)])
+@pytest.mark.parametrize(("mode", "precision", "gc"), CASES)
+def test_extrapolated_peak_matches_the_deep_model(tiny_model_dir, arch, layers, mode,
+                                                  precision, gc):
+    """Predicted from two shallow traces, measured on the whole deep model (real weights,
+    bitsandbytes and steps on CPU). The gemma3 sequences are longer than its window, so its
+    sliding layers run with a materialised mask."""
+    overrides = {"num_hidden_layers": layers}
+    folder = tiny_model_dir(arch, **overrides)
+    config = AutoConfig.from_pretrained(folder)
+    predicted = estimate(
+        str(folder), gpu="80GiB", mode=mode, precisions=precision, target="cpu",
+        gradient_checkpointing=gc, **SHAPE,
+    ).candidate(precision)
+    workload = make_workload(mode, config, gradient_checkpointing=gc, **SHAPE)
+    measured = measure(config, workload, precision, predicted.compute_dtype)
+    error = (predicted.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes
+    assert abs(error) <= 0.01, f"{error:+.2%}"
+    for part in ("weights", "adapters", "kv_cache"):
+        assert predicted.components[part] == measured.components[part], part
