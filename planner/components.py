@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qplan.planner.depths import layer_signatures, trace_depths
+from qplan.planner.depths import HOMOGENEOUS, LayerPattern, layer_signatures, trace_plan
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size
@@ -138,9 +138,11 @@ def trace_components(
     skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     layers: int | None = None,
+    pattern: LayerPattern = HOMOGENEOUS,
 ) -> TraceOutcome:
     """Trace ``workload`` at ``precision`` on a meta model of ``config`` (all its layers,
-    or the first ``layers``) and split the peak into components."""
+    or the first ``layers``, whose structure is ``pattern``) and split the peak into
+    components, at the peak and at the peak of every phase and part of a phase."""
     from qplan.planner.quantize_meta import quantize_meta_model
     from qplan.planner.trace import trace
     from qplan.planner.training_setup import prepare_for_training
@@ -151,7 +153,7 @@ def trace_components(
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
-    snapshot, seen, phase_snapshots = trace(model, workload, target=target)
+    snapshot, seen, phase_snapshots = trace(model, workload, target=target, pattern=pattern)
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
@@ -177,13 +179,13 @@ def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
     def line_parts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
         return {name: line(a.get(name, 0), b[name]) for name in b}
 
-    # Only parts both traces have: the backward's "middle" layers exist from 3 layers on,
-    # and lie between its "top" and "bottom" parts (gradients grow, saved activations
-    # shrink, layer by layer).
+    # Parts both traces have, but not the "middle" occurrences of a block's layers: there
+    # are more of them in the deeper trace, and they lie between the block's topmost and
+    # bottommost ones (planner/depths.py: segment_keys).
     lines = {
         phase: line(low.phase_peaks[phase], high.phase_peaks[phase])
         for phase in high.phase_peaks
-        if phase in low.phase_peaks
+        if phase in low.phase_peaks and not phase.endswith("-middle")
     }
     phase_components = {
         k: line_parts(low.phase_components[k], high.phase_components[k])
@@ -234,15 +236,18 @@ def workload_components(
         target=target, quant_storage=quant_storage, skip_modules=skip_modules,
         trust_remote_code=trust_remote_code,
     )
-    depths = trace_depths(layer_signatures(inventory, config), depth)
-    if depths is None:
+    plan = trace_plan(layer_signatures(inventory, config), depth)
+    if plan.depths is None:
         outcome = tracer(config, workload, precision, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)
     else:
-        low = tracer(config, workload, precision, compute_dtype, layers=depths[0], **common)
-        high = tracer(config, workload, precision, compute_dtype, layers=depths[1], **common)
-        outcome = _extrapolate(low, high, depths, depth)
-        traced = depths
+        low, high = (
+            tracer(config, workload, precision, compute_dtype, layers=layers,
+                   pattern=plan.pattern, **common)
+            for layers in plan.depths
+        )
+        outcome = _extrapolate(low, high, plan.depths, depth)
+        traced = plan.depths
     components = dict(outcome.components)
     peak = outcome.peak_bytes
     if workload.kv_dtype and components.get("kv_cache"):

@@ -96,16 +96,28 @@ def _repeats(keys: Sequence[int], pattern: LayerPattern) -> bool:
     return all(keys[i] == keys[i + p] for i in range(s, len(keys) - p))
 
 
-def trace_depths(signatures: Sequence[tuple] | None, depth: int) -> tuple[int, int] | None:
-    """The two depths to trace at, or None to trace all ``depth`` layers.
+@dataclass(frozen=True)
+class TracePlan:
+    """How to trace a model: at ``depths`` (two of them) and extrapolate, or at full depth
+    (``depths`` None). ``pattern`` is the layer structure the depths keep."""
+
+    pattern: LayerPattern
+    depths: tuple[int, int] | None
+
+
+HOMOGENEOUS = LayerPattern(0, 1)
+
+
+def trace_plan(signatures: Sequence[tuple] | None, depth: int) -> TracePlan:
+    """The two depths to trace at, or a full-depth trace.
 
     Among the (prefix, period) readings of the layer sequence, the one whose deeper trace
     is shallowest wins; a homogeneous model is (2, 4). Without signatures every layer is
     taken to be alike.
     """
     if signatures is None:
-        pattern_depths = _depths_for(LayerPattern(0, 1), depth)
-        return pattern_depths if pattern_depths[1] < depth else None
+        depths = _depths_for(HOMOGENEOUS, depth)
+        return TracePlan(HOMOGENEOUS, depths if depths[1] < depth else None)
     ids: dict[tuple, int] = {}
     keys = [ids.setdefault(sig, len(ids)) for sig in signatures]
     candidates = sorted(
@@ -115,9 +127,37 @@ def trace_depths(signatures: Sequence[tuple] | None, depth: int) -> tuple[int, i
         for depths in [_depths_for(LayerPattern(s, p), depth)]
     )
     for (high, low), p, s in candidates:
-        depths = (low, high)
         if high >= depth:
-            return None
+            break
         if _repeats(keys, LayerPattern(s, p)):
-            return depths
-    return None
+            return TracePlan(LayerPattern(s, p), (low, high))
+    return TracePlan(HOMOGENEOUS, None)
+
+
+def trace_depths(signatures: Sequence[tuple] | None, depth: int) -> tuple[int, int] | None:
+    """The depths of ``trace_plan``, None for a full-depth trace."""
+    return trace_plan(signatures, depth).depths
+
+
+def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ...]:
+    """Names for the part of a phase that layer ``index`` of ``depth`` layers runs in.
+
+    A part's peak must be the same moment, structurally, at every depth, so that it is
+    linear in depth: a prefix layer is named by its index; a repeating layer by its place
+    in the block, as the block's topmost or bottommost occurrence (both, when it occurs
+    once). The occurrences between lie on the line between those two (per block, the
+    gradients made grow and the activations kept shrink by the same amounts), so they are
+    named ``middle`` and left out of the extrapolation.
+    """
+    s, p = pattern.prefix_layers, pattern.period
+    if index < s:
+        return (f"prefix{index}",)
+    place = (index - s) % p
+    bottom = s + place
+    top = bottom + (depth - 1 - bottom) // p * p
+    keys = []
+    if index == top:
+        keys.append(f"block{place}-top")
+    if index == bottom:
+        keys.append(f"block{place}-bottom")
+    return tuple(keys) or (f"block{place}-middle",)

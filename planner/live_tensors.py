@@ -49,9 +49,10 @@ class LiveTensorTracker(TorchDispatchMode):
     def __init__(self, tagger: Callable[[torch.Tensor], str | None] | None = None) -> None:
         super().__init__()
         self.phase = "setup"
-        # A part of the phase (the backward of the top decoder layer, of the bottom one...):
-        # its peak is kept too, as "phase:segment" (see planner/steps.py).
-        self.segment: str | None = None
+        # The part of the phase running now (the backward of the top decoder layer, ...),
+        # under one or more names: each one's peak is kept too, as "phase:name"
+        # (planner/steps.py sets them).
+        self.segment: tuple[str, ...] = ()
         self.tagger = tagger
         self._serials = itertools.count()
         self._live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
@@ -90,8 +91,8 @@ class LiveTensorTracker(TorchDispatchMode):
             self._peak_event = len(self._events) - 1
             self._peak_phase = self.phase
         self._record_phase_peak(self.phase)
-        if self.segment is not None:
-            self._record_phase_peak(f"{self.phase}:{self.segment}")
+        for name in self.segment:
+            self._record_phase_peak(f"{self.phase}:{name}")
         return serial
 
     def _record_phase_peak(self, key: str) -> None:
@@ -122,21 +123,32 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
     # -- results ----------------------------------------------------------------------
-    def peak_snapshot(self, phase: str | None = None) -> PeakSnapshot:
-        """Replay the event log up to the peak (of the whole run, or of one ``phase`` key
-        of ``phase_peaks``): the storages live at that moment."""
-        if phase is None:
-            event, peak, at = self._peak_event, self.peak, self._peak_phase
-        else:
-            event, peak, at = self._phase_peak_events[phase], self.phase_peaks[phase], phase
+    def peak_snapshot(self) -> PeakSnapshot:
+        """Replay the event log up to the peak: the storages live at that moment."""
+        live = self._replay({self._peak_event})[self._peak_event]
+        return PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase, live)
+
+    def phase_snapshots(self) -> dict[str, PeakSnapshot]:
+        """The live storages at the peak of every key of ``phase_peaks``, in one replay."""
+        at = self._replay(set(self._phase_peak_events.values()))
+        snapshots = {}
+        for key, event in self._phase_peak_events.items():
+            live = at[event]
+            allocated = sum(alloc_size(s.nbytes) for s in live)
+            snapshots[key] = PeakSnapshot(self.phase_peaks[key], allocated, key, live)
+        return snapshots
+
+    def _replay(self, events: set[int]) -> dict[int, tuple[LiveStorage, ...]]:
         live: dict[int, LiveStorage] = {}
-        for serial, nbytes, storage_phase, tag in self._events[: event + 1]:
+        found: dict[int, tuple[LiveStorage, ...]] = {}
+        last = max(events, default=-1)
+        for index, (serial, nbytes, phase, tag) in enumerate(self._events[: last + 1]):
             if nbytes >= 0:
-                live[serial] = LiveStorage(serial, nbytes, storage_phase, tag)
+                live[serial] = LiveStorage(serial, nbytes, phase, tag)
             else:
                 live.pop(serial, None)
-        allocated = (
-            self.peak_allocated if phase is None
-            else sum(alloc_size(s.nbytes) for s in live.values())
-        )
-        return PeakSnapshot(peak, allocated, at, tuple(live.values()))
+            if index in events:
+                found[index] = tuple(live.values())
+        if -1 in events:
+            found[-1] = ()
+        return found

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.workload import Workload
 
@@ -86,9 +87,10 @@ def run_inference(
     ids = input_ids(workload.batch, workload.seq_len, vocab, device)
     model.eval()
     with torch.no_grad():
-        tracker.phase = "forward"
+        tracker.phase, tracker.segment = "forward", ("embed",)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tracker.segment = ()
         for tensor in _cache_tensors(out.past_key_values):
             serial = tracker.serial_of(tensor)
             if serial is not None:
@@ -124,37 +126,58 @@ def _optimizer_state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
                 yield value
 
 
-def _segment_backward_by_layer(model: nn.Module, tracker: LiveTensorTracker) -> list[Any]:
-    """Label the backward's parts by decoder layer: ``head`` (loss, lm_head), ``top`` (the
-    last decoder layer), ``middle``, ``bottom`` (the first layer and the embeddings).
+def segment_by_layer(model: nn.Module, tracker: LiveTensorTracker,
+                     pattern: LayerPattern = HOMOGENEOUS) -> list[Any]:
+    """Name the parts of the forward and the backward by decoder layer (``segment_keys``),
+    plus ``embed`` (before the first layer's forward) and ``head`` (after the last layer's
+    forward: final norm, lm_head, loss; and the backward's start, down to the last layer).
 
-    Each part's peak is linear in the model's depth, while the backward's overall peak is
-    the larger of an early one (the fp32 logits and their gradient) and a late one (every
-    gradient made): a maximum of two lines, which a line through two shallow traces cannot
-    follow. Deep models are extrapolated part by part (planner/components.py). A tensor
-    hook on each layer's output fires when its gradient arrives, as that layer's backward
-    (and its recomputation, with gradient checkpointing) begins; nothing else changes.
+    Each part's peak is linear in the model's depth, while a phase's overall peak is the
+    largest of several (in the backward: an early one, the fp32 logits and their gradient,
+    and a late one, every gradient made): a maximum of lines, which a line through two
+    shallow traces cannot follow. Deep models are extrapolated part by part
+    (planner/components.py). A pre-hook on each layer marks its forward; a tensor hook on
+    its output marks its backward (and, with gradient checkpointing, its recomputation),
+    which begins when that gradient arrives. The hooks change no tensor.
     """
     from qplan.planner.device_map import decoder_layers
 
     names = decoder_layers(model)
     handles = []
     for index, name in enumerate(names):
-        part = "bottom" if index == 0 else "top" if index == len(names) - 1 else "middle"
+        keys = segment_keys(index, len(names), pattern)
+        last = index == len(names) - 1
 
-        def mark(grad: torch.Tensor, part: str = part) -> None:
+        def on_input(module: nn.Module, args: Any, keys: tuple[str, ...] = keys) -> None:
+            if tracker.phase == "forward":  # not the recomputation inside the backward
+                tracker.segment = keys
+
+        def on_backward(grad: torch.Tensor, keys: tuple[str, ...] = keys) -> None:
             if tracker.phase == "backward":
-                tracker.segment = part
+                tracker.segment = keys
 
-        def on_output(module: nn.Module, args: Any, output: Any, mark: Any = mark) -> None:
-            first = output if isinstance(output, torch.Tensor) else next(
-                (o for o in output if isinstance(o, torch.Tensor)), None
-            ) if isinstance(output, (tuple, list)) else None
+        def on_output(module: nn.Module, args: Any, output: Any, last: bool = last,
+                      on_backward: Any = on_backward) -> None:
+            if tracker.phase != "forward":
+                return
+            first = _first_tensor(output)
             if first is not None and first.requires_grad:
-                first.register_hook(mark)
+                first.register_hook(on_backward)
+            if last:
+                tracker.segment = ("head",)
 
-        handles.append(model.get_submodule(name).register_forward_hook(on_output))
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(on_input))
+        handles.append(module.register_forward_hook(on_output))
     return handles
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    return None
 
 
 def run_training(
@@ -170,15 +193,14 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
-    handles = _segment_backward_by_layer(model, tracker)
     for _ in range(steps):
-        tracker.phase = "forward"
+        tracker.phase, tracker.segment = "forward", ("embed",)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
         del out
-        tracker.phase, tracker.segment = "backward", "head"
+        tracker.phase, tracker.segment = "backward", ("head",)
         loss.backward()
-        tracker.segment = None
+        tracker.segment = ()
         del loss
         for param in params:
             if param.grad is not None:
@@ -192,18 +214,23 @@ def run_training(
             if serial is not None:
                 seen.optimizer_states.add(serial)
         optimizer.zero_grad(set_to_none=True)
-    for handle in handles:
-        handle.remove()
     tracker.phase = "done"
 
 
-def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracker) -> StepTensors:
-    """Track the model's tensors, then run the workload; returns what each storage was."""
+def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracker,
+                 pattern: LayerPattern = HOMOGENEOUS) -> StepTensors:
+    """Track the model's tensors, then run the workload; returns what each storage was.
+    ``pattern``: the decoder layers' structure, for naming the parts of each phase."""
     seen = StepTensors()
     track_model(model, tracker, seen)
-    with tracker:
-        if workload.is_training:
-            run_training(model, workload, tracker, seen)
-        else:
-            run_inference(model, workload, tracker, seen)
+    handles = segment_by_layer(model, tracker, pattern)
+    try:
+        with tracker:
+            if workload.is_training:
+                run_training(model, workload, tracker, seen)
+            else:
+                run_inference(model, workload, tracker, seen)
+    finally:
+        for handle in handles:
+            handle.remove()
     return seen

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.steps import StepTensors, run_workload
 from qplan.planner.workload import Workload
@@ -70,9 +71,11 @@ def _sdpa_for(target: str, attn: str, original: Any):
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
-        if target == "cpu" and dropout_p > 0:
-            # PyTorch's CPU kernel selection takes the math path for attention dropout,
-            # which is what SDPA on meta does too.
+        same_head_dims = query.shape[-1] == key.shape[-1] == value.shape[-1]
+        if target == "cpu" and (dropout_p > 0 or not same_head_dims):
+            # PyTorch's CPU kernel selection takes the math path for attention dropout and
+            # for values narrower than the keys (DeepSeek's MLA), which is what SDPA on
+            # meta does too.
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         attn_mask = _additive_mask(attn_mask, query.dtype)
@@ -87,6 +90,7 @@ def _sdpa_for(target: str, attn: str, original: Any):
             value = value.repeat_interleave(groups, dim=-3)
         flash_ok = (
             attn_mask is None
+            and same_head_dims
             and query.dtype in (torch.float16, torch.bfloat16)
             and query.shape[-1] <= 256
         )
@@ -263,7 +267,7 @@ def vocab_tagger(vocab: int):
 
 
 def trace(
-    model: Any, workload: Workload, target: str = "cuda"
+    model: Any, workload: Workload, target: str = "cuda", pattern: LayerPattern = HOMOGENEOUS
 ) -> tuple[PeakSnapshot, StepTensors, dict[str, PeakSnapshot]]:
     """Run ``workload`` on the meta ``model``; returns the peak, the storage roles and
     the peak of each phase (forward, backward, optimizer) and part of a phase
@@ -279,8 +283,7 @@ def trace(
     try:
         with warnings.catch_warnings(), trace_patches(target, workload.attn):
             warnings.simplefilter("ignore")
-            seen = run_workload(model, workload, tracker)
+            seen = run_workload(model, workload, tracker, pattern)
     finally:
         bnb_logger.setLevel(level)
-    phases = {key: tracker.peak_snapshot(key) for key in tracker.phase_peaks}
-    return tracker.peak_snapshot(), seen, phases
+    return tracker.peak_snapshot(), seen, tracker.phase_snapshots()

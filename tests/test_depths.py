@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from qplan.api import estimate, make_workload
 from qplan.loaders.measure import measure
-from qplan.planner.depths import layer_signatures, trace_depths
+from qplan.planner.depths import LayerPattern, layer_signatures, segment_keys, trace_depths
 from qplan.planner.inventory import build_meta_model, take_inventory
 
 
@@ -50,9 +50,24 @@ def test_layer_signatures_read_the_config_and_the_module_tree():
     kinds = [signatures.index(s) for s in signatures]
     assert kinds[:6] == [0, 0, 0, 0, 0, 5]  # sliding x5, global
     assert trace_depths(signatures, gemma3.num_hidden_layers) == (8, 14)
+    deepseek = make_config("deepseek_v3", num_hidden_layers=7)
+    inventory = take_inventory(build_meta_model(copy.deepcopy(deepseek)))
+    assert trace_depths(layer_signatures(inventory, deepseek), 7) == (3, 5)
     llama = make_config("llama", num_hidden_layers=9)
     inventory = take_inventory(build_meta_model(copy.deepcopy(llama)))
     assert trace_depths(layer_signatures(inventory, llama), 9) == (2, 4)
+
+
+def test_segment_keys_name_the_same_moment_at_every_depth():
+    # 2 dense layers, then MoE layers: the bottom and top MoE layers are named, the rest
+    # lie between them.
+    pattern = LayerPattern(prefix_layers=2, period=1)
+    names = [segment_keys(i, 6, pattern) for i in range(6)]
+    assert names == [("prefix0",), ("prefix1",), ("block0-bottom",), ("block0-middle",),
+                     ("block0-middle",), ("block0-top",)]
+    # One occurrence of a block's layer is both its top and its bottom.
+    alternating = [segment_keys(i, 3, LayerPattern(0, 2)) for i in range(3)]
+    assert alternating == [("block0-bottom",), ("block1-top", "block1-bottom"), ("block0-top",)]
 
 
 SHAPE = dict(batch=1, seq_len=96, lora_r=8)
@@ -66,13 +81,13 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "layers"), [("llama", 7), ("gemma3", 20)])
+@pytest.mark.parametrize(("arch", "layers"), [("llama", 7), ("gemma3", 20), ("deepseek_v3", 7)])
 @pytest.mark.parametrize(("mode", "precision", "gc"), CASES)
 def test_extrapolated_peak_matches_the_deep_model(tiny_model_dir, arch, layers, mode,
                                                   precision, gc):
     """Predicted from two shallow traces, measured on the whole deep model (real weights,
     bitsandbytes and steps on CPU). The gemma3 sequences are longer than its window, so its
-    sliding layers run with a materialised mask."""
+    sliding layers run with a materialised mask; deepseek_v3 has 2 dense layers, then MoE."""
     overrides = {"num_hidden_layers": layers}
     folder = tiny_model_dir(arch, **overrides)
     config = AutoConfig.from_pretrained(folder)

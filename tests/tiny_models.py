@@ -40,6 +40,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         hidden_size=96, intermediate_size=200, num_hidden_layers=20, num_attention_heads=4,
         num_key_value_heads=2, head_dim=24, sliding_window=32, max_position_embeddings=1024,
     ),
+    # Multi-head latent attention (values narrower than keys) and a dense prefix before the
+    # MoE layers.
+    "deepseek_v3": dict(
+        model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=1000,
+        hidden_size=96, intermediate_size=200, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, first_k_dense_replace=2, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=64, n_group=1, topk_group=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, max_position_embeddings=1024,
+    ),
     "mixtral": dict(
         model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=1000,
         hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
