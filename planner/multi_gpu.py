@@ -2,7 +2,7 @@
 
 Inference and ``load`` split the layers with a device map (planner/device_map.py); training
 picks a parallel strategy (planner/parallel.py). Both start from the single-device traced
-components of the candidate, so deep models are still traced at 2 and 4 layers only.
+components of the candidate, so deep models are still traced at two shallow depths only.
 """
 
 from __future__ import annotations
