@@ -35,6 +35,7 @@ class Candidate:
     fits: bool
     headroom_bytes: int  # device memory left after total_bytes (negative: short by)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    strategy: str | None = None  # several GPUs: how this candidate spreads over them
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,15 @@ def decide(
     explicit: bool = False,
     compute_dtype: str | None = None,
     fits_for: Callable[[str], bool] | None = None,
+    strategy_for: Callable[[str], str] | None = None,
 ) -> Decision:
     """Plan each precision and pick one.
 
     ``components_for(precision)`` returns the weights, the components (without the CUDA
     context, added here) and the tensor-level peak. ``fits_for`` decides fitting instead of
     the one-device budget (multi-GPU plans: the components are the busiest GPU's, and the
-    plan fits when every GPU does and nothing is offloaded).
+    plan fits when every GPU does and nothing is offloaded); ``strategy_for`` names the
+    strategy each candidate takes there.
     """
     compute = compute_dtype or compute_dtype_for(gpu)
     warnings: list[str] = []
@@ -130,6 +133,7 @@ def decide(
                 fits=left >= budget.headroom_bytes if fits_for is None else fits_for(precision),
                 headroom_bytes=left,
                 notes=notes,
+                strategy=None if strategy_for is None else strategy_for(precision),
             )
         )
     by_name = {c.precision: c for c in candidates}

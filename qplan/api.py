@@ -299,6 +299,7 @@ def estimate(
         explicit=explicit,
         compute_dtype=compute,
         fits_for=None if multi is None else lambda p: multi.found[p].fits,
+        strategy_for=None if multi is None else lambda p: multi.found[p].name,
     )
     strategy = _chosen_strategy(multi, decision)
     if strategy is not None and strategy.device_map and decision.recommendation is not None:

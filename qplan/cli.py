@@ -218,12 +218,12 @@ def render_report(report: Any) -> None:
 def _render_multi_candidates(report: Any) -> None:
     """Several GPUs: each candidate's whole weights and its busiest GPU, then the devices."""
     table = Table(show_edge=False, header_style="bold")
-    for column in ("precision", "weights (all)", "busiest GPU", "fits", "headroom"):
-        table.add_column(column, justify="left" if column == "precision" else "right")
+    for column in ("precision", "weights (all)", "busiest GPU", "strategy", "fits", "headroom"):
+        table.add_column(column, justify="left" if column in ("precision", "strategy") else "right")
     chosen = report.recommendation.precision if report.recommendation else None
     for c in report.candidates:
         style = "bold green" if c.precision == chosen else None
-        table.add_row(c.precision, gib(c.weights_bytes), gib(c.total_bytes),
+        table.add_row(c.precision, gib(c.weights_bytes), gib(c.total_bytes), c.strategy or "",
                       "yes" if c.fits else "no", _signed_gib(c.headroom_bytes), style=style)
     out.print(table)
     strategy = report.strategy

@@ -70,6 +70,8 @@ def report_dict(report: Report) -> dict[str, Any]:
     if data["strategy"] is None:
         # One GPU: the JSON stays as it was before multi-GPU plans.
         del data["strategy"], data["devices"]
+        for candidate in data["candidates"]:
+            del candidate["strategy"]
     data = {"schema": data.pop("schema"), **data}  # the schema name first, for readers
     return json.loads(json.dumps(data))
 

@@ -121,6 +121,7 @@ def test_estimate_on_two_gpus_reports_the_device_plan(tiny_model_dir):
     assert report.gpu.count == 2
     assert report.strategy is not None and report.strategy.name == "device_map"
     assert report.strategy.fits and report.devices
+    assert [c.strategy for c in report.candidates] == ["device_map", "device_map"]
     data = report_dict(report)
     jsonschema = pytest.importorskip("jsonschema")
     from qplan.report import load_schema
@@ -137,7 +138,8 @@ def test_one_gpu_reports_have_no_strategy(tiny_model_dir):
         str(tiny_model_dir("llama")), gpu="A100-80GB", mode="inference", precisions="bf16"
     )
     assert report.strategy is None and report.devices == ()
-    assert "strategy" not in report_dict(report)
+    data = report_dict(report)
+    assert "strategy" not in data and "strategy" not in data["candidates"][0]
 
 
 def test_loading_uses_the_planned_map_with_compensated_max_memory(tiny_model_dir):
