@@ -96,3 +96,21 @@ def test_meta_build_allocates_nothing(tiny_model_dir):
     model = build_meta_model(config)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(b.device.type == "meta" for b in model.buffers())
+
+
+def test_llama2_70b_inventory_is_meta_only():
+    """The catalog's Llama-2-70B builds on meta: its published 68,976,648,192 parameters,
+    and no real storage (a real build would need 138 GB)."""
+    import copy
+    import resource
+
+    from qplan.loaders.model_source import resolve_model
+
+    spec = resolve_model("meta-llama/Llama-2-70b-hf")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    model = build_meta_model(copy.deepcopy(spec.config))
+    inventory = take_inventory(model)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert inventory.num_parameters == 68_976_648_192
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert grown_mib < 200, f"the meta build grew the process by {grown_mib:.0f} MiB"
