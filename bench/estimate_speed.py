@@ -254,8 +254,10 @@ def cprofile_top(cwd: str, limit: int) -> str:
             prof = cProfile.Profile()
             prof.enable()
             try:
-                from qplan.cli import main
-                main()
+                # The typer app, not qplan.cli.main: main() leaves through os._exit, which
+                # would skip writing the profile.
+                from qplan.cli import app
+                app()
             except SystemExit:
                 pass
             prof.disable()
