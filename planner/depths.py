@@ -134,11 +134,6 @@ def trace_plan(signatures: Sequence[tuple] | None, depth: int) -> TracePlan:
     return TracePlan(HOMOGENEOUS, None)
 
 
-def trace_depths(signatures: Sequence[tuple] | None, depth: int) -> tuple[int, int] | None:
-    """The depths of ``trace_plan``, None for a full-depth trace."""
-    return trace_plan(signatures, depth).depths
-
-
 def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ...]:
     """Names for the part of a phase that layer ``index`` of ``depth`` layers runs in.
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from qplan.api import estimate, make_workload
 from qplan.loaders.measure import measure
-from qplan.planner.depths import LayerPattern, layer_signatures, segment_keys, trace_depths
+from qplan.planner.depths import LayerPattern, layer_signatures, segment_keys, trace_plan
 from qplan.planner.inventory import build_meta_model, take_inventory
 
 
@@ -34,7 +34,7 @@ def _signatures(pattern: str) -> list[tuple]:
     ],
 )
 def test_trace_depths_keep_every_kind_of_layer(pattern, expected):
-    depths = trace_depths(_signatures(pattern), len(pattern))
+    depths = trace_plan(_signatures(pattern), len(pattern)).depths
     assert depths == expected
     if depths is not None:
         low, high = depths
@@ -49,13 +49,13 @@ def test_layer_signatures_read_the_config_and_the_module_tree():
     assert signatures is not None and len(signatures) == gemma3.num_hidden_layers
     kinds = [signatures.index(s) for s in signatures]
     assert kinds[:6] == [0, 0, 0, 0, 0, 5]  # sliding x5, global
-    assert trace_depths(signatures, gemma3.num_hidden_layers) == (8, 14)
+    assert trace_plan(signatures, gemma3.num_hidden_layers).depths == (8, 14)
     deepseek = make_config("deepseek_v3", num_hidden_layers=7)
     inventory = take_inventory(build_meta_model(copy.deepcopy(deepseek)))
-    assert trace_depths(layer_signatures(inventory, deepseek), 7) == (3, 5)
+    assert trace_plan(layer_signatures(inventory, deepseek), 7).depths == (3, 5)
     llama = make_config("llama", num_hidden_layers=9)
     inventory = take_inventory(build_meta_model(copy.deepcopy(llama)))
-    assert trace_depths(layer_signatures(inventory, llama), 9) == (2, 4)
+    assert trace_plan(layer_signatures(inventory, llama), 9).depths == (2, 4)
 
 
 def test_segment_keys_name_the_same_moment_at_every_depth():
