@@ -153,13 +153,16 @@ def trace_components(
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
-    snapshot, seen, phase_snapshots = trace(model, workload, target=target, pattern=pattern)
+    # A shallow trace of a deeper model is extrapolated part by part, which needs the
+    # components at every part's peak; a full-depth trace needs only the phase peaks.
+    snapshot, seen, phase_peaks, phase_snapshots = trace(
+        model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None
+    )
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
     # The allocated peak may fall a few bytes apart from the raw-bytes peak moment.
     parts["transients"] += max(0, peak - sum(parts.values()))
-    phase_peaks = {key: snap.peak_bytes for key, snap in phase_snapshots.items()}
     phase_components = {key: classify(snap, seen, rounded)
                         for key, snap in phase_snapshots.items()}
     return TraceOutcome(parts, peak, phase_peaks, phase_components)

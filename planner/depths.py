@@ -12,7 +12,8 @@ model cost — and decoder layers are not always alike:
   leaves every fourth layer without RoPE (``no_rope_layers``).
 
 Each layer gets a signature: its tensors (names relative to the layer, module types,
-shapes, dtypes, what bitsandbytes would quantise), read off the full model's inventory,
+shapes, dtypes, what bitsandbytes would quantise), read off the full model's inventory
+(the same decoder layers the multi-GPU planner and the step's layer hooks use),
 and its entry in every per-layer list of the config. The sequence of signatures is read as
 a prefix of ``s`` layers followed by a block of ``p`` layers that repeats to the end (a
 homogeneous model is s=0, p=1). With ``L = s + n*p + r`` layers, tracing at
@@ -23,8 +24,6 @@ block. A model with no such structure short of its full depth is traced at full 
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +34,6 @@ from qplan.planner.inventory import Inventory
 MIN_LOW_DEPTH = 2
 MIN_BLOCK_LAYERS = 2
 
-_LAYER_NAME = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<index>\d+)\.(?P<rest>.+)$")
-
-
 @dataclass(frozen=True)
 class LayerPattern:
     prefix_layers: int  # s: leading layers that do not repeat
@@ -45,27 +41,24 @@ class LayerPattern:
 
 
 def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
-    """One hashable signature per decoder layer, or None when the decoder layers cannot
-    be found in the inventory."""
+    """One hashable signature per decoder layer, or None when the inventory's decoder
+    layers (``Inventory.layers``) are not the config's ``num_hidden_layers``."""
     text = config.get_text_config()
     depth = int(getattr(text, "num_hidden_layers", 0) or 0)
-    if depth <= 0:
+    if depth <= 0 or len(inventory.layers) != depth:
         return None
-    groups: dict[str, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    index = {name: i for i, name in enumerate(inventory.layers)}
+    layers: list[list[tuple]] = [[] for _ in range(depth)]
     for tensor in inventory.tensors:
-        match = _LAYER_NAME.match(tensor.name)
-        if match is None:
+        # The decoder layer owning the tensor: the longest listed prefix of its module.
+        owner = next((name for name in _prefixes(tensor.module) if name in index), None)
+        if owner is None:
             continue
-        groups[match["prefix"]][int(match["index"])].append((
-            match["rest"], tensor.module_type, tensor.kind, tensor.shape, tensor.build_dtype,
+        rest = tensor.name[len(owner) + 1:]
+        layers[index[owner]].append((
+            rest, tensor.module_type, tensor.kind, tensor.shape, tensor.build_dtype,
             tensor.quantizable, tensor.fp32_under_fp16, tensor.fp32_under_bf16,
         ))
-    # The decoder stack is the numbered list whose indices are exactly 0..depth-1 (a vision
-    # tower or an MoE's expert list numbers its own modules differently).
-    stacks = [layers for layers in groups.values() if set(layers) == set(range(depth))]
-    if not stacks:
-        return None
-    layers = max(stacks, key=lambda s: sum(len(v) for v in s.values()))
     per_layer_lists = [
         (name, value) for name, value in sorted(vars(text).items())
         if isinstance(value, (list, tuple)) and len(value) == depth
@@ -75,6 +68,12 @@ def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
          tuple((name, repr(value[i])) for name, value in per_layer_lists))
         for i in range(depth)
     ]
+
+
+def _prefixes(module: str) -> list[str]:
+    """``a.b.c`` -> ["a.b.c", "a.b", "a"]."""
+    parts = module.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
 
 
 def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:

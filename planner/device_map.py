@@ -35,7 +35,10 @@ from typing import Any
 from torch import nn
 
 from qplan.planner.budget import Budget
+from qplan.planner.inventory import decoder_layers
 from qplan.planner.placement import DeviceUse, Strategy
+
+__all__ = ["decoder_layers"]  # imported from here by the multi-GPU planner and tests
 
 MAX_ROUNDS = 32
 # Activation-side components every GPU that runs layers must leave room for.
@@ -82,20 +85,6 @@ def _quant_state_tensors(weight: Any) -> list[Any]:
         return found
     scb = getattr(weight, "SCB", None)  # Int8Params
     return [scb] if scb is not None else []
-
-
-def decoder_layers(model: nn.Module) -> list[str]:
-    """Names of the decoder layers: the longest ModuleList of no-split blocks."""
-    no_split = set(getattr(model, "_no_split_modules", None) or ())
-    best: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            blocks = [
-                f"{name}.{i}" for i, child in enumerate(module) if type(child).__name__ in no_split
-            ]
-            if len(blocks) > len(best):
-                best = blocks
-    return best
 
 
 def device_of(name: str, device_map: Mapping[str, int | str]) -> int | str | None:

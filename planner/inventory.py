@@ -65,6 +65,7 @@ class Inventory:
     model_type: str
     tensors: tuple[TensorInfo, ...]
     skip_modules: tuple[str, ...]  # modules bitsandbytes leaves unquantised by name
+    layers: tuple[str, ...] = ()  # the decoder layers' module names, in order
 
     @property
     def parameters(self) -> tuple[TensorInfo, ...]:
@@ -166,6 +167,20 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
     return model
 
 
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Names of the decoder layers: the longest ModuleList of no-split blocks."""
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    best: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            blocks = [
+                f"{name}.{i}" for i, child in enumerate(module) if type(child).__name__ in no_split
+            ]
+            if len(blocks) > len(best):
+                best = blocks
+    return best
+
+
 def _module_types(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules(remove_duplicate=False))
 
@@ -258,4 +273,5 @@ def take_inventory(model: nn.Module, skip_modules: Sequence[str] | None = None) 
         model_type=str(getattr(config, "model_type", "")),
         tensors=tuple(tensors),
         skip_modules=tuple(sorted(skips)),
+        layers=tuple(decoder_layers(model)),
     )

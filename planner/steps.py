@@ -140,7 +140,7 @@ def segment_by_layer(model: nn.Module, tracker: LiveTensorTracker,
     its output marks its backward (and, with gradient checkpointing, its recomputation),
     which begins when that gradient arrives. The hooks change no tensor.
     """
-    from qplan.planner.device_map import decoder_layers
+    from qplan.planner.inventory import decoder_layers
 
     names = decoder_layers(model)
     handles = []

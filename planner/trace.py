@@ -267,11 +267,13 @@ def vocab_tagger(vocab: int):
 
 
 def trace(
-    model: Any, workload: Workload, target: str = "cuda", pattern: LayerPattern = HOMOGENEOUS
-) -> tuple[PeakSnapshot, StepTensors, dict[str, PeakSnapshot]]:
-    """Run ``workload`` on the meta ``model``; returns the peak, the storage roles and
-    the peak of each phase (forward, backward, optimizer) and part of a phase
-    ("backward:top", ...)."""
+    model: Any, workload: Workload, target: str = "cuda", pattern: LayerPattern = HOMOGENEOUS,
+    phase_snapshots: bool = False,
+) -> tuple[PeakSnapshot, StepTensors, dict[str, int], dict[str, PeakSnapshot]]:
+    """Run ``workload`` on the meta ``model``; returns the peak, the storage roles, the
+    peak of each phase (forward, backward, optimizer) and part of a phase
+    ("backward:block0-top", ...), and, when asked (for extrapolating in depth), the live
+    storages at each of those peaks."""
     vocab = model.config.get_text_config().vocab_size
     tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
     use_static_experts(model)
@@ -286,4 +288,5 @@ def trace(
             seen = run_workload(model, workload, tracker, pattern)
     finally:
         bnb_logger.setLevel(level)
-    return tracker.peak_snapshot(), seen, tracker.phase_snapshots()
+    snapshots = tracker.phase_snapshots() if phase_snapshots else {}
+    return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks), snapshots
