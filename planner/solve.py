@@ -24,6 +24,8 @@ class Solution:
     value: int | None  # None: not even the smallest value fits
     needed_bytes: int | None  # total at that value
     evaluations: int
+    # Every (value, total bytes) the search traced, by value: the curve a plot draws.
+    points: tuple[tuple[int, int], ...] = ()
 
 
 def _fit_quadratic(points: list[tuple[int, int]]) -> tuple[float, float, float]:
@@ -54,11 +56,17 @@ def solve_for(
 ) -> Solution:
     """Largest value in [1, upper] whose ``needed(value)`` is at most ``limit``."""
     evaluations = 0
+    traced: dict[int, int] = {}
 
     def total(x: int) -> int:
         nonlocal evaluations
         evaluations += 1
-        return needed(x)
+        traced[x] = needed(x)
+        return traced[x]
+
+    def solution(value: int | None, needed_bytes: int) -> Solution:
+        return Solution(precision, variable, value, needed_bytes, evaluations,
+                        tuple(sorted(traced.items())))
 
     probes = [min(p, upper) for p in PROBES[variable]]
     probes = sorted(set(probes))
@@ -66,7 +74,7 @@ def solve_for(
     if points[0][1] > limit:
         smallest = total(1) if probes[0] != 1 else points[0][1]
         if smallest > limit:
-            return Solution(precision, variable, None, smallest, evaluations)
+            return solution(None, smallest)
         points.insert(0, (1, smallest))
     fitting = [(x, y) for x, y in points if y <= limit]
     best = max(fitting) if fitting else (1, total(1))
@@ -86,4 +94,4 @@ def solve_for(
             best = (candidate, value)
             break
         candidate = max(best[0], floor(candidate * STEP_DOWN))
-    return Solution(precision, variable, best[0], best[1], evaluations)
+    return solution(best[0], best[1])

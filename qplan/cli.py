@@ -17,9 +17,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from qplan.errors import QplanError, UsageError
+from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
+from qplan.render.fmt import gib
+from qplan.render.table import render_listing, render_loaded
 
 app = typer.Typer(
     name="qplan",
@@ -138,156 +141,9 @@ def _guarded(debug: bool, action: Callable[[], T]) -> T:
     except QplanError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # escape: messages may hold brackets ('pip install "qplan[plot]"', lists, paths).
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-
-
-def gib(nbytes: int | None) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
-    if nbytes is None:
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(nbytes) >= size:
-            return f"{nbytes / size:,.2f} {unit}"
-    return f"{nbytes} B"
-
-
-def _signed_gib(nbytes: int) -> str:
-    return gib(nbytes) if nbytes >= 0 else f"-{gib(-nbytes)}"
-
-
-def render_report(report: Any) -> None:
-    model, gpu = report.model, report.gpu
-    count = f"{gpu.count}x " if gpu.count > 1 else ""
-    out.print(
-        f"[bold]{model.id}[/] ({model.architecture}, {model.parameters / 1e9:.2f}B parameters, "
-        f"{model.source}) on [bold]{count}{gpu.name}[/] ({gib(gpu.memory_bytes)}, "
-        f"{gpu.source}); mode: {report.workload['mode']}",
-        soft_wrap=True,
-    )
-    out.print(
-        f"usable: {gib(gpu.usable_bytes)} = "
-        f"{'free ' + gib(gpu.free_bytes) if gpu.free_bytes is not None else gib(gpu.memory_bytes)}"
-        f" - CUDA context {gib(gpu.cuda_context_bytes)} - headroom {gib(gpu.headroom_bytes)}",
-        soft_wrap=True,
-    )
-    if report.strategy is not None:
-        _render_multi_candidates(report)
-    else:
-        table = Table(show_edge=False, header_style="bold")
-        for column in ("precision", "weights", "overhead", "total", "fits", "headroom"):
-            table.add_column(column, justify="left" if column == "precision" else "right")
-        chosen = report.recommendation.precision if report.recommendation else None
-        for c in report.candidates:
-            style = "bold green" if c.precision == chosen else None
-            table.add_row(
-                c.precision,
-                gib(c.weights_bytes),
-                gib(c.total_bytes - c.weights_bytes),
-                gib(c.total_bytes),
-                "yes" if c.fits else "no",
-                _signed_gib(c.headroom_bytes),
-                style=style,
-            )
-        out.print(table)
-    for note in report.notes:
-        out.print(f"[dim]note: {note}[/]", soft_wrap=True)
-    for warning in report.warnings:
-        out.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
-    for solution in report.solutions:
-        name = "longest --seq-len" if solution.variable == "seq_len" else "largest --batch"
-        value = "none fits" if solution.value is None else f"{solution.value:,}"
-        out.print(
-            f"{name} for {solution.precision}: {value} (needs {gib(solution.needed_bytes)})"
-        )
-    if report.measured:
-        _render_measured(report.measured)
-    rec = report.recommendation
-    if rec is None:
-        out.print("[bold red]No candidate fits.[/]")
-        return
-    out.print(f"[bold green]Recommendation: {rec.precision}[/] - {rec.reason}", soft_wrap=True)
-    chosen_candidate = next(c for c in report.candidates if c.precision == rec.precision)
-    parts = ", ".join(
-        f"{name} {gib(value)}" for name, value in chosen_candidate.components.items() if value
-    )
-    out.print(f"[dim]{rec.precision} components: {parts}[/]", soft_wrap=True)
-    out.print("from_pretrained kwargs: " + json.dumps(rec.load_kwargs), soft_wrap=True)
-
-
-def _render_multi_candidates(report: Any) -> None:
-    """Several GPUs: each candidate's whole weights and its busiest GPU, then the devices."""
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("precision", "weights (all)", "busiest GPU", "strategy", "fits", "headroom"):
-        table.add_column(column, justify="left" if column in ("precision", "strategy") else "right")
-    chosen = report.recommendation.precision if report.recommendation else None
-    for c in report.candidates:
-        style = "bold green" if c.precision == chosen else None
-        table.add_row(c.precision, gib(c.weights_bytes), gib(c.total_bytes), c.strategy or "",
-                      "yes" if c.fits else "no", _signed_gib(c.headroom_bytes), style=style)
-    out.print(table)
-    strategy = report.strategy
-    which = chosen or "closest candidate"
-    out.print(f"[bold]strategy ({which}): {strategy.name}[/] - {strategy.reason}",
-              soft_wrap=True)
-    if strategy.options:
-        tried = ", ".join(
-            f"{o.name} {gib(o.per_gpu_bytes)}{' + host ' + gib(o.cpu_bytes) if o.cpu_bytes else ''}"
-            f" ({'fits' if o.fits else 'no'})" for o in strategy.options
-        )
-        out.print(f"[dim]per GPU: {tried}[/]", soft_wrap=True)
-    # One column per device, identical neighbours merged (8 equal ranks -> "cuda:0-7").
-    groups: list[list[Any]] = []
-    for d in report.devices:
-        same = groups and groups[-1][0].components == d.components and \
-            groups[-1][0].limit_bytes == d.limit_bytes
-        if same:
-            groups[-1].append(d)
-        else:
-            groups.append([d])
-    names = sorted({k for d in report.devices for k, v in d.components.items() if v},
-                   key=_component_rank)
-    table = Table(show_edge=False, header_style="bold")
-    table.add_column("per device")
-    for group in groups:
-        label = group[0].device
-        if len(group) > 1:
-            label += f"-{group[-1].device.rpartition(':')[2]}"
-        table.add_column(label, justify="right")
-    for n in names:
-        table.add_row(n, *(gib(g[0].components.get(n, 0)) for g in groups))
-    table.add_row("total", *(gib(g[0].total_bytes) for g in groups), style="bold")
-    table.add_row("limit", *(gib(g[0].limit_bytes) for g in groups))
-    out.print(table)
-    for note in strategy.notes:
-        out.print(f"[dim]note: {note}[/]", soft_wrap=True)
-    if strategy.offloaded:
-        shown = ", ".join(strategy.offloaded[:4]) + (", ..." if len(strategy.offloaded) > 4 else "")
-        out.print(f"[yellow]warning:[/] {len(strategy.offloaded)} module(s) offloaded "
-                  f"({shown}): generation will be much slower", soft_wrap=True)
-
-
-_COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "model_states",
-               "gathered", "kv_cache", "logits", "activations", "transients", "allocator",
-               "communication", "offloaded", "cuda_context")
-
-
-def _component_rank(name: str) -> int:
-    return _COMPONENTS.index(name) if name in _COMPONENTS else len(_COMPONENTS)
-
-
-def _render_measured(measured: dict[str, Any]) -> None:
-    out.print(
-        f"measured on {measured['device']} ({measured['precision']}, "
-        f"{measured['layers']} layers): peak {gib(measured['peak_bytes'])}, predicted "
-        f"{gib(measured['predicted_peak_bytes'])}, error {measured['error_pct']:+.2f}%"
-    )
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("component", "predicted", "measured"):
-        table.add_column(column, justify="left" if column == "component" else "right")
-    for name, value in measured["components"].items():
-        table.add_row(name, gib(measured["predicted_components"].get(name, 0)), gib(value))
-    out.print(table)
 
 
 def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool = True) -> None:
@@ -302,7 +158,7 @@ def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool =
     if as_json:
         sys.stdout.write(text + "\n")
     elif render:
-        render_report(report)
+        render_terminal(report, out)
 
 
 def _set_only(**options: Any) -> dict[str, Any]:
@@ -343,6 +199,25 @@ EmitOpt = Annotated[
         help="Print the plan as code/config: transformers, peft, axolotl or accelerate.",
     ),
 ]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help='Also draw the breakdown (and the --solve curves) to FILE.png or FILE.svg; '
+        'needs pip install "qplan[plot]".',
+    ),
+]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option("--html", help="Also write the whole plan as one self-contained HTML file."),
+]
+
+
+def _write_files(report: Any, files: dict[str, Path | None]) -> None:
+    for path in write_outputs(report, files):
+        err.print(f"[dim]wrote {path}[/]", soft_wrap=True)
+
+
 AxolotlOpt = Annotated[
     Path | None, typer.Option("--axolotl", help="Read the model and workload from an Axolotl YAML.")
 ]
@@ -383,12 +258,17 @@ def estimate(
     axolotl: AxolotlOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
+    plot: PlotOpt = None,
+    html: HtmlOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Estimate the memory MODEL needs per precision for a workload on a GPU; recommend one."""
 
     def run() -> None:
         from qplan.api import estimate as plan
+
+        files = {"plot": plot, "html": html}
+        check_outputs(files)
 
         options: dict[str, Any] = _set_only(
             num_gpus=num_gpus, precisions=precisions, headroom=headroom, revision=revision,
@@ -421,32 +301,47 @@ def estimate(
             raise UsageError(f"--emit {emit!r}: choose one of {', '.join(EMITTERS)}")
         report = plan(target_model, gpu=target_gpu, trust_remote_code=trust_remote_code,
                       **options)
+        _write_files(report, files)
         if emit is not None:
             if output is not None:
                 _emit_report(report, False, output, render=False)
-            sys.stdout.write(_emit_text(emit, report))
+            sys.stdout.write(emit_text(emit, report))
             return
         _emit_report(report, as_json, output)
 
     _guarded(debug, run)
 
 
-EMITTERS = ("transformers", "peft", "axolotl", "accelerate")
+@app.command("report")
+def report_command(
+    path: Annotated[
+        Path, typer.Argument(help="A JSON report written by `qplan estimate --json` or -o.")
+    ],
+    plot: PlotOpt = None,
+    html: HtmlOpt = None,
+    emit: EmitOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Render a saved JSON report (terminal, --plot, --html, --emit) without planning again."""
 
+    def run() -> None:
+        from qplan.render.saved import read_saved_report
 
-def _emit_text(kind: str, report: Any) -> str:
-    from qplan.planner.emit import emit_axolotl, emit_peft, emit_transformers
-    from qplan.planner.emit_accelerate import emit_accelerate
+        files = {"plot": plot, "html": html}
+        check_outputs(files)
+        if emit is not None and emit not in EMITTERS:
+            raise UsageError(f"--emit {emit!r}: choose one of {', '.join(EMITTERS)}")
+        report = read_saved_report(path)
+        _write_files(report, files)
+        if emit is not None:
+            sys.stdout.write(emit_text(emit, report))
+        elif as_json:
+            _emit_report(report, True, None)
+        elif plot is None and html is None:
+            render_terminal(report, out)
 
-    if kind == "accelerate":
-        return emit_accelerate(report)
-
-    if kind == "transformers":
-        return emit_transformers(report)
-    if kind == "peft":
-        # The loading snippet first, so what is printed runs as a whole.
-        return emit_transformers(report) + "\n" + emit_peft(report)
-    return emit_axolotl(report)
+    _guarded(debug, run)
 
 
 @app.command()
@@ -510,12 +405,7 @@ def _print_list(items: list[Any], columns: tuple[str, ...], row: Any, as_json: b
     if as_json:
         sys.stdout.write(json.dumps([asdict(item) for item in items], indent=2) + "\n")
         return
-    table = Table(show_edge=False, header_style="bold")
-    for column in columns:
-        table.add_column(column)
-    for item in items:
-        table.add_row(*row(item))
-    out.print(table)
+    render_listing(items, columns, row, out)
 
 
 @app.command()
@@ -628,38 +518,9 @@ def load(
         if as_json or output is not None:
             _emit_report(report, as_json, output, render=False)
         if not as_json:
-            _render_loaded(report)
+            render_loaded(report, out)
 
     _guarded(debug, run)
-
-
-def _render_loaded(report: Any) -> None:
-    m = report.measured
-    out.print(
-        f"loaded [bold]{report.model.id}[/] at [bold]{m['precision']}[/] on {m['device']} "
-        f"(attention: {m['attn_implementation']})"
-    )
-    seen = m["weights_bytes"] + m.get("adapter_bytes", 0)
-    label = "weights + adapters" if "adapter_bytes" in m else "weights"
-    out.print(
-        f"{label}: predicted {gib(m['predicted_bytes'])} ({m['predicted_bytes']:,} B), measured "
-        f"{gib(seen)} ({seen:,} B), error {m['error_pct']:+.2f}%"
-    )
-    if "trainable_parameters" in m:
-        out.print(f"trainable parameters: {m['trainable_parameters']:,} of {m['all_parameters']:,}")
-    if "planned_resident_bytes" in m:
-        out.print(
-            f"after the training patches: planned {gib(m['planned_resident_bytes'])}, resident "
-            f"{gib(m['resident_bytes'])}, error {m['resident_error_pct']:+.2f}%"
-        )
-    if m["device"] == "cuda":
-        out.print(
-            f"CUDA: allocated {gib(m['allocated_bytes'])}, reserved {gib(m['reserved_bytes'])}, "
-            f"NVML used {gib(m.get('nvml_used_bytes'))}; planned total "
-            f"{gib(m['planned_total_bytes'])}"
-        )
-    for warning in report.warnings:
-        out.print(f"[yellow]warning:[/] {warning}")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from qplan.errors import ConfigError, QplanError, UsageError
 from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
+from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.report import SCHEMA_ID, GpuInfo, ModelInfo, Report
 
@@ -63,6 +64,11 @@ def _strategy(data: Mapping[str, Any] | None) -> Strategy | None:
     )
 
 
+def _solution(data: Mapping[str, Any]) -> Solution:
+    built = _build(Solution, data)
+    return dataclasses.replace(built, points=tuple(tuple(p) for p in data.get("points", ())))
+
+
 def report_from_dict(data: Mapping[str, Any]) -> Report:
     """Rebuild a Report from ``report_dict`` / ``estimate --json`` output."""
     from qplan.planner.decide import Candidate, Recommendation
@@ -87,6 +93,7 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
             measured=data.get("measured"),
             devices=tuple(_build(DeviceUse, d) for d in data.get("devices", ())),
             strategy=_strategy(data.get("strategy")),
+            solutions=tuple(_solution(s) for s in data.get("solutions", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(
