@@ -59,8 +59,9 @@ def limit_position(bar: Bar, width: int) -> int:
 
 def _summary(bar: Bar) -> str:
     left = bar.left_bytes
-    verdict = f"fits, {gib(left)} left" if bar.fits else (
-        f"short by {gib(-left)}" if left < 0 else "does not fit"
+    # Measured from the usable line (the table's headroom column is from the device's end).
+    verdict = f"fits, {gib(left)} below the line" if bar.fits else (
+        f"{gib(-left)} over the line" if left < 0 else "does not fit"
     )
     extra = f", {bar.detail}" if bar.detail else ""
     chosen = "  <- recommended" if bar.chosen else ""

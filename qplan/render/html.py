@@ -52,7 +52,7 @@ th, td { padding: .3rem .6rem; border-bottom: 1px solid var(--line); text-align:
   white-space: nowrap; }
 th:first-child, td:first-child, td.text, th.text { text-align: left; }
 tr.chosen td { font-weight: 600; background: #f1f8f3; }
-td.yes { color: var(--ok); } td.no { color: var(--bad); }
+.yes { color: var(--ok); } .no { color: var(--bad); }
 .bar-row { margin: .5rem 0 .7rem; }
 .bar-head { display: flex; flex-wrap: wrap; gap: .2rem .8rem; font-size: .9rem; }
 .bar-head b { min-width: 4.5rem; }
@@ -193,9 +193,9 @@ def _bar_svg(bar: Bar, extent: int) -> str:
 
 def _bar_row(bar: Bar, extent: int) -> str:
     left = bar.left_bytes
-    verdict = (f'<span class="yes">fits, {gib(left)} left</span>' if bar.fits
-               else f'<span class="no">does not fit{", short by " + gib(-left) if left < 0 else ""}'
-               "</span>")
+    verdict = (f'<span class="yes">fits, {gib(left)} below the usable line</span>' if bar.fits
+               else f'<span class="no">does not fit'
+               f'{", " + gib(-left) + " over the usable line" if left < 0 else ""}</span>')
     extra = f'<span class="muted">{escape(bar.detail)}</span>' if bar.detail else ""
     chosen = "<span><b>recommended</b></span>" if bar.chosen else ""
     return (
