@@ -24,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qplan.planner.depths import HOMOGENEOUS, LayerPattern, layer_signatures, trace_plan
+from qplan.planner.depths import (
+    HOMOGENEOUS,
+    LayerPattern,
+    TracePlan,
+    layer_signatures,
+    trace_plan,
+)
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size
@@ -225,8 +231,10 @@ def workload_components(
     skip_modules: list[str] | None = None,
     target: str = "cuda",
     tracer: Callable[..., TraceOutcome] = trace_components,
+    depth_plan: TracePlan | None = None,
 ) -> ComponentPlan:
-    """Components of ``workload`` at ``precision``; ``config`` is needed beyond ``load``."""
+    """Components of ``workload`` at ``precision``; ``config`` is needed beyond ``load``.
+    ``depth_plan``: the model's ``trace_plan`` when the caller already has it."""
     if workload.mode == "load":
         return load_components(inventory, precision, compute_dtype, quant_storage)
     if config is None:
@@ -239,7 +247,7 @@ def workload_components(
         target=target, quant_storage=quant_storage, skip_modules=skip_modules,
         trust_remote_code=trust_remote_code,
     )
-    plan = trace_plan(layer_signatures(inventory, config), depth)
+    plan = depth_plan or trace_plan(layer_signatures(inventory, config), depth)
     if plan.depths is None:
         outcome = tracer(config, workload, precision, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)

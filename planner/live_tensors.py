@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from qplan.planner import meta_memo
 from qplan.planner.precision import alloc_size
 
 
@@ -118,8 +119,11 @@ class LiveTensorTracker(TorchDispatchMode):
         self._events.append((serial, -known[1], self.phase, None))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self.add, out)
+        out = meta_memo.call(func, args, kwargs or {})
+        if isinstance(out, torch.Tensor):
+            self.add(out)
+        else:
+            tree_map_only(torch.Tensor, self.add, out)
         return out
 
     # -- results ----------------------------------------------------------------------

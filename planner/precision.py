@@ -70,6 +70,14 @@ PRECISIONS: dict[str, Precision] = {
 PRECISION_NAMES: tuple[str, ...] = tuple(PRECISIONS)
 
 
+def trace_group(precision: str) -> tuple:
+    """What a traced step of ``precision`` depends on: candidates with the same group run
+    the same step, op for op, so one trace serves them all. fp4 and nf4 store and compute
+    alike (only the quant map's values differ); everything else traces on its own."""
+    prec = PRECISIONS[precision]
+    return (prec.bits, prec.quantized, prec.double_quant, prec.full_dtype)
+
+
 def alloc_size(nbytes: int) -> int:
     """Bytes the CUDA caching allocator hands out for a request of ``nbytes``."""
     if nbytes <= 0:

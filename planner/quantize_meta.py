@@ -130,6 +130,9 @@ def quantize_meta_model(
     if not prec.quantized:
         return model
 
+    from qplan.planner.bnb_import import import_bitsandbytes
+
+    import_bitsandbytes()  # before transformers' integration imports it the slow way
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 

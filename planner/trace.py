@@ -128,6 +128,9 @@ def trace_patches(target: str, attn: str) -> Iterator[None]:
     """Pin the data-dependent decisions of a real run while tracing on meta."""
     from transformers import masking_utils
 
+    from qplan.planner.bnb_import import import_bitsandbytes
+
+    import_bitsandbytes()
     with contextlib.ExitStack() as stack:
         original_sdpa = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _sdpa_for(target, attn, original_sdpa)

@@ -15,11 +15,12 @@ from qplan.planner.advice import (
     unquantized_warning,
 )
 from qplan.planner.budget import Headroom, budget_for
-from qplan.planner.components import workload_components
+from qplan.planner.components import num_layers, workload_components
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
+from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
+from qplan.planner.precision import PRECISION_NAMES, trace_group
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
@@ -211,6 +212,7 @@ def estimate(
     lora_dropout, gradient_checkpointing, optimizer, attn. ``target="cpu"`` predicts what
     the same workload holds on a CPU (what ``qplan measure`` checks without a GPU).
     """
+    from qplan.loaders.trace_cache import cached as cached_tracer
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
     _choice(mode, MODES, "mode")
@@ -260,12 +262,15 @@ def estimate(
         budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
     traced: dict[tuple, Any] = {}
+    # Computed once for every plan: which depths to trace this model at.
+    depth_plan = None if mode == "load" else trace_plan(
+        layer_signatures(inventory, spec.config), num_layers(spec.config)
+    )
+    tracer = cached_tracer()
 
     def plan_for(precision: str, wl: Workload):
-        # fp4 and nf4 store and compute alike (only the quant map's values differ), so
-        # their traces are the same: trace one of each pair.
-        prec = PRECISIONS[precision]
-        key = (prec.bits, prec.double_quant, prec.full_dtype, wl)
+        # Candidates of one trace group run the same step: trace one of each group.
+        key = (trace_group(precision), wl)
         plan = traced.get(key) if wl.mode != "load" else None
         if plan is None:
             plan = workload_components(
@@ -279,6 +284,8 @@ def estimate(
                 trust_remote_code=spec.trust_remote_code,
                 skip_modules=list(skip_modules) if skip_modules is not None else None,
                 target=target,
+                tracer=tracer,
+                depth_plan=depth_plan,
             )
             traced[key] = plan
         return plan

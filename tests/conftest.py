@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# No trace cache across tests (tests patch the planner); tests of the cache turn it on.
+os.environ.setdefault("QPLAN_CACHE", "0")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -1,0 +1,170 @@
+"""Remember what a meta op returns, so a trace runs each distinct op once per process.
+
+On the meta device an op's outputs depend only on its inputs' metadata (dtype, shape,
+strides, offset) and its other arguments; most of a trace's time goes to PyTorch's Python
+meta kernels (``torch._refs``, decompositions, bitsandbytes' fake kernels) recomputing the
+same answers: every decoder layer repeats the previous one's ops, the deeper trace repeats
+the shallower one's, and precisions that share activations repeat each other's.
+
+An op is remembered only when the answer can be replayed exactly: a functional op (its
+schema neither mutates an argument nor returns an alias), every input a meta tensor or a
+plain hashable value, and every output a fresh meta tensor whose storage ``empty_strided``
+recreates byte for byte (offset 0, the storage just large enough, no two outputs sharing
+one, none sharing an input's). Anything else runs as before. The replayed outputs are new
+storages, so the tracker counts them exactly as it counts the real kernel's.
+
+``QPLAN_REUSE=0`` (or ``reuse.disabled()``) turns the memo off: the reference path the
+tests compare against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qplan.planner import reuse
+
+# (op, argument key, default dtype) -> output specs, or _UNCACHEABLE.
+_MEMO: dict[tuple, Any] = {}
+_UNCACHEABLE = object()
+# Keeps the memo bounded across a long process (a sweep over many models).
+MAX_ENTRIES = 200_000
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+            torch.memory_format)
+_FUNCTIONAL: dict[Any, bool] = {}
+_PLAIN_TYPES: dict[type, bool] = {}
+
+
+class _Unhashable(Exception):
+    """An argument the memo cannot key on (a generator, a symbolic size, a real tensor)."""
+
+
+def _plain(cls: type) -> bool:
+    """A tensor class without its own dispatch (Parameter, bitsandbytes' Params4bit)."""
+    found = _PLAIN_TYPES.get(cls)
+    if found is None:
+        found = getattr(cls, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__
+        _PLAIN_TYPES[cls] = found
+    return found
+
+
+def _key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if (not _plain(type(value)) or value.device.type != "meta"
+                or value.layout != torch.strided or value.is_conj() or value.is_neg()):
+            raise _Unhashable
+        return (value.dtype, tuple(value.shape), value.stride(), value.storage_offset(),
+                value.requires_grad)
+    if isinstance(value, _SCALARS):
+        # 1, 1.0 and True hash alike but may type an output differently.
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _key(v)) for k, v in value.items()))
+    raise _Unhashable
+
+
+def _functional(func: Any) -> bool:
+    found = _FUNCTIONAL.get(func)
+    if found is None:
+        schema = getattr(func, "_schema", None)
+        found = schema is not None and not any(
+            r.alias_info is not None for r in schema.returns
+        ) and not any(a.alias_info is not None and a.alias_info.is_write
+                      for a in schema.arguments)
+        _FUNCTIONAL[func] = found
+    return found
+
+
+def _spec(tensor: Any, inputs: set[int]) -> tuple | None:
+    """How to recreate ``tensor`` with ``empty_strided``, or None when that is not exact."""
+    if (type(tensor) is not torch.Tensor or tensor.device.type != "meta"
+            or tensor.layout != torch.strided or tensor.is_conj() or tensor.is_neg()
+            or tensor.requires_grad or tensor.storage_offset() != 0):
+        return None
+    storage = tensor.untyped_storage()
+    if id(storage) in inputs:
+        return None
+    shape, stride = tuple(tensor.shape), tensor.stride()
+    if 0 in shape:
+        needed = 0
+    else:
+        needed = (1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)))
+        needed *= tensor.element_size()
+    if storage.nbytes() != needed:
+        return None
+    return (shape, stride, tensor.dtype)
+
+
+def _specs(out: Any, args: Any, kwargs: dict) -> Any:
+    inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+    if isinstance(out, torch.Tensor):
+        spec = _spec(out, inputs)
+        return None if spec is None else ("one", spec)
+    if not isinstance(out, (tuple, list)):
+        return None
+    specs = []
+    seen: set[int] = set()
+    for item in out:
+        if item is None:
+            specs.append(None)
+            continue
+        if not isinstance(item, torch.Tensor):
+            return None
+        storage = id(item.untyped_storage())
+        spec = _spec(item, inputs)
+        if spec is None or storage in seen:
+            return None
+        seen.add(storage)
+        specs.append(spec)
+    return ("many", type(out), tuple(specs))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _make(spec: tuple) -> torch.Tensor:
+    shape, stride, dtype = spec
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _replay(specs: tuple) -> Any:
+    if specs[0] == "one":
+        return _make(specs[1])
+    _, container, items = specs
+    return container(None if s is None else _make(s) for s in items)
+
+
+def call(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)``, answered from the memo when it has seen the same call."""
+    if not reuse.enabled() or not _functional(func):
+        return func(*args, **kwargs)
+    try:
+        key = (func, _key(args), _key(kwargs) if kwargs else None, torch.get_default_dtype())
+    except _Unhashable:
+        return func(*args, **kwargs)
+    specs = _MEMO.get(key)
+    if specs is _UNCACHEABLE:
+        return func(*args, **kwargs)
+    if specs is not None:
+        return _replay(specs)
+    out = func(*args, **kwargs)
+    specs = _specs(out, args, kwargs)
+    if len(_MEMO) >= MAX_ENTRIES:
+        _MEMO.clear()
+    _MEMO[key] = _UNCACHEABLE if specs is None else specs
+    return out
+
+
+def clear() -> None:
+    _MEMO.clear()

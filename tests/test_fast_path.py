@@ -1,0 +1,144 @@
+"""The fast path (meta-op memo, shared traces, the on-disk trace cache) never changes a
+report: every report equals, byte for byte, the reference path's, which traces every
+candidate from scratch (``QPLAN_REUSE=0``, no cache)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tiny_models import make_config
+
+from qplan.api import estimate, resolve
+from qplan.loaders.measure import shrink
+from qplan.planner import meta_memo, reuse
+from qplan.planner.spec import ModelSpec
+from qplan.report import report_json
+
+# Catalog models, shrunk to 6 layers (traced at 2 and 4, then extrapolated, as the full
+# models are): every mode, on each of the catalog's architectures. The whole catalog x every
+# mode runs in bench/estimate_speed.py --check (minutes; too slow for the suite).
+CASES = (
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "load"),
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "inference"),
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "full"),
+    ("Qwen/Qwen2.5-7B", "qlora"),
+    ("Qwen/Qwen3-0.6B", "lora"),
+)
+# Fewer candidates where a case is slow; still one of each kind (16-bit, 8-bit, 4-bit).
+PRECISIONS = {"lora": "bf16,int8,nf4-dq"}
+
+
+def _spec(model: str) -> ModelSpec:
+    from dataclasses import replace
+
+    spec = resolve(model, None, False)
+    return replace(spec, config=shrink(spec.config, 6))
+
+
+def _tiny(arch: str) -> ModelSpec:
+    return ModelSpec(id=f"tiny-{arch}", config=make_config(arch), source="path")
+
+
+def _both(spec: ModelSpec, **options) -> tuple[str, str]:
+    fast = report_json(estimate(spec, **options))
+    with reuse.disabled():
+        reference = report_json(estimate(spec, **options))
+    return fast, reference
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    monkeypatch.setenv("QPLAN_CACHE", "0")
+
+
+@pytest.mark.parametrize(("model", "mode"), CASES)
+def test_catalog_reports_equal_the_reference_path(model, mode):
+    fast, reference = _both(_spec(model), gpu="4090", mode=mode, seq_len=32,
+                            precisions=PRECISIONS.get(mode))
+    assert fast == reference
+
+
+@pytest.mark.parametrize(
+    ("arch", "mode"), [("gemma3", "inference"), ("deepseek_v3", "qlora"), ("mixtral", "inference")]
+)
+def test_layer_patterns_and_experts_equal_the_reference_path(arch, mode):
+    # Sliding/global layer patterns, dense-then-MoE prefixes and grouped experts.
+    fast, reference = _both(_tiny(arch), gpu="4090", mode=mode, seq_len=48,
+                            precisions="bf16,nf4" if mode == "inference" else None)
+    assert fast == reference
+
+
+def test_solved_limits_equal_the_reference_path():
+    # A GPU too small for anything: the report solves batch and seq_len for every
+    # candidate, dozens of traced steps at other workloads.
+    spec = _spec("Qwen/Qwen3-0.6B")
+    fast, reference = _both(spec, gpu="800MiB", mode="inference", seq_len=256,
+                            precisions="bf16,nf4")
+    assert '"solutions": []' not in fast
+    assert fast == reference
+
+
+def test_memo_replays_new_storages_and_skips_aliases():
+    import torch
+
+    from qplan.planner.live_tensors import LiveTensorTracker
+
+    meta_memo.clear()
+    x = torch.empty(8, 6, device="meta", dtype=torch.bfloat16)
+    sizes = []
+    for _ in range(2):  # the second round is answered from the memo
+        with LiveTensorTracker() as tracker:
+            y = x.float() * 2  # functional: remembered
+            z = y.t()  # a view of y: never remembered, shares y's storage
+            assert z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+            sizes.append((tracker.current, tracker.peak, y.dtype, y.shape, z.stride()))
+            del y, z
+    assert sizes[0] == sizes[1]
+    assert any(key[0] is torch.ops.aten.mul.Tensor for key in meta_memo._MEMO)
+    assert not any(key[0] is torch.ops.aten.t.default for key in meta_memo._MEMO)
+
+
+def test_cache_never_changes_a_report(monkeypatch, tmp_path):
+    spec = _spec("Qwen/Qwen3-0.6B")
+    options = dict(gpu="4090", mode="qlora", seq_len=32, precisions="nf4")
+    uncached = report_json(estimate(spec, **options))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("QPLAN_CACHE", "1")
+    cold = report_json(estimate(spec, **options))
+    stored = list((tmp_path / "qplan" / "traces").glob("*.json"))
+    assert stored
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a warm cache must not trace")
+
+    monkeypatch.setattr("qplan.planner.trace.trace", no_trace)
+    warm = report_json(estimate(spec, **options))
+    assert uncached == cold == warm
+    # Another workload is another key: it traces (and would fail here).
+    with pytest.raises(AssertionError, match="warm cache"):
+        estimate(spec, **{**options, "seq_len": 16})
+
+
+def test_unreadable_cache_entries_are_traced_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("QPLAN_CACHE", "1")
+    spec = _spec("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    first = report_json(estimate(spec, gpu="4090", mode="inference", seq_len=64))
+    for path in (tmp_path / "qplan" / "traces").glob("*.json"):
+        path.write_text("{not json")
+    again = report_json(estimate(spec, gpu="4090", mode="inference", seq_len=64))
+    assert first == again
+
+
+def test_bitsandbytes_import_leaves_the_compiler_out():
+    code = (
+        "import sys; from qplan.planner.bnb_import import import_bitsandbytes; "
+        "bnb = import_bitsandbytes(); import torch; "
+        "assert bnb is not None and torch.compile.__module__.startswith('torch'); "
+        "print('torch._inductor.compile_fx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
