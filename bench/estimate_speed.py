@@ -1,23 +1,30 @@
 """How long a qplan estimate takes, against the cost of importing its libraries and accelerate.
 
-One run measures, each as the median of N fresh subprocesses (``--runs``, at least 5):
+One run measures, in rounds (so a drift in machine load hits every measurement alike), each
+as the median over ``--runs`` fresh subprocesses:
 
-a. bare import: ``python -c "import torch, transformers, accelerate"``
-b. ``qplan estimate meta-llama/Llama-2-70b-hf --gpu 4090 --mode load --json``, as a user runs it
-c. the whole bundled catalog (every id from ``qplan models --json``) in ONE process through
-   ``qplan.api.estimate(..., mode="load")``: process wall time, first model, per-model mean
-d. accelerate's ``estimate-memory`` on the same 70B config, by calling its own functions
+a. bare import: ``python -c "import torch, transformers"``
+b. ``qplan estimate DIR --gpu 4090 --json`` (the default: inference) on Llama-2-70B's config
+   in a local folder, with the trace cache off (``QPLAN_CACHE=0``)
+c. the same with the trace cache on, first run: an empty cache folder every time
+d. the same again on the cache c filled (a repeated plan)
+e. accelerate's ``estimate-memory`` on the same folder's config, by calling its own functions
    (``init_empty_weights`` + ``AutoModel.from_config(..., torch_dtype=float32)``, then
-   ``calculate_maximum_sizes`` and ``estimate_training_usage``, and its table), fed our
-   catalog config because it would otherwise ask the Hub
+   ``calculate_maximum_sizes`` and ``estimate_training_usage``, and its table): it would
+   otherwise ask the Hub
 
-and prints a table with the ratios qplan-70B / bare import (target <= 1.3x) and
-qplan / accelerate (target < 1). ``--profile`` adds where qplan's start-up time goes:
-``python -X importtime`` summed per top-level package, and a cProfile of one CLI run.
+and, ``--catalog-runs`` times (default once: it takes minutes), the whole bundled catalog x
+every mode in ONE process through ``qplan.api.estimate`` (cache off): wall per mode and the
+slowest model. ``--reference`` times the same sweep on the reference path too
+(``QPLAN_REUSE=0``: every candidate traced from scratch, as qplan did before it shared
+work between traces). ``--check`` runs the catalog x every mode on both paths in one process
+and compares every report byte for byte. ``--profile`` adds ``python -X importtime`` per
+top-level package and a cProfile of one CLI run.
 
 Usage::
 
-    python bench/estimate_speed.py [--runs 7] [--profile] [--json results.json]
+    python bench/estimate_speed.py [--runs 5] [--catalog-runs 1] [--reference] [--check]
+                                   [--profile] [--json results.json]
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from pathlib import Path
 
 MODEL_70B = "meta-llama/Llama-2-70b-hf"
 GPU = "4090"
-TARGET_VS_IMPORT = 1.3
+TARGET_VS_ACCELERATE = 0.7
+MODES = ("load", "inference", "lora", "qlora", "full")
 
 ENV = {
     **os.environ,
@@ -46,23 +54,53 @@ ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 
-BARE_IMPORT = "import torch, transformers, accelerate"
+BARE_IMPORT = "import torch, transformers"
 
 CATALOG_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     t0 = time.perf_counter()
     from qplan.api import estimate
+    from qplan.report import report_json
     t_import = time.perf_counter() - t0
-    times = []
-    for model_id in json.loads(sys.argv[1]):
-        t = time.perf_counter()
-        estimate(model_id, gpu="4090", mode="load")
-        times.append(time.perf_counter() - t)
-    print(json.dumps({"import": t_import, "times": times}))
+    times = {}
+    reports = {}
+    for mode in json.loads(sys.argv[2]):
+        for model_id in json.loads(sys.argv[1]):
+            t = time.perf_counter()
+            try:
+                text = report_json(estimate(model_id, gpu="4090", mode=mode))
+            except Exception as exc:  # some catalog models fail in some modes
+                text = f"error: {type(exc).__name__}: {exc}"
+            times[f"{mode} {model_id}"] = time.perf_counter() - t
+            reports[f"{mode} {model_id}"] = text
+    print(json.dumps({"import": t_import, "times": times, "reports": reports}))
     """
 )
 
+CHECK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from qplan.api import estimate
+    from qplan.planner import reuse
+    from qplan.report import report_json
+    differ, errors, same = [], [], 0
+    for mode in json.loads(sys.argv[2]):
+        for model_id in json.loads(sys.argv[1]):
+            try:
+                fast = report_json(estimate(model_id, gpu="4090", mode=mode))
+                with reuse.disabled():
+                    reference = report_json(estimate(model_id, gpu="4090", mode=mode))
+            except Exception as exc:
+                errors.append(f"{mode} {model_id}: {type(exc).__name__}: {exc}")
+                continue
+            if fast == reference:
+                same += 1
+            else:
+                differ.append(f"{mode} {model_id}")
+    print(json.dumps({"same": same, "differ": differ, "errors": errors}))
+    """
+)
 ACCELERATE_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -104,9 +142,10 @@ def qplan_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "qplan"]
 
 
-def run(cmd: list[str], cwd: str) -> tuple[float, str]:
+def run(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=cwd, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, cwd=cwd,
+                          check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
@@ -120,102 +159,121 @@ def catalog_config_path(model_id: str) -> str:
     return str(path)
 
 
+def local_folder(model_id: str, cwd: str) -> str:
+    """The catalog config of ``model_id`` as a local model folder (what a user points at)."""
+    folder = Path(cwd) / model_id.replace("/", "__")
+    folder.mkdir(exist_ok=True)
+    shutil.copy(catalog_config_path(model_id), folder / "config.json")
+    return str(folder)
+
+
+def catalog_ids(cwd: str) -> list[str]:
+    _, listing = run([*qplan_command(), "models", "--json"], cwd)
+    return [entry["id"] for entry in json.loads(listing)]
+
+
 def measure(runs: int, cwd: str) -> dict:
-    """Rounds of a, b, c, d one after the other, so a drift in machine load hits all four."""
+    """Rounds of a..e one after the other, so a drift in machine load hits all of them."""
     qplan = qplan_command()
+    folder = local_folder(MODEL_70B, cwd)
     results: dict = {"runs": runs, "python": sys.version.split()[0], "qplan_cmd": qplan}
     bare = [sys.executable, "-c", BARE_IMPORT]
-    qplan_70b = [*qplan, "estimate", MODEL_70B, "--gpu", GPU, "--mode", "load", "--json"]
-    accelerate = [sys.executable, "-c", ACCELERATE_SCRIPT, catalog_config_path(MODEL_70B)]
-    accelerate.append(MODEL_70B)
-    _, listing = run([*qplan, "models", "--json"], cwd)
-    ids = [entry["id"] for entry in json.loads(listing)]
-    catalog = [sys.executable, "-c", CATALOG_SCRIPT, json.dumps(ids)]
+    qplan_70b = [*qplan, "estimate", folder, "--gpu", GPU, "--json"]
+    accelerate = [sys.executable, "-c", ACCELERATE_SCRIPT, str(Path(folder) / "config.json"),
+                  MODEL_70B]
+    no_cache = {**ENV, "QPLAN_CACHE": "0"}
 
     # Warm the OS file cache once so the first timed round is not an outlier.
     for cmd in (bare, qplan_70b, accelerate):
-        run(cmd, cwd)
+        run(cmd, cwd, no_cache)
 
-    walls: dict[str, list[float]] = {"bare": [], "qplan": [], "catalog": [], "accelerate": []}
-    per_run = []
-    out_qplan = out_accelerate = ""
+    names = ("bare", "qplan", "qplan_cold_cache", "qplan_warm_cache", "accelerate")
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, str] = {}
     for _ in range(runs):
-        wall, _ = run(bare, cwd)
-        walls["bare"].append(wall)
-        wall, out_qplan = run(qplan_70b, cwd)
-        walls["qplan"].append(wall)
-        wall, out = run(catalog, cwd)
-        walls["catalog"].append(wall)
-        per_run.append(json.loads(out.strip().splitlines()[-1]))
-        wall, out_accelerate = run(accelerate, cwd)
-        walls["accelerate"].append(wall)
-
-    report = json.loads(out_qplan)
+        with tempfile.TemporaryDirectory() as home:
+            cache = {**ENV, "QPLAN_CACHE": "1", "HF_HOME": home}
+            for name, cmd, env in (
+                ("bare", bare, ENV),
+                ("qplan", qplan_70b, no_cache),
+                ("qplan_cold_cache", qplan_70b, cache),
+                ("qplan_warm_cache", qplan_70b, cache),
+                ("accelerate", accelerate, ENV),
+            ):
+                wall, outputs[name] = run(cmd, cwd, env)
+                walls[name].append(wall)
+    reports = {outputs[n] for n in ("qplan", "qplan_cold_cache", "qplan_warm_cache")}
+    assert len(reports) == 1, "the trace cache changed the 70B report"
+    report = json.loads(outputs["qplan"])
     assert report["schema"] == "qplan.report/v1"
-    med = {key: statistics.median(values) for key, values in walls.items()}
-    results["bare_import"] = {"median_s": med["bare"], "runs_s": walls["bare"]}
-    results["qplan_70b"] = {
-        "median_s": med["qplan"],
-        "runs_s": walls["qplan"],
-        "recommendation": (report["recommendation"] or {}).get("precision"),
-    }
-    results["catalog"] = {
-        "models": len(ids),
-        "median_process_s": med["catalog"],
-        "median_import_s": statistics.median(d["import"] for d in per_run),
-        "median_first_model_s": statistics.median(d["times"][0] for d in per_run),
-        "median_mean_per_model_s": statistics.median(statistics.fmean(d["times"]) for d in per_run),
-        "median_mean_after_first_s": statistics.median(
-            statistics.fmean(d["times"][1:]) for d in per_run
-        ),
-        "slowest": max(zip(per_run[-1]["times"], ids, strict=True), key=lambda pair: pair[0]),
-    }
-    results["accelerate_70b"] = {
-        "median_s": med["accelerate"],
-        "runs_s": walls["accelerate"],
-        "table": out_accelerate,
-    }
-    # Per-round ratios too: robust when the machine's load changes during the run.
-    results["ratio_qplan_vs_import"] = med["qplan"] / med["bare"]
-    results["ratio_qplan_vs_accelerate"] = med["qplan"] / med["accelerate"]
-    results["per_round_ratio_vs_import"] = [
-        q / b for q, b in zip(walls["qplan"], walls["bare"], strict=True)
-    ]
-    results["per_round_ratio_vs_accelerate"] = [
-        q / a for q, a in zip(walls["qplan"], walls["accelerate"], strict=True)
-    ]
+    results["recommendation"] = (report["recommendation"] or {}).get("precision")
+    for name in names:
+        results[name] = {"median_s": statistics.median(walls[name]), "runs_s": walls[name]}
+    for name in ("qplan", "qplan_cold_cache", "qplan_warm_cache"):
+        results[f"ratio_{name}_vs_accelerate"] = statistics.median(
+            q / a for q, a in zip(walls[name], walls["accelerate"], strict=True)
+        )
+        results[f"ratio_{name}_vs_import"] = statistics.median(
+            q / b for q, b in zip(walls[name], walls["bare"], strict=True)
+        )
     return results
 
 
+def sweep(cwd: str, ids: list[str], reuse: bool) -> dict:
+    """The catalog x every mode in one process (cache off); wall per mode, slowest model."""
+    env = {**ENV, "QPLAN_CACHE": "0", "QPLAN_REUSE": "1" if reuse else "0"}
+    cmd = [sys.executable, "-c", CATALOG_SCRIPT, json.dumps(ids), json.dumps(MODES)]
+    wall, out = run(cmd, cwd, env)
+    data = json.loads(out.strip().splitlines()[-1])
+    per_mode = {
+        mode: sum(t for key, t in data["times"].items() if key.split(" ")[0] == mode)
+        for mode in MODES
+    }
+    slowest = max(data["times"].items(), key=lambda kv: kv[1])
+    errors = sorted(key for key, text in data["reports"].items() if text.startswith("error:"))
+    return {"process_s": wall, "import_s": data["import"], "per_mode_s": per_mode,
+            "slowest": slowest, "errors": errors, "times": data["times"],
+            "reports": data["reports"]}
+
+
+def check(cwd: str, ids: list[str]) -> dict:
+    cmd = [sys.executable, "-c", CHECK_SCRIPT, json.dumps(ids), json.dumps(MODES)]
+    _, out = run(cmd, cwd, {**ENV, "QPLAN_CACHE": "0"})
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def print_results(r: dict) -> None:
-    c = r["catalog"]
     rows = [
-        ("a. bare import torch, transformers, accelerate", r["bare_import"]["median_s"]),
-        (f"b. qplan estimate {MODEL_70B} --gpu {GPU} --json", r["qplan_70b"]["median_s"]),
-        (f"c. catalog, {c['models']} models in one process (wall)", c["median_process_s"]),
-        ("   of which: import qplan.api", c["median_import_s"]),
-        ("   of which: first model (lazy imports, caches)", c["median_first_model_s"]),
-        ("   per-model mean (all models)", c["median_mean_per_model_s"]),
-        ("   per-model mean after the first", c["median_mean_after_first_s"]),
-        (f"d. accelerate estimate-memory {MODEL_70B}", r["accelerate_70b"]["median_s"]),
+        ("a. bare import torch, transformers", "bare"),
+        ("b. qplan estimate 70B dir --gpu 4090 --json, cache off", "qplan"),
+        ("c. the same, trace cache on, first run (empty)", "qplan_cold_cache"),
+        ("d. the same, cache filled by c", "qplan_warm_cache"),
+        ("e. accelerate estimate-memory, same config", "accelerate"),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"\nmedian of {r['runs']} fresh subprocesses each (python {r['python']})\n")
-    print(f"{'measurement'.ljust(width)}  {'seconds':>8}")
-    print(f"{'-' * width}  {'-' * 8}")
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value:8.3f}")
-    slow_s, slow_id = c["slowest"]
-    print(f"\nslowest catalog model (last run): {slow_id} {slow_s:.3f} s")
-    vs_import = r["ratio_qplan_vs_import"]
-    vs_acc = r["ratio_qplan_vs_accelerate"]
-    ok = "ok" if vs_import <= TARGET_VS_IMPORT else "MISSED"
-    print(f"\nqplan-70B / bare import : {vs_import:.2f}x  (target <= {TARGET_VS_IMPORT}x: {ok})")
-    ok = "ok" if vs_acc < 1 else "MISSED"
-    print(f"qplan-70B / accelerate  : {vs_acc:.2f}x  (target < 1: {ok})")
-    rounds_i = statistics.median(r["per_round_ratio_vs_import"])
-    rounds_a = statistics.median(r["per_round_ratio_vs_accelerate"])
-    print(f"median of per-round ratios: {rounds_i:.2f}x vs import, {rounds_a:.2f}x vs accelerate")
+    print(f"\nmedian of {r['runs']} fresh subprocesses each (python {r['python']}); "
+          f"recommendation {r['recommendation']}\n")
+    print(f"{'measurement'.ljust(width)}  {'seconds':>8}  {'vs e':>6}  {'vs a':>6}")
+    print(f"{'-' * width}  {'-' * 8}  {'-' * 6}  {'-' * 6}")
+    for name, key in rows:
+        vs_acc = r.get(f"ratio_{key}_vs_accelerate")
+        vs_imp = r.get(f"ratio_{key}_vs_import")
+        extra = f"  {vs_acc:5.2f}x  {vs_imp:5.2f}x" if vs_acc is not None else ""
+        print(f"{name.ljust(width)}  {r[key]['median_s']:8.3f}{extra}")
+    print("(ratios: median of per-round ratios)")
+    for key, label in (("qplan", "cache off"), ("qplan_cold_cache", "empty cache")):
+        ratio = r[f"ratio_{key}_vs_accelerate"]
+        ok = "ok" if ratio <= TARGET_VS_ACCELERATE else "MISSED"
+        print(f"qplan-70B ({label}) / accelerate: {ratio:.2f}x "
+              f"(target <= {TARGET_VS_ACCELERATE}x: {ok})")
+
+
+def print_sweep(label: str, s: dict) -> None:
+    modes = ", ".join(f"{m} {t:.1f}" for m, t in s["per_mode_s"].items())
+    print(f"\ncatalog x every mode in one process ({label}): {s['process_s']:.1f} s wall "
+          f"(import {s['import_s']:.1f} s; per mode: {modes})")
+    print(f"  slowest: {s['slowest'][0]} {s['slowest'][1]:.1f} s; "
+          f"{len(s['errors'])} errors {s['errors'][:5]}")
 
 
 # --------------------------------------------------------------------------- profile
@@ -224,8 +282,9 @@ def print_results(r: dict) -> None:
 def importtime_by_package(cwd: str) -> list[tuple[str, float]]:
     """Cumulative import time (s) of each top-level package for one qplan estimate."""
     cmd = [sys.executable, "-X", "importtime", "-m", "qplan", "estimate", MODEL_70B]
-    cmd += ["--gpu", GPU, "--mode", "load", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=cwd, check=True)
+    cmd += ["--gpu", GPU, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "QPLAN_CACHE": "0"},
+                          cwd=cwd, check=True)
     totals: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
@@ -249,8 +308,7 @@ def cprofile_top(cwd: str, limit: int) -> str:
         code = textwrap.dedent(
             f"""
             import cProfile, sys
-            sys.argv = ["qplan", "estimate", {MODEL_70B!r}, "--gpu", {GPU!r},
-                        "--mode", "load", "--json"]
+            sys.argv = ["qplan", "estimate", {MODEL_70B!r}, "--gpu", {GPU!r}, "--json"]
             prof = cProfile.Profile()
             prof.enable()
             try:
@@ -264,9 +322,8 @@ def cprofile_top(cwd: str, limit: int) -> str:
             prof.dump_stats({str(stats)!r})
             """
         )
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, env=ENV, cwd=cwd, check=True
-        )
+        subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       env={**ENV, "QPLAN_CACHE": "0"}, cwd=cwd, check=True)
         import io
         import pstats
 
@@ -288,7 +345,13 @@ def profile(cwd: str, limit: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="subprocesses per measurement (>=5)")
+    parser.add_argument("--runs", type=int, default=5, help="subprocesses per measurement (>=5)")
+    parser.add_argument("--catalog-runs", type=int, default=1,
+                        help="catalog x every mode sweeps (0: none)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also sweep on the reference path (QPLAN_REUSE=0)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every catalog report, fast vs reference path")
     parser.add_argument("--profile", action="store_true", help="also profile qplan's start-up")
     parser.add_argument("--top", type=int, default=40, help="cProfile rows to print")
     parser.add_argument("--json", type=Path, help="write the raw results here")
@@ -299,6 +362,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cwd:
         results = measure(args.runs, cwd)
         print_results(results)
+        ids = catalog_ids(cwd) if args.catalog_runs or args.check else []
+        sweeps: dict[str, list] = {"fast": [], "reference": []}
+        for _ in range(args.catalog_runs):
+            sweeps["fast"].append(sweep(cwd, ids, reuse=True))
+            print_sweep("fast path", sweeps["fast"][-1])
+            if args.reference:
+                sweeps["reference"].append(sweep(cwd, ids, reuse=False))
+                print_sweep("reference path, QPLAN_REUSE=0", sweeps["reference"][-1])
+        if sweeps["fast"] and sweeps["reference"]:
+            fast = statistics.median(s["process_s"] for s in sweeps["fast"])
+            ref = statistics.median(s["process_s"] for s in sweeps["reference"])
+            same = sweeps["fast"][0]["reports"] == sweeps["reference"][0]["reports"]
+            print(f"\nreference / fast: {ref / fast:.2f}x; reports identical: {same}")
+        results["catalog"] = {
+            name: [{k: v for k, v in s.items() if k != "reports"} for s in runs]
+            for name, runs in sweeps.items()
+        }
+        if args.check:
+            results["check"] = check(cwd, ids)
+            c = results["check"]
+            print(f"\ncheck: {c['same']} reports identical, {len(c['differ'])} differ "
+                  f"{c['differ']}, {len(c['errors'])} errors {c['errors'][:5]}")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         if args.profile:

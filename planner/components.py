@@ -19,11 +19,13 @@ same weights, saved activations, gradients and states.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qplan.planner import reuse
 from qplan.planner.depths import (
     HOMOGENEOUS,
     LayerPattern,
@@ -158,7 +160,8 @@ def trace_components(
     inventory = take_inventory(model, skip_modules)
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:
-        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
+        with _new_tensors_on_meta():
+            model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     snapshot, seen, phase_peaks, phase_snapshots = trace(
@@ -172,6 +175,16 @@ def trace_components(
     phase_components = {key: classify(snap, seen, rounded)
                         for key, snap in phase_snapshots.items()}
     return TraceOutcome(parts, peak, phase_peaks, phase_components)
+
+
+def _new_tensors_on_meta() -> Any:
+    """peft builds each adapter on the CPU, fills it with random numbers, then moves it to
+    its base layer's device (meta here): seconds of real work for models with many experts.
+    Created on meta directly, every adapter has the same shape and dtype, and the trace the
+    same storages. Off on the reference path."""
+    import torch
+
+    return torch.device("meta") if reuse.enabled() else contextlib.nullcontext()
 
 
 def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
