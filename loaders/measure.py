@@ -69,20 +69,22 @@ def save_random_weights(config: Any, folder: str, dtype: str = "bfloat16") -> st
 
 
 def random_model(config: Any, precision: str, compute_dtype: str, device: str,
-                 weights_dir: str | None = None) -> Any:
+                 weights_dir: str | None = None, attn: str = "sdpa") -> Any:
     """Random weights from ``config`` (or the checkpoint in ``weights_dir``), loaded back
-    through from_pretrained at ``precision`` so bitsandbytes quantises them itself."""
+    through from_pretrained at ``precision`` so bitsandbytes quantises them itself, with
+    the attention implementation ``attn``."""
     if weights_dir is None:
         with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
             save_random_weights(config, folder)
-            return random_model(config, precision, compute_dtype, device, folder)
+            return random_model(config, precision, compute_dtype, device, folder, attn)
     from transformers import AutoModelForCausalLM
 
     load_dtype = getattr(torch, load_dtype_for(PRECISIONS[precision], compute_dtype))
     quant = bnb_config(precision, compute_dtype)
     device_map: Any = {"": 0} if device == "cuda" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        weights_dir, dtype=load_dtype, quantization_config=quant, device_map=device_map
+        weights_dir, dtype=load_dtype, quantization_config=quant, device_map=device_map,
+        attn_implementation=attn,
     )
     for module in model.modules():
         # bitsandbytes repacks 4-bit weights into an AVX512-BF16 layout at the first CPU
@@ -119,8 +121,11 @@ def measure(
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("no CUDA device for --device cuda; run on a GPU or use --device cpu")
+    if workload.attn == "flash_attention_2" and device != "cuda":
+        raise DeviceError("flash_attention_2 runs only on CUDA GPUs; measure on --device cuda "
+                          "or pass --attn sdpa")
     config = shrink(config, layers)
-    model = random_model(config, precision, compute_dtype, device, weights_dir)
+    model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
     vocab = config.get_text_config().vocab_size

@@ -156,7 +156,7 @@ def trace_components(
     from qplan.planner.training_setup import prepare_for_training
 
     cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
-    model = build_meta_model(cfg, trust_remote_code)
+    model = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
     inventory = take_inventory(model, skip_modules)
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:

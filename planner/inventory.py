@@ -131,12 +131,18 @@ def model_class_for(config: Any, trust_remote_code: bool = False) -> tuple[Any, 
     return transformers.AutoModel, type(config).__name__.removesuffix("Config") + "Model"
 
 
-def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
-    """Instantiate the model with every parameter and buffer on the meta device, tied."""
+def build_meta_model(config: Any, trust_remote_code: bool = False,
+                     attn: str | None = None) -> nn.Module:
+    """Instantiate the model with every parameter and buffer on the meta device, tied;
+    with the attention implementation of ``attn`` (planner/attention.py) when given."""
     from accelerate import init_empty_weights
+
+    from qplan.planner.attention import build_attn_implementation, check_attn_support
 
     factory, _ = model_class_for(config, trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": _BUILD_DTYPE}
+    if attn is not None:
+        kwargs["attn_implementation"] = build_attn_implementation(attn)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     # transformers logs advice meant for real loads (e.g. legacy activation names); the
@@ -164,6 +170,8 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
     # Under init_empty_weights transformers 5.x builds tied weights untied; a real load
     # ties them, so tie here to count them once.
     model.tie_weights()
+    if attn is not None:
+        check_attn_support(model, attn)
     return model
 
 

@@ -80,6 +80,12 @@ def _cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 def run_inference(
     model: nn.Module, workload: Workload, tracker: LiveTensorTracker, seen: StepTensors
 ) -> None:
+    """The prefill of ``model.generate`` on an unpadded ``batch x seq_len`` prompt and its
+    first token, with the inputs generate makes (GenerationMixin, transformers 5.x): an
+    all-ones attention mask for position ids from its cumulative sum (so rotary tables are
+    per batch row), then dropped because nothing is padded; a contiguous clone of the
+    prompt; the last position's logits only, and their float32 copy for picking the
+    token."""
     from transformers import DynamicCache
 
     device = model_device(model)
@@ -88,14 +94,19 @@ def run_inference(
     model.eval()
     with torch.no_grad():
         tracker.phase, tracker.segment = "forward", ("embed",)
+        attention_mask = torch.ones_like(ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        del attention_mask
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids.clone(), position_ids=position_ids, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
         tracker.segment = ()
         for tensor in _cache_tensors(out.past_key_values):
             serial = tracker.serial_of(tensor)
             if serial is not None:
                 seen.kv_cache.add(serial)
-        del out
+        next_logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+        del out, next_logits, position_ids
     tracker.phase = "done"
 
 

@@ -94,7 +94,7 @@ def _sdpa_for(target: str, attn: str, original: Any):
             and query.dtype in (torch.float16, torch.bfloat16)
             and query.shape[-1] <= 256
         )
-        if flash_ok or attn == "flash_attention_2":
+        if flash_ok:
             return aten._scaled_dot_product_flash_attention(
                 query, key, value, dropout_p, is_causal, False, scale=scale
             )[0]

@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory):
     cache: dict[tuple, Path] = {}
 
     def get(arch: str, dtype: str = "bfloat16", **overrides) -> Path:
-        key = (arch, dtype, tuple(sorted(overrides.items())))
+        key = (arch, dtype, repr(sorted(overrides.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"tiny-{arch}-{dtype}")
             save_tiny_model(arch, folder, dtype, **overrides)

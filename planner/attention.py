@@ -1,0 +1,127 @@
+"""The attention implementation the planned model is built with (``--attn``).
+
+``sdpa`` and ``eager`` are transformers' own: the meta model is built with that
+``attn_implementation``, so eager's materialised scores (the [batch, heads, q, kv] product,
+its fp32 softmax and the cast back, saved for backward) are traced as a real step keeps
+them. SDPA's kernel choice is pinned in planner/trace.py.
+
+``flash_attention_2`` needs the flash-attn package and a CUDA GPU; transformers refuses to
+build it without the package (``ImportError: ... the package for FlashAttention2 doesn't
+seem to be installed``). The trace builds the model with transformers' flash masking
+(``flash_attention_mask``: no mask for an unpadded batch, sliding windows handled by the
+kernel) and an attention function with flash-attn 2's documented memory
+(csrc/flash_attn/flash_api.cpp, ``mha_fwd`` / ``mha_bwd``):
+
+* forward: the output [batch, seq, heads, head_dim] in the input dtype and the softmax
+  logsumexp [batch, heads, seq] in float32; both saved for backward with q, k, v (views of
+  the projections), never the seq x seq scores. Keys/values with fewer heads (GQA) are
+  read in place, not expanded.
+* backward: dq, dk, dv; a float32 ``softmax_d`` [batch, heads, seq rounded up to 128];
+  a float32 ``dq_accum`` [batch, seq rounded to 128, heads, head_dim rounded to 32 (64 above
+  128)]; for GQA, dk and dv expanded to the query heads before they are summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qplan.errors import ConfigError
+
+# The name the trace registers its flash-attention stand-in under. It must not contain
+# "flash": transformers would then try to import the flash-attn package for it.
+TRACE_FLASH = "qplan_fa2"
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _FlashAttention2(torch.autograd.Function):
+    """flash_attn_func's tensors: inputs and outputs [batch, seq, heads, head_dim]."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, seq_q, heads, _ = q.shape
+        out = q.new_empty((batch, seq_q, heads, v.shape[-1]))
+        lse = q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        q, k, v, _out, _lse = ctx.saved_tensors
+        batch, seq_q, heads, head_dim = q.shape
+        seq_rounded = _round_up(seq_q, 128)
+        dim_rounded = _round_up(head_dim, 32 if head_dim <= 128 else 64)
+        dq = torch.empty_like(q)
+        softmax_d = q.new_empty((batch, heads, seq_rounded), dtype=torch.float32)
+        dq_accum = q.new_empty((batch, seq_rounded, heads, dim_rounded), dtype=torch.float32)
+        if k.shape[2] != heads:
+            expanded = (batch, k.shape[1], heads, head_dim)
+            dk_expanded, dv_expanded = q.new_empty(expanded), q.new_empty(expanded)
+            dk = dk_expanded.new_empty(k.shape)
+            dv = dv_expanded.new_empty(v.shape)
+            del dk_expanded, dv_expanded
+        else:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        del softmax_d, dq_accum
+        return dq, dk, dv
+
+
+def flash_attention_2_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask: torch.Tensor | None,
+                              **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' ``flash_attention_forward`` with the kernel replaced by its memory:
+    the same transposes to [batch, seq, heads, dim], padding of narrower values (MLA),
+    and cast of float32 inputs to the compute dtype."""
+    from transformers.integrations.flash_attention import get_target_dtype
+
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    head_dim, v_head_dim = q.shape[-1], v.shape[-1]
+    if v_head_dim != head_dim:
+        v = torch.nn.functional.pad(v, [0, head_dim - v_head_dim])
+    if q.dtype == torch.float32:
+        target = _target_dtype(get_target_dtype, q, module)
+        q, k, v = (t.to(target) for t in (q, k, v))
+    out = _FlashAttention2.apply(q, k, v)
+    if v_head_dim != head_dim:
+        out = out[..., :v_head_dim]
+    return out, None
+
+
+def _target_dtype(get_target_dtype: Any, query: torch.Tensor, module: torch.nn.Module):
+    if query.device.type == "meta":
+        # torch.is_autocast_enabled("meta") is an error; meta tensors never autocast.
+        if hasattr(module.config, "_is_quantized"):
+            return module.config.dtype
+        linear = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+        return linear.weight.dtype
+    return get_target_dtype(query, module)
+
+
+def register_trace_flash() -> None:
+    """Make ``TRACE_FLASH`` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(TRACE_FLASH, flash_attention_2_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(TRACE_FLASH, flash_attention_mask)
+
+
+def build_attn_implementation(attn: str) -> str:
+    """The ``attn_implementation`` to build the meta model with for ``--attn attn``."""
+    if attn != "flash_attention_2":
+        return attn
+    register_trace_flash()
+    return TRACE_FLASH
+
+
+def check_attn_support(model: torch.nn.Module, attn: str) -> None:
+    """Refuse flash_attention_2 where transformers refuses it for the model class."""
+    if attn == "flash_attention_2" and not getattr(model, "_supports_flash_attn", False):
+        raise ConfigError(
+            f"{type(model).__name__} does not support flash_attention_2 in transformers; "
+            "use --attn sdpa"
+        )

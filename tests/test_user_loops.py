@@ -1,0 +1,87 @@
+"""Predictions against the loops users run (tests/user_loops.py), not qplan's step code:
+``model.generate`` for inference and transformers' ``Trainer`` for training, on CPU with
+tiny random models, each peak within 2% of the plan for ``target="cpu"``."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+from user_loops import generate_peak
+
+from qplan.api import estimate
+from qplan.loaders.measure import random_model
+
+TOLERANCE = 0.02
+# Two layers each; gemma3 and the Mistral-style model with one sliding-window layer (window
+# 16) and one global layer, at a context six times the window.
+ARCHS = {
+    "llama": {},
+    "qwen2": {},
+    "gemma3": dict(num_hidden_layers=2, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "mixtral": {},
+    "deepseek_v3": dict(num_hidden_layers=2, first_k_dense_replace=1),
+}
+SWA = {
+    "gemma3": ARCHS["gemma3"],
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                    sliding_window=16),
+}
+BATCH, SEQ = 2, 96
+
+
+def plan(folder, mode, precision, **options):
+    report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                      target="cpu", batch=BATCH, seq_len=SEQ, **options)
+    return report.candidate(precision)
+
+
+def sliding_layers(config) -> int:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return sum(1 for kind in layer_types if kind == "sliding_attention")
+    return config.num_hidden_layers
+
+
+def assert_close(predicted: int, measured: int, what) -> None:
+    error = (predicted - measured) / measured
+    assert abs(error) <= TOLERANCE, (what, predicted, measured, f"{error:+.2%}")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_generate_peak(tiny_model_dir, arch):
+    folder = tiny_model_dir(arch, **ARCHS[arch])
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "inference", "bf16")
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = generate_peak(model, BATCH, SEQ)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, arch)
+    assert predicted.components["kv_cache"] == measured.kv_cache_bytes
+
+
+@pytest.mark.parametrize("arch", list(SWA))
+def test_sliding_window_cache_after_the_prefill(tiny_model_dir, arch):
+    """The prefill holds every layer's full keys and values (a sliding layer's cache is a
+    window-sized view of them); decoding then leaves sliding layers with their window
+    only. The peak is the prefill's, several decoded tokens later too."""
+    overrides = SWA[arch]
+    folder = tiny_model_dir(arch if arch != "mistral" else "llama", **overrides)
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "inference", "bf16")
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * BATCH * config.num_key_value_heads * head_dim * 2  # K and V, bf16
+    full = per_token * SEQ * config.num_hidden_layers
+    bookkeeping = 8 * sliding_layers(config)  # each sliding layer's window, a 0-d int64
+    prefill = generate_peak(model, BATCH, SEQ, new_tokens=1)
+    assert predicted.components["kv_cache"] == prefill.kv_cache_bytes == full + bookkeeping
+    decoded = generate_peak(model, BATCH, SEQ, new_tokens=4)
+    window = config.sliding_window
+    sliding = sliding_layers(config)
+    assert sliding >= 1
+    # After decoding 4 tokens (the last one is not fed back), a sliding layer keeps
+    # window tokens; a global one the prompt and 3 decoded tokens.
+    global_layers = config.num_hidden_layers - sliding
+    assert decoded.kv_cache_bytes == \
+        per_token * (sliding * window + global_layers * (SEQ + 3)) + bookkeeping
+    assert_close(predicted.peak_allocated_bytes, decoded.peak_bytes, arch)
