@@ -3,10 +3,16 @@
 The same code runs on meta tensors (the planner's prediction) and on real tensors (the
 measurement), so the two differ only where kernels differ.
 
-* inference: a prefill of ``batch x seq_len`` tokens into a DynamicCache (the KV cache for
-  the whole context), keeping only the last position's logits as ``generate`` does.
-* training: two optimizer steps (forward with labels, backward, step, zero_grad): the
-  second step starts with the optimizer states that the first one created.
+What they run is the loops users run (tests/test_user_loops.py runs those for real):
+
+* inference: ``model.generate``'s prefill of ``batch x seq_len`` tokens into a DynamicCache
+  (the KV cache for the whole context), keeping only the last position's logits.
+* training: transformers' ``Trainer`` with its defaults, two optimizer steps: a batch
+  whose labels are a tensor of their own (the default collator stacks them apart from the
+  input ids), forward with labels, backward, gradient clipping to norm 1.0 (max_grad_norm),
+  the optimizer step (fused AdamW by default), zero_grad; the second step starts with the
+  optimizer states the first one created. No autocast: ``TrainingArguments(bf16=False)``,
+  the default, with the model loaded in the plan's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from torch import nn
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.workload import Workload
+
+# transformers' TrainingArguments default.
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass
@@ -201,12 +210,13 @@ def run_training(
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     ids = input_ids(workload.batch, workload.seq_len, vocab, device)
+    labels = ids.clone()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
     for _ in range(steps):
         tracker.phase, tracker.segment = "forward", ("embed",)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out = model(input_ids=ids, labels=labels, use_cache=False)
         loss = out.loss
         del out
         tracker.phase, tracker.segment = "backward", ("head",)
@@ -219,6 +229,8 @@ def run_training(
                 if serial is not None:
                     seen.gradients.add(serial)
         tracker.phase = "optimizer"
+        # Trainer's max_grad_norm=1.0 (accelerate's clip_grad_norm_ -> torch's).
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         for tensor in _optimizer_state_tensors(optimizer):
             serial = tracker.serial_of(tensor)

@@ -52,3 +52,14 @@ def tiny_model_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU steps run fastest on one thread (and keep a shared machine responsive)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ from qplan.errors import ConfigError, DeviceError
 from qplan.loaders.measure import measure
 from qplan.planner.attention import check_attn_support
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = dict(batch=2, seq_len=64, lora_r=8, gradient_checkpointing=False)
 
 

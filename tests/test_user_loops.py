@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from transformers import AutoConfig
-from user_loops import generate_peak
+from user_loops import generate_peak, lora_model, trainer_peak
 
 from qplan.api import estimate
 from qplan.loaders.measure import random_model
@@ -28,6 +28,11 @@ SWA = {
                     sliding_window=16),
 }
 BATCH, SEQ = 2, 96
+# (mode, precision, gradient checkpointing): full fine-tuning without peft, LoRA on a bf16
+# base, QLoRA on nf4 (bitsandbytes runs 4-bit on CPU).
+TRAINING = [("full", "bf16", True), ("lora", "bf16", False), ("qlora", "nf4", True)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(folder, mode, precision, **options):
@@ -85,3 +90,20 @@ def test_sliding_window_cache_after_the_prefill(tiny_model_dir, arch):
     assert decoded.kv_cache_bytes == \
         per_token * (sliding * window + global_layers * (SEQ + 3)) + bookkeeping
     assert_close(predicted.peak_allocated_bytes, decoded.peak_bytes, arch)
+
+
+@pytest.mark.parametrize(("arch", "mode", "precision", "gc"), [
+    (arch, *case) for arch in ARCHS for case in TRAINING
+    # LoRA on a bf16 base is QLoRA's loop without bitsandbytes: two architectures suffice.
+    if case[0] != "lora" or arch in ("llama", "mixtral")
+])
+def test_trainer_peak(tiny_model_dir, arch, mode, precision, gc):
+    """Trainer's defaults (fused AdamW, max_grad_norm 1.0, no autocast), two steps."""
+    folder = tiny_model_dir(arch, **ARCHS[arch])
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, precision, gradient_checkpointing=gc, lora_r=8)
+    model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+    if mode != "full":
+        model = lora_model(model, r=8, quantized=precision == "nf4")
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (arch, mode))
