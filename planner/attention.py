@@ -92,13 +92,18 @@ def flash_attention_2_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
 
 def _target_dtype(get_target_dtype: Any, query: torch.Tensor, module: torch.nn.Module):
-    if query.device.type == "meta":
-        # torch.is_autocast_enabled("meta") is an error; meta tensors never autocast.
-        if hasattr(module.config, "_is_quantized"):
-            return module.config.dtype
-        linear = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
-        return linear.weight.dtype
-    return get_target_dtype(query, module)
+    if query.device.type != "meta":
+        return get_target_dtype(query, module)
+    # torch.is_autocast_enabled("meta") is an error; meta tensors never autocast. A real
+    # quantised load marks its config ``_is_quantized`` and transformers then takes the
+    # config dtype; the meta model is quantised without that mark, so look at the weights.
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = hasattr(module.config, "_is_quantized") or any(
+        not m.weight.dtype.is_floating_point for m in linears)
+    if quantized or not linears:
+        dtype = module.config.dtype
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return linears[0].weight.dtype
 
 
 def register_trace_flash() -> None:

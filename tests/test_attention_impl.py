@@ -62,3 +62,13 @@ def test_flash_attention_2_is_refused_where_it_cannot_run(tiny_model_dir):
     # A model class transformers does not let use flash attention (no _supports_flash_attn).
     with pytest.raises(ConfigError, match="does not support flash_attention_2"):
         check_attn_support(torch.nn.Linear(2, 2), "flash_attention_2")
+
+
+def test_flash_attention_2_casts_float32_queries(tiny_model_dir):
+    """After peft's k-bit preparation GPT-2's attention inputs are float32; transformers'
+    flash path casts them to the compute dtype (the config dtype of a quantised model)
+    before the kernel, as the plan does."""
+    folder = tiny_model_dir("gpt2")
+    flash = predicted(folder, "qlora", "nf4", "flash_attention_2", target="cuda")
+    eager = predicted(folder, "qlora", "nf4", "eager", target="cuda")
+    assert flash.components["activations"] < eager.components["activations"]
