@@ -9,8 +9,10 @@ mirrored here:
 * ``bf16`` / ``fp16`` pick the load dtype; no adapter means full fine-tuning;
 * ``gpu_memory_limit`` (an int is GiB) caps each GPU, so it is used as the GPU size.
 
-Keys that do not change the memory plan (datasets, schedules, logging, ...) are returned in
-``unused_keys`` so the CLI can say they were not read.
+Every key of the file is accounted for (``AxolotlPlan.keys``): read into the plan, changing
+memory in a way qplan does not model (a warning names it), ignored as irrelevant to memory,
+or unknown (``loaders/axolotl_keys.py`` holds the tables). ``unused_keys`` lists the set
+keys that were not read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.errors import ConfigError
+from qplan.loaders.axolotl_keys import NOT_MODELLED, classify_key
 
 # Axolotl / HF TrainingArguments optimizer names -> qplan's (what their state costs).
 OPTIMIZERS = {
@@ -34,20 +37,26 @@ OPTIMIZERS = {
     "paged_adamw_8bit": "paged_adamw_8bit",
     "sgd": "sgd",
     "adafactor": "adafactor",
+    # torchao's low-bit AdamW (HF TrainingArguments' names for them).
+    "adamw_torch_8bit": "adamw_torch_8bit",
+    "adamw_torch_4bit": "adamw_torch_4bit",
 }
 ADAPTERS = {"lora": "lora", "qlora": "qlora"}
-# Set keys that change memory in ways qplan does not plan: said in a note, not just listed.
-NOT_PLANNED = {
-    "deepspeed": "DeepSpeed sharding",
-    "fsdp": "FSDP sharding",
-    "fsdp_config": "FSDP sharding",
-    "activation_offloading": "activation offloading",
-    "sample_packing": "sample packing (attention over packed sequences)",
-    "xformers_attention": "xformers attention (planned as sdpa)",
+# attn_implementation -> qplan's attention (what the kernel keeps for backward).
+ATTN_IMPLEMENTATIONS = {
+    "flash_attention_2": "flash_attention_2",
+    # FlashAttention 3 and the Hub kernels keep what FlashAttention 2 keeps: the output
+    # and a float32 logsumexp per head and query.
+    "flash_attention_3": "flash_attention_2",
+    "kernels-community/flash-attn": "flash_attention_2",
+    "kernels-community/flash-attn3": "flash_attention_2",
+    "kernels-community/vllm-flash-attn3": "flash_attention_2",
+    "sdpa": "sdpa",
+    "eager": "eager",
 }
 GIB = 2**30
-# Keys this reader turns into the plan (everything else is reported as unused).
-USED_KEYS = frozenset(
+# Keys this reader turns into the plan.
+READ_KEYS = frozenset(
     {
         "base_model",
         "adapter",
@@ -70,11 +79,45 @@ USED_KEYS = frozenset(
         "flash_attention",
         "sdp_attention",
         "eager_attention",
+        "attn_implementation",
         "gpu_memory_limit",
         "trust_remote_code",
         "revision_of_model",
     }
 )
+USED_KEYS = READ_KEYS  # the name earlier callers know
+
+
+@dataclass(frozen=True)
+class KeyAccount:
+    """Every key of the file, by what the plan did with it (the report's ``axolotl`` block).
+
+    ``not_modelled`` maps a key that changes memory, which qplan could not plan, to what
+    it changes; ``ignored`` keys do not change GPU memory; ``unknown`` keys are in none of
+    qplan's tables and were not read.
+    """
+
+    path: str
+    read: tuple[str, ...]
+    not_modelled: dict[str, str]
+    ignored: tuple[str, ...]
+    unknown: tuple[str, ...]
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(
+            f"axolotl key {key}: {what}: not modelled, the plan is made without it"
+            for key, what in self.not_modelled.items()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "read": list(self.read),
+            "not_modelled": [{"key": k, "effect": v} for k, v in self.not_modelled.items()],
+            "ignored": list(self.ignored),
+            "unknown": list(self.unknown),
+        }
 
 
 @dataclass(frozen=True)
@@ -90,6 +133,7 @@ class AxolotlPlan:
     gpu_memory_limit: int | None
     unused_keys: tuple[str, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    keys: KeyAccount | None = None
 
     @property
     def gpu(self) -> str | None:
@@ -202,20 +246,31 @@ def _quant_storage(raw: dict[str, Any]) -> str:
     return str(value).removeprefix("torch.")
 
 
-def _targets(raw: dict[str, Any], path: Path) -> tuple[tuple[str, ...], list[str]]:
+def _targets(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
+    """``lora_targets`` (names) or ``lora_target_regex`` (a string: Axolotl passes it to
+    peft, which matches it against each module's full name with re.fullmatch)."""
     if _flag(raw, "lora_target_linear", path) is True:
-        return ("all-linear",), []
+        return {"lora_targets": ("all-linear",)}, []
     modules = raw.get("lora_target_modules")
     if modules is None:
-        return ("all-linear",), ["no lora_target_modules / lora_target_linear: planned all-linear"]
+        return {"lora_targets": ("all-linear",)}, [
+            "no lora_target_modules / lora_target_linear: planned all-linear"
+        ]
     if isinstance(modules, str):
-        modules = [modules]
+        return {"lora_target_regex": modules}, []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise _bad(path, "lora_target_modules must be a list of module names")
-    return tuple(modules), []
+        raise _bad(path, "lora_target_modules must be a list of module names or a regex")
+    return {"lora_targets": tuple(modules)}, []
 
 
-def _attn(raw: dict[str, Any], path: Path) -> str | None:
+def _attn(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> str | None:
+    implementation = raw.get("attn_implementation")
+    if _is_set(implementation):
+        name = str(implementation)
+        if name in ATTN_IMPLEMENTATIONS:
+            return ATTN_IMPLEMENTATIONS[name]
+        not_modelled["attn_implementation"] = f"{name} attention (planned as sdpa)"
+        return "sdpa"
     if _flag(raw, "flash_attention", path) is True:
         return "flash_attention_2"
     if _flag(raw, "sdp_attention", path) is True:
@@ -242,6 +297,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     adapter = ADAPTERS.get(adapter_raw) if adapter_raw else None
     mode = adapter or "full"
     precisions, notes = _precisions(raw, adapter, path)
+    not_modelled: dict[str, str] = {}
 
     kwargs: dict[str, Any] = {"mode": mode, "precisions": precisions}
     if precisions.endswith(("nf4", "fp4", "-dq")):
@@ -250,9 +306,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     if seq_len is not None:
         kwargs["seq_len"] = seq_len
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
-    gc = raw.get("gradient_checkpointing")
-    # Axolotl also accepts "offload" / "offload_disk"; they checkpoint as well.
-    kwargs["gradient_checkpointing"] = bool(gc) if gc is not None else False
+    kwargs.update(_checkpointing(raw, path, not_modelled))
     optimizer = raw.get("optimizer")
     if optimizer is not None:
         if optimizer not in OPTIMIZERS:
@@ -262,7 +316,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
                 + ", ".join(sorted(OPTIMIZERS)),
             )
         kwargs["optimizer"] = OPTIMIZERS[optimizer]
-    attn = _attn(raw, path)
+    attn = _attn(raw, path, not_modelled)
     if attn is not None:
         kwargs["attn"] = attn
     if adapter is not None:
@@ -277,7 +331,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
                 raise _bad(path, f"lora_alpha must be a number, not {alpha!r}")
             kwargs["lora_alpha"] = int(alpha)
         targets, target_notes = _targets(raw, path)
-        kwargs["lora_targets"] = targets
+        kwargs.update(targets)
         notes += target_notes
         dropout = raw.get("lora_dropout")
         if dropout is not None:
@@ -289,17 +343,74 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     if raw.get("revision_of_model"):
         kwargs["revision"] = str(raw["revision_of_model"])
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
+    keys = account_keys(raw, path, not_modelled)
     # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.
-    unused = tuple(sorted(k for k in raw if k not in USED_KEYS and _is_set(raw[k])))
-    notes += [
-        f"{key}: {what} is not in the plan; it is for one GPU without it"
-        for key, what in NOT_PLANNED.items()
-        if _is_set(raw.get(key)) and raw.get(key) is not False
-    ]
+    unused = tuple(sorted(k for k in raw if k not in READ_KEYS and _is_set(raw[k])))
     return AxolotlPlan(
         model=model.strip(),
         estimate_kwargs=kwargs,
         gpu_memory_limit=limit,
         unused_keys=unused,
         notes=tuple(notes),
+        keys=keys,
+    )
+
+
+def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> dict:
+    """gradient_checkpointing and its use_reentrant, as Axolotl's normalize_config decides:
+    ``gradient_checkpointing_kwargs`` when the YAML gives it, else use_reentrant true
+    whenever checkpointing is on and neither ``unfrozen_parameters`` nor ``rl`` is set
+    (src/axolotl/utils/config/__init__.py); Gemma 4 forces it false, which the model's
+    type decides and qplan does not know here."""
+    gc = raw.get("gradient_checkpointing")
+    out: dict[str, Any] = {"gradient_checkpointing": bool(gc) if gc is not None else False}
+    if isinstance(gc, str) and gc.strip().lower() in ("offload", "offload_disk"):
+        not_modelled["gradient_checkpointing"] = (
+            f"{gc}: checkpointed activations in host memory (planned on the GPU)"
+        )
+    if not out["gradient_checkpointing"]:
+        return out
+    gc_kwargs = raw.get("gradient_checkpointing_kwargs")
+    if gc_kwargs is not None and not isinstance(gc_kwargs, dict):
+        raise _bad(path, "gradient_checkpointing_kwargs must be a mapping such as "
+                   "{use_reentrant: false}")
+    if gc_kwargs is not None:
+        reentrant = gc_kwargs.get("use_reentrant")
+        # transformers' default when the kwargs leave it out is non-reentrant.
+        out["gc_reentrant"] = bool(reentrant) if reentrant is not None else False
+    elif raw.get("unfrozen_parameters") is None and raw.get("rl") is None:
+        out["gc_reentrant"] = True
+    return out
+
+
+def account_keys(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> KeyAccount:
+    """Sort every key of the file into read / not modelled / ignored / unknown.
+
+    ``not_modelled`` holds what the reader itself found it could not plan (an attention
+    it does not know, ...); keys of ``NOT_MODELLED`` join it when they ask for something.
+    """
+    read, ignored, unknown = [], [], []
+    found = dict(not_modelled)
+    for key, value in raw.items():
+        if key in found:
+            continue
+        if key in READ_KEYS:
+            read.append(key)
+            continue
+        kind = classify_key(key)
+        if kind == "not_modelled":
+            if _is_set(value) and value is not False:
+                found[key] = NOT_MODELLED[key]
+            else:
+                read.append(key)  # asks for nothing: planned without it, as it says
+        elif kind == "ignored" or not _is_set(value):
+            ignored.append(key)
+        else:
+            unknown.append(key)
+    return KeyAccount(
+        path=str(path),
+        read=tuple(read),
+        not_modelled=found,
+        ignored=tuple(ignored),
+        unknown=tuple(unknown),
     )

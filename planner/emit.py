@@ -20,10 +20,15 @@ AXOLOTL_OPTIMIZERS = {
     "adamw": "adamw_torch_fused",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
+    "adamw_torch_8bit": "adamw_torch_8bit",
+    "adamw_torch_4bit": "adamw_torch_4bit",
     "sgd": "sgd",
     "adafactor": "adafactor",
 }
-GC_KWARGS = '{"use_reentrant": False}'
+
+
+def _gc_kwargs(workload: Workload) -> str:
+    return f'{{"use_reentrant": {workload.gc_reentrant}}}'
 
 
 def workload_of(report: Any) -> Workload:
@@ -147,14 +152,15 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
             "model = prepare_model_for_kbit_training(",
             "    model,",
             f"    use_gradient_checkpointing={gc},",
-            f"    gradient_checkpointing_kwargs={GC_KWARGS},",
+            f"    gradient_checkpointing_kwargs={_gc_kwargs(workload)},",
             ")",
         ]
     else:
         lines += ["", "model.requires_grad_(False)"]
         if gc:
             lines.append(
-                f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={GC_KWARGS})"
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                f"{_gc_kwargs(workload)})"
             )
     targets = workload.target_modules
     lines += [
@@ -211,7 +217,10 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["lora_r"] = workload.lora_r
         out["lora_alpha"] = workload.alpha
         out["lora_dropout"] = workload.lora_dropout
-        if workload.target_modules == "all-linear":
+        if workload.lora_target_regex is not None:
+            # Axolotl hands a string to peft, which matches it as a regular expression.
+            out["lora_target_modules"] = workload.lora_target_regex
+        elif workload.target_modules == "all-linear":
             out["lora_target_linear"] = True
         else:
             out["lora_target_modules"] = list(workload.target_modules)
@@ -221,7 +230,7 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     out["gradient_accumulation_steps"] = 1
     out["gradient_checkpointing"] = workload.gradient_checkpointing
     if workload.gradient_checkpointing:
-        out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": workload.gc_reentrant}
     out["optimizer"] = AXOLOTL_OPTIMIZERS[workload.optimizer]
     full_dtype = prec.full_dtype or dtype
     out["bf16"] = full_dtype == "bfloat16"
@@ -272,6 +281,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["seq_len"] = workload.seq_len
     kwargs["batch"] = workload.batch
     kwargs["gradient_checkpointing"] = workload.gradient_checkpointing
+    if workload.gradient_checkpointing:
+        kwargs["gc_reentrant"] = workload.gc_reentrant
     kwargs["optimizer"] = workload.optimizer
     kwargs["attn"] = workload.attn
     if workload.is_lora:
@@ -279,5 +290,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["lora_alpha"] = workload.alpha
         kwargs["lora_dropout"] = workload.lora_dropout
         targets = workload.target_modules
-        kwargs["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets)
+        if workload.lora_target_regex is not None:
+            kwargs["lora_target_regex"] = workload.lora_target_regex
+        else:
+            kwargs["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets)
     return kwargs

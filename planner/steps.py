@@ -17,6 +17,7 @@ What they run is the loops users run (tests/test_user_loops.py runs those for re
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplan.errors import UsageError
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.workload import Workload
@@ -130,6 +132,20 @@ def make_optimizer(params: list[nn.Parameter], name: str, device: torch.device) 
 
         cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
         return cls(params, lr=1e-4)
+    if name in TORCHAO_OPTIMIZERS:
+        # HF TrainingArguments' adamw_torch_8bit / adamw_torch_4bit: torchao's AdamW8bit
+        # (uint8 codes + a float32 scale per 256 values + a 256-entry float32 code map,
+        # per state tensor) and AdamW4bit (4-bit codes packed two a byte, a scale per 128
+        # values, a 16-entry map); parameters under 4096 values, or not a whole number
+        # of blocks, keep plain states in the parameter's dtype (torchao's _new_buffer).
+        try:
+            from torchao import optim as torchao_optim
+        except ImportError:
+            raise UsageError(
+                f"--optimizer {name} is torchao's; pip install torchao (or qplan[torchao])"
+            ) from None
+
+        return getattr(torchao_optim, TORCHAO_OPTIMIZERS[name])(params, lr=1e-4)
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-4)
     if name == "adafactor":
@@ -139,11 +155,49 @@ def make_optimizer(params: list[nn.Parameter], name: str, device: torch.device) 
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+TORCHAO_OPTIMIZERS = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_4bit": "AdamW4bit"}
+
+
+def _plain_tensors(value: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The tensors that own memory: a tensor subclass (torchao's quantised optimizer
+    states) is a wrapper around the inner tensors its ``__tensor_flatten__`` names."""
+    flatten = getattr(type(value), "__tensor_flatten__", None)
+    if flatten is None:
+        yield value
+        return
+    names, _ = value.__tensor_flatten__()
+    for name in names:
+        yield from _plain_tensors(getattr(value, name))
+
+
 def _optimizer_state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                yield value
+                yield from _plain_tensors(value)
+
+
+@contextlib.contextmanager
+def optimizer_step_mode(name: str) -> Iterator[None]:
+    """torchao's low-bit AdamW compiles its per-parameter update (torch.compile), which
+    refuses to run under the live-tensor tracker (a TorchDispatchMode) and takes minutes
+    to build on CPU: the update runs eagerly instead, the same code on the same state
+    tensors. Eager keeps fp32 copies of one parameter's states while it updates it; the
+    compiled GPU kernel fuses them, so the optimizer phase's transient is an upper bound
+    by a few fp32 copies of the largest trainable parameter (the states are exact)."""
+    if name not in TORCHAO_OPTIMIZERS:
+        yield
+        return
+    original = torch.compile
+
+    def eager(model: Any = None, **_: Any) -> Any:
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = original
 
 
 def segment_by_layer(model: nn.Module, tracker: LiveTensorTracker,
@@ -231,9 +285,15 @@ def run_training(
         tracker.phase = "optimizer"
         # Trainer's max_grad_norm=1.0 (accelerate's clip_grad_norm_ -> torch's).
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
+        with optimizer_step_mode(workload.optimizer):
+            optimizer.step()
         for tensor in _optimizer_state_tensors(optimizer):
             serial = tracker.serial_of(tensor)
+            if serial is None and tensor.device == device:
+                # Made from Python data (torchao's code maps: torch.tensor(list,
+                # device=...)): no op the tracker sees on an accelerator or on meta, only
+                # on CPU; count it from here, the same on every device.
+                serial = tracker.add(tensor)
             if serial is not None:
                 seen.optimizer_states.add(serial)
         optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ loads, so what is estimated is what is loaded:
 * LoRA / QLoRA: for a k-bit base, peft's ``prepare_model_for_kbit_training`` (freezes the
   base, casts every non-4-bit 16-bit parameter to float32: embeddings, norms, untied
   lm_head, biases); then LoRA through peft (adapters in float32, peft's default).
-* Gradient checkpointing, non-reentrant, when asked; ``use_cache=False``.
+* Gradient checkpointing when asked, reentrant or not as the workload says (transformers'
+  own ``gradient_checkpointing_enable``, so torch.utils.checkpoint runs as in the real
+  step); ``use_cache=False``.
 * Full fine-tuning: every parameter trainable.
 """
 
@@ -16,9 +18,16 @@ from typing import Any
 
 from torch import nn
 
+from qplan.errors import UsageError
 from qplan.planner.workload import Workload
 
-GC_KWARGS = {"use_reentrant": False}
+
+def gc_kwargs(workload: Workload) -> dict[str, bool]:
+    """The ``gradient_checkpointing_kwargs`` the run passes: reentrant checkpointing runs
+    each layer's forward under no_grad and keeps only its inputs; non-reentrant keeps
+    what autograd saves minus what its saved-tensor hooks can drop (not plain attributes
+    such as bitsandbytes LLM.int8's ``ctx.tensors``)."""
+    return {"use_reentrant": workload.gc_reentrant}
 
 
 def lora_config(workload: Workload) -> Any:
@@ -36,22 +45,31 @@ def lora_config(workload: Workload) -> Any:
 def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) -> nn.Module:
     """Apply the training patches of ``workload`` to a loaded (or meta) model."""
     gc = workload.gradient_checkpointing
+    kwargs = gc_kwargs(workload)
     if workload.is_lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if quantized:
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=GC_KWARGS
+                model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs
             )
         else:
             model.requires_grad_(False)
             if gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
-        model = get_peft_model(model, lora_config(workload))
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        try:
+            model = get_peft_model(model, lora_config(workload))
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError and its kin
+            if "not found in the base model" not in str(exc) and "matched" not in str(exc):
+                raise
+            raise UsageError(
+                f"LoRA targets {workload.target_modules!r} match no module of the model; "
+                "name modules it has (e.g. q_proj,v_proj) or use all-linear"
+            ) from None
     else:
         model.requires_grad_(True)
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False

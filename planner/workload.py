@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 MODES = ("load", "inference", "lora", "qlora", "full")
 TRAINING_MODES = ("lora", "qlora", "full")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
+OPTIMIZERS = (
+    "adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "sgd",
+    "adafactor",
+)
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 KV_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_INFERENCE_SEQ = 4096
@@ -27,8 +30,14 @@ class Workload:
     lora_r: int = 16
     lora_alpha: int | None = None  # default 2 * r; does not change memory
     lora_targets: tuple[str, ...] = ("all-linear",)
+    # A regular expression instead of names: peft matches it against each module's full
+    # name (re.fullmatch), as Axolotl passes a string lora_target_modules through.
+    lora_target_regex: str | None = None
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = True
+    # torch.utils.checkpoint's use_reentrant (qplan's default: False, as transformers);
+    # Axolotl passes True unless its YAML decides otherwise.
+    gc_reentrant: bool = False
     optimizer: str = "adamw"
     attn: str = "sdpa"
 
@@ -46,6 +55,8 @@ class Workload:
 
     @property
     def target_modules(self) -> str | list[str]:
+        if self.lora_target_regex is not None:
+            return self.lora_target_regex
         if self.lora_targets in (("all-linear",), ()):
             return "all-linear"
         return list(self.lora_targets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -137,8 +138,10 @@ def make_workload(
     lora_r: int = 16,
     lora_alpha: int | None = None,
     lora_targets: str | Sequence[str] | None = None,
+    lora_target_regex: str | None = None,
     lora_dropout: float = 0.0,
     gradient_checkpointing: bool = True,
+    gc_reentrant: bool = False,
     optimizer: str = "adamw",
     attn: str = "sdpa",
 ) -> Workload:
@@ -163,6 +166,15 @@ def make_workload(
     if isinstance(lora_targets, str):
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     targets = tuple(lora_targets) if lora_targets else ("all-linear",)
+    if lora_target_regex is not None:
+        if lora_targets:
+            raise UsageError("give LoRA targets as names or as one regular expression, not both")
+        try:
+            re.compile(lora_target_regex)
+        except re.error as exc:
+            raise UsageError(
+                f"LoRA target regex {lora_target_regex!r} does not compile ({exc}); fix it"
+            ) from None
     if not 0.0 <= lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
     return Workload(
@@ -173,8 +185,10 @@ def make_workload(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_targets=targets,
+        lora_target_regex=lora_target_regex,
         lora_dropout=lora_dropout,
         gradient_checkpointing=gradient_checkpointing,
+        gc_reentrant=gc_reentrant,
         optimizer=optimizer,
         attn=attn,
     )
@@ -209,8 +223,9 @@ def estimate(
     """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options.
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
-    lora_dropout, gradient_checkpointing, optimizer, attn. ``target="cpu"`` predicts what
-    the same workload holds on a CPU (what ``qplan measure`` checks without a GPU).
+    lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn.
+    ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
+    checks without a GPU).
     """
     from qplan.loaders.trace_cache import cached as cached_tracer
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
@@ -498,3 +513,27 @@ def measure_workload(
         "predicted_total_bytes": candidate.total_bytes,
     }
     return replace(report, measured=block)
+
+
+def estimate_axolotl(
+    path: str, *, model: str | ModelSpec | None = None, gpu: str | GpuTarget = "auto",
+    **options: Any,
+) -> Report:
+    """Plan an Axolotl YAML: its model, workload and GPU limit, with ``options`` (the
+    estimate keyword arguments a user sets) winning over the file. The report lists every
+    key of the file (``report.axolotl``) and warns about each key that changes memory in
+    a way qplan does not model."""
+    from qplan.loaders.axolotl import read_axolotl
+
+    plan_file = read_axolotl(path)
+    if gpu == "auto" and plan_file.gpu:
+        gpu = plan_file.gpu
+    report = estimate(model or plan_file.model, gpu=gpu,
+                      **{**plan_file.estimate_kwargs, **options})
+    keys = plan_file.keys
+    return replace(
+        report,
+        axolotl=keys.as_dict() if keys is not None else None,
+        warnings=report.warnings + (keys.warnings if keys is not None else ()),
+        notes=report.notes + plan_file.notes,
+    )

@@ -86,11 +86,28 @@ GcOpt = Annotated[
         help="Recompute activations in the backward (training; on by default).",
     ),
 ]
+GcReentrantOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--gc-reentrant/--no-gc-reentrant",
+        help="Reentrant gradient checkpointing (Axolotl's default) or not (transformers' and "
+        "qplan's default): reentrant keeps only each layer's input, which matters for 8-bit "
+        "layers.",
+    ),
+]
+LoraRegexOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-target-regex",
+        help="LoRA targets as one regular expression matched against full module names "
+        "(peft's re.fullmatch), instead of --lora-targets.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
-        "--optimizer", help="adamw (torch fused, default), adamw_8bit, paged_adamw_8bit, sgd, "
-        "adafactor."
+        "--optimizer", help="adamw (torch fused, default), adamw_8bit, paged_adamw_8bit (bnb), "
+        "adamw_torch_8bit, adamw_torch_4bit (torchao), sgd, adafactor."
     ),
 ]
 AttnOpt = Annotated[
@@ -176,8 +193,10 @@ def _workload_options(
     gradient_checkpointing: bool | None,
     optimizer: str | None,
     attn: str | None,
+    **levers: Any,
 ) -> dict[str, Any]:
-    """The workload options the user set (unset ones keep the API's defaults)."""
+    """The workload options the user set (unset ones keep the API's defaults); ``levers``:
+    the memory levers some commands take (--gc-reentrant, --lora-target-regex, ...)."""
     return _set_only(
         batch=batch,
         seq_len=seq_len,
@@ -189,6 +208,7 @@ def _workload_options(
         gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer,
         attn=attn,
+        **levers,
     )
 
 
@@ -248,6 +268,8 @@ def estimate(
     lora_targets: LoraTargetsOpt = None,
     lora_dropout: LoraDropoutOpt = None,
     gradient_checkpointing: GcOpt = None,
+    gc_reentrant: GcReentrantOpt = None,
+    lora_target_regex: LoraRegexOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -274,33 +296,25 @@ def estimate(
             num_gpus=num_gpus, precisions=precisions, headroom=headroom, revision=revision,
             solve=solve, **_workload_options(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
-                gradient_checkpointing, optimizer, attn,
+                gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
+                lora_target_regex=lora_target_regex,
             ),
         )
         if mode is not None:
             options["mode"] = mode
-        target_gpu, target_model = gpu, model
-        if axolotl is not None:
-            from qplan.loaders.axolotl import read_axolotl
-
-            plan_file = read_axolotl(axolotl)
-            target_model = model or plan_file.model
-            options = {**plan_file.estimate_kwargs, **options}  # flags win over the YAML
-            if gpu == "auto" and plan_file.gpu:
-                target_gpu = plan_file.gpu
-            for note in plan_file.notes:
-                err.print(f"[dim]note: {note}[/]", soft_wrap=True)
-            if plan_file.unused_keys:
-                err.print(
-                    f"[dim]note: not used for the plan: {', '.join(plan_file.unused_keys)}[/]",
-                    soft_wrap=True,
-                )
-        if target_model is None:
+        if axolotl is None and model is None:
             raise UsageError("no model given; pass MODEL or --axolotl FILE")
         if emit is not None and emit not in EMITTERS:
             raise UsageError(f"--emit {emit!r}: choose one of {', '.join(EMITTERS)}")
-        report = plan(target_model, gpu=target_gpu, trust_remote_code=trust_remote_code,
-                      **options)
+        if axolotl is not None:
+            from qplan.api import estimate_axolotl
+
+            # Flags win over the YAML; the YAML's gpu_memory_limit is the GPU unless --gpu.
+            if trust_remote_code:
+                options["trust_remote_code"] = True
+            report = estimate_axolotl(str(axolotl), model=model, gpu=gpu, **options)
+        else:
+            report = plan(model, gpu=gpu, trust_remote_code=trust_remote_code, **options)
         _write_files(report, files)
         if emit is not None:
             if output is not None:
@@ -366,6 +380,8 @@ def measure(
     lora_targets: LoraTargetsOpt = None,
     lora_dropout: LoraDropoutOpt = None,
     gradient_checkpointing: GcOpt = None,
+    gc_reentrant: GcReentrantOpt = None,
+    lora_target_regex: LoraRegexOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -390,7 +406,8 @@ def measure(
             trust_remote_code=trust_remote_code,
             **_workload_options(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
-                gradient_checkpointing, optimizer, attn,
+                gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
+                lora_target_regex=lora_target_regex,
             ),
         )
         _emit_report(report, as_json, output)

@@ -91,6 +91,7 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
             notes=tuple(data.get("notes", ())),
             versions=dict(data.get("versions", {})),
             measured=data.get("measured"),
+            axolotl=data.get("axolotl"),
             devices=tuple(_build(DeviceUse, d) for d in data.get("devices", ())),
             strategy=_strategy(data.get("strategy")),
             solutions=tuple(_solution(s) for s in data.get("solutions", ())),

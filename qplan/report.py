@@ -57,6 +57,9 @@ class Report:
     # Several GPUs: every device's share of the chosen plan, and the strategy with its reason.
     devices: tuple[DeviceUse, ...] = ()
     strategy: Strategy | None = None
+    # Planned from an Axolotl YAML: every key, by what the plan did with it
+    # (loaders/axolotl.py KeyAccount.as_dict).
+    axolotl: dict[str, Any] | None = None
 
     def candidate(self, precision: str) -> Candidate:
         return next(c for c in self.candidates if c.precision == precision)
@@ -67,6 +70,8 @@ def report_dict(report: Report) -> dict[str, Any]:
     data = asdict(report)
     if data["measured"] is None:
         del data["measured"]
+    if data["axolotl"] is None:
+        del data["axolotl"]
     if data["strategy"] is None:
         # One GPU: the JSON stays as it was before multi-GPU plans.
         del data["strategy"], data["devices"]

@@ -85,6 +85,8 @@ def test_realistic_qlora_config(tmp_path):
         "seq_len": 4096,
         "batch": 2,
         "gradient_checkpointing": True,
+        # Axolotl's normalize_config: use_reentrant true when nothing else decides.
+        "gc_reentrant": True,
         "optimizer": "adamw",
         "attn": "flash_attention_2",
         "lora_r": 32,
@@ -151,7 +153,8 @@ def test_lora_8bit_and_full(tmp_path):
 def test_sharding_gets_a_note(tmp_path):
     plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\ndeepspeed: ds.json\n"))
     assert "deepspeed" in plan.unused_keys
-    assert any("DeepSpeed" in note for note in plan.notes)
+    assert "deepspeed" in plan.keys.not_modelled
+    assert any("deepspeed" in w and "DeepSpeed" in w for w in plan.keys.warnings)
 
 
 @pytest.mark.parametrize(

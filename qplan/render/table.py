@@ -50,8 +50,28 @@ def render_tables(report: Any, out: Console) -> None:
         out.print(table)
 
 
+def render_axolotl_keys(keys: dict[str, Any], out: Console) -> None:
+    """Every key of the Axolotl YAML the plan was read from, by what the plan did with it."""
+    table = Table(show_edge=False, header_style="bold", title=f"axolotl keys: {keys['path']}")
+    table.add_column("keys")
+    table.add_column("")
+    not_modelled = [f"{k['key']} ({k['effect']})" for k in keys["not_modelled"]]
+    for label, items, joiner in (
+        ("read", keys["read"], ", "),
+        ("not modelled", not_modelled, "\n"),
+        ("ignored (no memory)", keys["ignored"], ", "),
+        ("unknown (not read)", keys["unknown"], ", "),
+    ):
+        if items:
+            table.add_row(f"{label}: {len(items)}", joiner.join(items))
+    out.print(table)
+
+
 def render_summary(report: Any, out: Console) -> None:
-    """Notes, warnings, solve results, measurements and the recommendation."""
+    """The Axolotl keys (when planned from a YAML), notes, warnings, solve results,
+    measurements and the recommendation."""
+    if getattr(report, "axolotl", None):
+        render_axolotl_keys(report.axolotl, out)
     for note in report.notes:
         out.print(f"[dim]note: {note}[/]", soft_wrap=True)
     for warning in report.warnings:
