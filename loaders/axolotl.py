@@ -54,6 +54,10 @@ ATTN_IMPLEMENTATIONS = {
     "sdpa": "sdpa",
     "eager": "eager",
 }
+# Axolotl plugins qplan plans (what they do to memory); any other plugin is not modelled.
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+KNOWN_PLUGINS = (CCE_PLUGIN, LIGER_PLUGIN)
 GIB = 2**30
 # Keys this reader turns into the plan.
 READ_KEYS = frozenset(
@@ -80,6 +84,9 @@ READ_KEYS = frozenset(
         "sdp_attention",
         "eager_attention",
         "attn_implementation",
+        "plugins",
+        "cut_cross_entropy",
+        "liger_fused_linear_cross_entropy",
         "gpu_memory_limit",
         "trust_remote_code",
         "revision_of_model",
@@ -307,6 +314,9 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["seq_len"] = seq_len
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
     kwargs.update(_checkpointing(raw, path, not_modelled))
+    fused = _fused_ce(raw, path, not_modelled)
+    if fused is not None:
+        kwargs["fused_ce"] = fused
     optimizer = raw.get("optimizer")
     if optimizer is not None:
         if optimizer not in OPTIMIZERS:
@@ -381,6 +391,25 @@ def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]
     elif raw.get("unfrozen_parameters") is None and raw.get("rl") is None:
         out["gc_reentrant"] = True
     return out
+
+
+def _fused_ce(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> str | None:
+    """Cut Cross Entropy (its plugin, unless ``cut_cross_entropy: false``) or Liger's fused
+    linear cross-entropy (``liger_fused_linear_cross_entropy: true``, with Liger's plugin)."""
+    plugins = raw.get("plugins") or []
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise _bad(path, "plugins must be a list of plugin class paths")
+    unknown = [p for p in plugins if p not in KNOWN_PLUGINS]
+    if unknown:
+        not_modelled["plugins"] = f"{', '.join(unknown)} patch the model or the loss"
+    cce = CCE_PLUGIN in plugins and _flag(raw, "cut_cross_entropy", path) is not False
+    liger = _flag(raw, "liger_fused_linear_cross_entropy", path) is True
+    if cce and liger:
+        raise _bad(path, "turns on both Cut Cross Entropy and Liger's fused linear "
+                   "cross-entropy; keep one")
+    return "cce" if cce else "liger" if liger else None
 
 
 def account_keys(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> KeyAccount:

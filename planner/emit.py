@@ -25,6 +25,17 @@ AXOLOTL_OPTIMIZERS = {
     "sgd": "sgd",
     "adafactor": "adafactor",
 }
+# Fused linear cross-entropy -> the Axolotl plugin and key that turn it on.
+AXOLOTL_FUSED_CE: dict[str, dict[str, Any]] = {
+    "cce": {
+        "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
+        "cut_cross_entropy": True,
+    },
+    "liger": {
+        "plugins": ["axolotl.integrations.liger.LigerPlugin"],
+        "liger_fused_linear_cross_entropy": True,
+    },
+}
 
 
 def _gc_kwargs(workload: Workload) -> str:
@@ -232,6 +243,8 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     if workload.gradient_checkpointing:
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": workload.gc_reentrant}
     out["optimizer"] = AXOLOTL_OPTIMIZERS[workload.optimizer]
+    if workload.fused_ce is not None:
+        out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
     full_dtype = prec.full_dtype or dtype
     out["bf16"] = full_dtype == "bfloat16"
     out["fp16"] = full_dtype == "float16"
@@ -285,6 +298,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["gc_reentrant"] = workload.gc_reentrant
     kwargs["optimizer"] = workload.optimizer
     kwargs["attn"] = workload.attn
+    if workload.fused_ce is not None:
+        kwargs["fused_ce"] = workload.fused_ce
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

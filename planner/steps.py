@@ -12,7 +12,8 @@ What they run is the loops users run (tests/test_user_loops.py runs those for re
   input ids), forward with labels, backward, gradient clipping to norm 1.0 (max_grad_norm),
   the optimizer step (fused AdamW by default), zero_grad; the second step starts with the
   optimizer states the first one created. No autocast: ``TrainingArguments(bf16=False)``,
-  the default, with the model loaded in the plan's dtype.
+  the default, with the model loaded in the plan's dtype. With a fused linear
+  cross-entropy the forward is the decoder and the fused loss (planner/fused_ce.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from qplan.errors import UsageError
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
+from qplan.planner.fused_ce import fused_ce_loss
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.workload import Workload
 
@@ -270,9 +272,12 @@ def run_training(
     model.train()
     for _ in range(steps):
         tracker.phase, tracker.segment = "forward", ("embed",)
-        out = model(input_ids=ids, labels=labels, use_cache=False)
-        loss = out.loss
-        del out
+        if workload.fused_ce is not None:
+            loss = fused_ce_loss(model, ids, workload.fused_ce, labels)
+        else:
+            out = model(input_ids=ids, labels=labels, use_cache=False)
+            loss = out.loss
+            del out
         tracker.phase, tracker.segment = "backward", ("head",)
         loss.backward()
         tracker.segment = ()

@@ -40,6 +40,9 @@ class Workload:
     gc_reentrant: bool = False
     optimizer: str = "adamw"
     attn: str = "sdpa"
+    # Fused linear cross-entropy (training): "cce" (Cut Cross Entropy) or "liger"; the
+    # logits are never materialised (planner/fused_ce.py).
+    fused_ce: str | None = None
 
     @property
     def is_training(self) -> bool:

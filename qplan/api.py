@@ -20,6 +20,7 @@ from qplan.planner.components import num_layers, workload_components
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
+from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, trace_group
 from qplan.planner.solve import Solution
@@ -29,6 +30,7 @@ from qplan.planner.workload import (
     KV_DTYPES,
     MODES,
     OPTIMIZERS,
+    TRAINING_MODES,
     Workload,
     default_seq_len,
 )
@@ -144,6 +146,7 @@ def make_workload(
     gc_reentrant: bool = False,
     optimizer: str = "adamw",
     attn: str = "sdpa",
+    fused_ce: str | None = None,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
     the model's max positions."""
@@ -151,6 +154,10 @@ def make_workload(
     _choice(optimizer, OPTIMIZERS, "optimizer")
     _choice(attn, ATTENTIONS, "attention implementation")
     _choice(kv_dtype, KV_DTYPES, "KV cache dtype")
+    _choice(fused_ce, FUSED_CE, "--fused-ce")
+    if fused_ce is not None and mode not in TRAINING_MODES:
+        raise UsageError(f"--fused-ce is a training loss; use it with --mode lora, qlora or "
+                         f"full, not {mode}")
     text = config.get_text_config()
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(
         text, "n_positions", None
@@ -191,6 +198,7 @@ def make_workload(
         gc_reentrant=gc_reentrant,
         optimizer=optimizer,
         attn=attn,
+        fused_ce=fused_ce,
     )
 
 
@@ -223,7 +231,8 @@ def estimate(
     """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options.
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
-    lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn.
+    lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
+    fused_ce.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """

@@ -103,6 +103,14 @@ LoraRegexOpt = Annotated[
         "(peft's re.fullmatch), instead of --lora-targets.",
     ),
 ]
+FusedCeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fused-ce",
+        help="Training loss without logits: cce (Cut Cross Entropy) or liger (Liger's fused "
+        "linear cross-entropy).",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -270,6 +278,7 @@ def estimate(
     gradient_checkpointing: GcOpt = None,
     gc_reentrant: GcReentrantOpt = None,
     lora_target_regex: LoraRegexOpt = None,
+    fused_ce: FusedCeOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -297,7 +306,7 @@ def estimate(
             solve=solve, **_workload_options(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
-                lora_target_regex=lora_target_regex,
+                lora_target_regex=lora_target_regex, fused_ce=fused_ce,
             ),
         )
         if mode is not None:
@@ -382,6 +391,7 @@ def measure(
     gradient_checkpointing: GcOpt = None,
     gc_reentrant: GcReentrantOpt = None,
     lora_target_regex: LoraRegexOpt = None,
+    fused_ce: FusedCeOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -407,7 +417,7 @@ def measure(
             **_workload_options(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
-                lora_target_regex=lora_target_regex,
+                lora_target_regex=lora_target_regex, fused_ce=fused_ce,
             ),
         )
         _emit_report(report, as_json, output)

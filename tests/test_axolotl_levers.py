@@ -206,3 +206,79 @@ def test_reentrant_and_torchao_round_trip_through_emit(tiny_model_dir, tmp_path)
     assert "use_reentrant: true" in text and "optimizer: \"adamw_torch_4bit\"" in text
     again = read_axolotl(_write(tmp_path, text))
     assert again.estimate_kwargs == estimate_kwargs_of(report, "int8")
+
+
+@pytest.mark.parametrize("kind", ["liger", "cce"])
+def test_fused_ce_computes_transformers_loss_and_gradients(kind):
+    """The fused losses are real: the same loss and gradients as the model's own loss."""
+    import torch
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    from qplan.planner.fused_ce import fused_ce_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config("llama", "float32", vocab_size=3000),
+                                             dtype=torch.float32)
+    ids = torch.randint(0, 3000, (2, 24))
+    reference = model(input_ids=ids, labels=ids).loss
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = fused_ce_loss(model, ids, kind)
+    loss.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("kind", ["liger", "cce"])
+def test_fused_ce_against_a_real_step(tiny_model_dir, kind):
+    """No logits: the meta trace against a real CPU step of the same loss, exact."""
+    folder = tiny_model_dir("llama", vocab_size=6000)
+    config = AutoConfig.from_pretrained(folder)
+    options = dict(SHAPE, fused_ce=kind)
+    predicted = estimate(str(folder), gpu="80GiB", mode="lora", precisions="bf16",
+                         target="cpu", **options).candidate("bf16")
+    measured = measure(config, make_workload("lora", config, **options), "bf16",
+                       predicted.compute_dtype)
+    assert predicted.peak_allocated_bytes == measured.peak_bytes
+    assert predicted.components["logits"] == measured.components["logits"]
+    unfused = estimate(str(folder), gpu="80GiB", mode="lora", precisions="bf16", target="cpu",
+                       **SHAPE).candidate("bf16")
+    assert unfused.components["logits"] > 0
+    assert predicted.components["logits"] < unfused.components["logits"] / 4
+    assert predicted.peak_allocated_bytes < unfused.peak_allocated_bytes
+
+
+@pytest.mark.parametrize(
+    ("extra", "fused"),
+    [
+        ("plugins:\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n", "cce"),
+        ("plugins:\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n"
+         "cut_cross_entropy: false\n", None),
+        ("plugins:\n  - axolotl.integrations.liger.LigerPlugin\n"
+         "liger_fused_linear_cross_entropy: true\nliger_rms_norm: true\n", "liger"),
+    ],
+)
+def test_fused_ce_keys(tmp_path, extra, fused):
+    plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\n" + extra))
+    assert plan.estimate_kwargs.get("fused_ce") == fused
+    assert "plugins" in plan.keys.read
+    assert set(plan.keys.not_modelled) <= {"liger_rms_norm"}
+
+
+def test_unknown_plugin_is_not_modelled(tmp_path):
+    plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\nplugins:\n"
+                                         "  - some.Plugin\n"))
+    assert "some.Plugin" in plan.keys.not_modelled["plugins"]
+
+
+@pytest.mark.parametrize("kind", ["cce", "liger"])
+def test_fused_ce_round_trips_through_emit_axolotl(tiny_model_dir, tmp_path, kind):
+    report = estimate(str(tiny_model_dir("llama")), gpu="80GiB", mode="qlora",
+                      precisions="nf4", fused_ce=kind, **SHAPE)
+    assert report.candidate("nf4").components["logits"] < 2**20
+    again = read_axolotl(_write(tmp_path, emit_axolotl(report, "nf4")))
+    assert again.estimate_kwargs == estimate_kwargs_of(report, "nf4")
+    assert again.keys.not_modelled == {}
