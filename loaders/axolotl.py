@@ -54,6 +54,9 @@ ATTN_IMPLEMENTATIONS = {
     "sdpa": "sdpa",
     "eager": "eager",
 }
+# Axolotl's newer ``attention:`` key (e.g. ``attention: flash``) -> attn_implementation.
+ATTENTION_KEY = {"flash": "flash_attention_2", "fa2": "flash_attention_2",
+                 "fa3": "flash_attention_3", "sdpa": "sdpa", "eager": "eager"}
 # Axolotl plugins qplan plans (what they do to memory); any other plugin is not modelled.
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
@@ -84,6 +87,7 @@ READ_KEYS = frozenset(
         "sdp_attention",
         "eager_attention",
         "attn_implementation",
+        "attention",
         "plugins",
         "cut_cross_entropy",
         "liger_fused_linear_cross_entropy",
@@ -272,6 +276,12 @@ def _targets(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]
 
 def _attn(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> str | None:
     implementation = raw.get("attn_implementation")
+    short = raw.get("attention")
+    if not _is_set(implementation) and _is_set(short):
+        if str(short) not in ATTENTION_KEY:
+            not_modelled["attention"] = f"{short} attention (planned as sdpa)"
+            return "sdpa"
+        implementation = ATTENTION_KEY[str(short)]
     if _is_set(implementation):
         name = str(implementation)
         if name in ATTN_IMPLEMENTATIONS:

@@ -76,6 +76,12 @@ def yaml_keys(text: str) -> list[str]:
     return list(yaml.safe_load(text))
 
 
+@pytest.mark.parametrize(("value", "attn"), [("flash", "flash_attention_2"), ("sdpa", "sdpa")])
+def test_attention_key(tmp_path, value, attn):
+    plan = read_axolotl(_write(tmp_path, f"base_model: m/x\nbf16: true\nattention: {value}\n"))
+    assert plan.estimate_kwargs["attn"] == attn and "attention" in plan.keys.read
+
+
 def test_unknown_attention_is_a_warning_planned_as_sdpa(tmp_path):
     plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\n"
                                          "attn_implementation: flex_attention\n"))
