@@ -310,10 +310,14 @@ def find_profile(name: str) -> GpuProfile:
     if by_nvml:
         return _pick(name, by_nvml)
     toks = _tokens(name)
+    # A family is named by a model number or a word ("a100", "grace"): a lone letter
+    # ("B" of a mistyped "24XB") would pick a whole generation by its initial.
+    specific = any(t.isdigit() or len(t) >= 3 for t in toks)
     family = [
         p
         for p in profiles
-        if any(len(t) > len(toks) and t[: len(toks)] == toks for t in _label_tokens(p))
+        if specific
+        and any(len(t) > len(toks) and t[: len(toks)] == toks for t in _label_tokens(p))
     ]
     if family:
         return _pick(name, family)
@@ -326,6 +330,8 @@ def _unknown_message(name: str, query: str, profiles: Iterable[GpuProfile]) -> s
         for label in sorted(_labels(p)):
             label_to_key.setdefault(label, p.key)
     close = difflib.get_close_matches(query, list(label_to_key), n=8, cutoff=0.5)
+    # A short query ("b", "h1") is too short for difflib's ratio: names it begins.
+    close += sorted(label for label in label_to_key if query and label.startswith(query))
     keys: list[str] = []
     for label in close:
         if label_to_key[label] not in keys:
@@ -333,6 +339,8 @@ def _unknown_message(name: str, query: str, profiles: Iterable[GpuProfile]) -> s
     hint = f"closest: {', '.join(keys[:3])}; " if keys else ""
     if re.fullmatch(r"[0-9]+(\.[0-9]+)?", name.strip()) and float(name) <= 1024:
         hint += f"for a size add a unit (--gpu {name.strip()}GiB); "
+    elif (number := re.match(r"\s*([0-9]+(?:\.[0-9]+)?)\s*[a-z]+\s*$", name, re.IGNORECASE)):
+        hint += f"for a size write e.g. --gpu {number.group(1)}GB or {number.group(1)}GiB; "
     return f"unknown GPU {name!r}; {hint}`qplan gpus` lists the known names"
 
 
@@ -446,6 +454,12 @@ def resolve_gpu(spec: str, num_gpus: int | None = None) -> GpuTarget:
         unit = sizeish.group(2).lower() if sizeish else ""
         if unit.endswith("b") or unit.startswith("byte"):
             parse_size(rest)  # "24KB", "2PB": a size with a bad unit, say so
+        if prefix is not None:
+            # "24XB" was read as 24 x "B": say what was read and what comes close to it all.
+            raise UnknownGpuError(
+                _unknown_message(spec, normalize(rest), load_profiles())
+                .replace("; ", f" (read as {prefix} x {rest!r}); ", 1)
+            ) from None
         raise
     return target_from_profile(profile, count or 1)
 

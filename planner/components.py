@@ -47,6 +47,9 @@ CUBLAS_WORKSPACE_DEFAULT = 8 * MIB
 # Freed blocks of many sizes stay cached during a step; allowance on what churns.
 FRAGMENTATION_ALLOWANCE = 0.05
 
+# The paged optimizer states, a part of optimizer_states kept apart while tracing.
+PAGED = "paged_optimizer_states"
+
 COMPONENT_ORDER = (
     "weights", "adapters", "gradients", "optimizer_states", "kv_cache", "logits",
     "activations", "transients", "allocator",
@@ -90,7 +93,11 @@ def load_components(
 def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[str, int]:
     """Split the storages live at the peak into components."""
     parts = dict.fromkeys(COMPONENT_ORDER, 0)
+    if seen.paged_states:
+        # Counted apart until the end (workload_components): outside torch's counters.
+        parts[PAGED] = 0
     roles = (
+        (PAGED, seen.paged_states),
         ("weights", seen.weights),
         ("adapters", seen.adapters),
         ("gradients", seen.gradients),
@@ -280,9 +287,12 @@ def workload_components(
             components["kv_cache"]
         components["kv_cache"] += delta
         peak += delta
-    if workload.optimizer == "paged_adamw_8bit":
+    paged = components.pop(PAGED, 0)
+    if paged:
         # Paged states live in CUDA managed memory: outside torch's counters, seen by NVML.
-        peak -= components["optimizer_states"]
+        # They are still optimizer state the GPU holds, so the component keeps them.
+        components["optimizer_states"] += paged
+        peak -= paged
     if target == "cuda":
         workspace = CUBLAS_WORKSPACE.get(gpu_architecture or "", CUBLAS_WORKSPACE_DEFAULT)
         components["transients"] += workspace

@@ -45,6 +45,15 @@ class StepTensors:
     gradients: set[int] = field(default_factory=set)
     optimizer_states: set[int] = field(default_factory=set)
     kv_cache: set[int] = field(default_factory=set)
+    # Paged optimizers: the states bitsandbytes puts in CUDA managed memory (a subset of
+    # optimizer_states), which torch's allocator never counts.
+    paged_states: set[int] = field(default_factory=set)
+
+
+# bitsandbytes' paged optimizers page a state buffer only from this many elements
+# (Optimizer8bit.get_state_buffer); smaller ones are ordinary torch tensors.
+PAGED_MIN_NUMEL = 100_000
+PAGED_STATE_KEYS = ("state1", "state2")
 
 
 def _quant_tensors(param: Any) -> Iterator[torch.Tensor]:
@@ -132,7 +141,12 @@ def make_optimizer(params: list[nn.Parameter], name: str, device: torch.device) 
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        # Paging needs CUDA managed memory (cget_managed_ptr, absent from CPU builds and
+        # meaningless on meta). The paged optimizer's states have the non-paged one's
+        # layout, so off CUDA the trace runs that and marks the buffers that would be paged
+        # (run_training); a real CUDA run takes the paged class.
+        paged = name.startswith("paged") and device.type == "cuda"
+        cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
         return cls(params, lr=1e-4)
     if name in TORCHAO_OPTIMIZERS:
         # HF TrainingArguments' adamw_torch_8bit / adamw_torch_4bit: torchao's AdamW8bit
@@ -200,6 +214,18 @@ def optimizer_step_mode(name: str) -> Iterator[None]:
         yield
     finally:
         torch.compile = original
+
+
+def _paged_state_serials(optimizer: Any, tracker: LiveTensorTracker) -> Iterator[int]:
+    """The state buffers a paged bitsandbytes optimizer allocates as managed memory."""
+    for param, state in optimizer.state.items():
+        if param.numel() < PAGED_MIN_NUMEL:
+            continue
+        for key in PAGED_STATE_KEYS:
+            value = state.get(key)
+            serial = tracker.serial_of(value) if isinstance(value, torch.Tensor) else None
+            if serial is not None:
+                yield serial
 
 
 def segment_by_layer(model: nn.Module, tracker: LiveTensorTracker,
@@ -301,6 +327,8 @@ def run_training(
                 serial = tracker.add(tensor)
             if serial is not None:
                 seen.optimizer_states.add(serial)
+        if workload.optimizer.startswith("paged"):
+            seen.paged_states.update(_paged_state_serials(optimizer, tracker))
         optimizer.zero_grad(set_to_none=True)
     tracker.phase = "done"
 

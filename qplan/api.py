@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from qplan.errors import UsageError
+from qplan.errors import UsageError, enter_step
 from qplan.planner.advice import (
     advice_when_nothing_fits,
     solve_one,
@@ -17,6 +17,7 @@ from qplan.planner.advice import (
 )
 from qplan.planner.budget import Headroom, budget_for
 from qplan.planner.components import num_layers, workload_components
+from qplan.planner.config_checks import check_config
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
@@ -254,12 +255,17 @@ def estimate(
             )
         names = [n for n in names if n in allowed]
     room = parse_headroom(headroom)
+    enter_step("resolving the model")
     spec = resolve(model, revision, trust_remote_code)
+    check_config(spec.config, spec.config_path or spec.id)
+    enter_step("resolving the GPU")
     gpu_target = resolve_target(gpu, num_gpus)
+    enter_step("building the model on the meta device")
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)
     meta = build_meta_model(copy.deepcopy(spec.config), spec.trust_remote_code)
     inventory = take_inventory(meta, skip_modules)
+    enter_step("checking the workload options")
     workload = make_workload(mode, spec.config, **workload_options)
     budget = budget_for(gpu_target, room)
     if budget.headroom_bytes >= gpu_target.memory_bytes:
@@ -297,6 +303,7 @@ def estimate(
         key = (trace_group(precision), wl)
         plan = traced.get(key) if wl.mode != "load" else None
         if plan is None:
+            enter_step(f"planning {wl.mode} at {precision}")
             plan = workload_components(
                 inventory,
                 wl,

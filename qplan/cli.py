@@ -1,7 +1,10 @@
 """The ``qplan`` command: the only module that prints. It parses, calls qplan.api, renders.
 
 Every ``QplanError`` is caught once, here, and becomes a one-line message on stderr with the
-error's exit code (2 for usage errors, 1 otherwise); ``--debug`` shows the traceback.
+error's exit code (2 for usage errors, 1 otherwise); any other exception becomes one line
+naming the model, the step and the library that raised it, exit 3. With ``--json`` stdout
+carries the error as a ``qplan.error/v1`` object, so a pipeline always reads JSON.
+``--debug`` re-raises with the traceback.
 """
 
 from __future__ import annotations
@@ -18,13 +21,81 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from qplan.errors import QplanError, UsageError
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+from qplan.errors import (
+    UNEXPECTED_EXIT_CODE,
+    QplanError,
+    UsageError,
+    current_step,
+    raising_library,
+    reset_step,
+    unexpected_summary,
+)
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
 from qplan.render.table import render_listing, render_loaded
 
+ERROR_SCHEMA_ID = "qplan.error/v1"
+
+
+def error_object(message: str, kind: str, exit_code: int, **extra: Any) -> dict[str, Any]:
+    """The ``qplan.error/v1`` object (qplan/schema/error.v1.json) printed under --json."""
+    return {"schema": ERROR_SCHEMA_ID, "error": message, "kind": kind, "exit_code": exit_code,
+            **extra}
+
+
+def _fail(message: str, kind: str, exit_code: int, as_json: bool, **extra: Any) -> None:
+    """One line on stderr, the JSON error on stdout under --json; leaves with ``exit_code``."""
+    # escape: messages may hold brackets ('pip install "qplan[plot]"', lists, paths).
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}",
+                                                soft_wrap=True, markup=True)
+    if as_json:
+        sys.stdout.write(json.dumps(error_object(message, kind, exit_code, **extra)) + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(exit_code)
+
+
+class _OneLineErrors(TyperGroup):
+    """click's own parsing errors (an unknown option, ``--batch abc``) as one line too,
+    in the same shape as qplan's errors, instead of click's usage box."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(argv, prog_name, complete_var, False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            sys.stdout.write((exc.ctx.get_help() if exc.ctx else str(exc)) + "\n")
+            sys.exit(0)
+        except click_errors.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "qplan"
+            message = " ".join(exc.format_message().split())
+            try:
+                _fail(f"{message} (see `{command} --help`)", "usage", 2, "--json" in argv)
+            except typer.Exit as leave:
+                sys.exit(leave.exit_code)
+        except click_errors.ClickException as exc:
+            try:
+                _fail(" ".join(exc.format_message().split()), "usage", exc.exit_code,
+                      "--json" in argv)
+            except typer.Exit as leave:
+                sys.exit(leave.exit_code)
+        except typer.Abort:
+            sys.stderr.write("Aborted!\n")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="qplan",
     help="GPU memory planner and auto-configurator for Hugging Face language models.",
     no_args_is_help=True,
@@ -157,18 +228,31 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _guarded(debug: bool, action: Callable[[], T]) -> T:
-    """Run ``action``; a QplanError becomes one line on stderr and its exit code."""
+def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
+             model: Any = None) -> T:
+    """Run ``action``; a QplanError becomes one line on stderr and its exit code, any other
+    exception one line naming ``model``, the step and the library, exit 3 (the traceback
+    only with ``--debug``)."""
     if not debug:
         _quiet_libraries()
+    reset_step()
     try:
         return action()
     except QplanError as exc:
         if debug:
             raise
-        # escape: messages may hold brackets ('pip install "qplan[plot]"', lists, paths).
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(" ".join(str(exc).split()), exc.kind, exc.exit_code, as_json)
+        raise  # unreachable: _fail leaves
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        label = str(model) if model else None
+        _fail(unexpected_summary(exc, label), "internal", UNEXPECTED_EXIT_CODE, as_json,
+              step=current_step() or "planning", library=raising_library(exc),
+              exception=type(exc).__name__, model=label)
+        raise  # unreachable
 
 
 def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool = True) -> None:
@@ -205,6 +289,13 @@ def _workload_options(
 ) -> dict[str, Any]:
     """The workload options the user set (unset ones keep the API's defaults); ``levers``:
     the memory levers some commands take (--gc-reentrant, --lora-target-regex, ...)."""
+    if seq_len is not None and seq_len < 1:
+        # The API reads seq_len 0 as "the mode's default"; typed on the command line it is
+        # a mistake (leave --seq-len out for the default).
+        raise UsageError(
+            f"--seq-len must be between 1 and 16777216, not {seq_len}; leave it out for the "
+            "mode's default"
+        )
     return _set_only(
         batch=batch,
         seq_len=seq_len,
@@ -332,7 +423,7 @@ def estimate(
             return
         _emit_report(report, as_json, output)
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json, model=model or (axolotl and f"--axolotl {axolotl}"))
 
 
 @app.command("report")
@@ -364,7 +455,7 @@ def report_command(
         elif plot is None and html is None:
             render_terminal(report, out)
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json, model=f"report {path}")
 
 
 @app.command()
@@ -422,7 +513,7 @@ def measure(
         )
         _emit_report(report, as_json, output)
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json, model=model)
 
 
 def _print_list(items: list[Any], columns: tuple[str, ...], row: Any, as_json: bool) -> None:
@@ -453,7 +544,7 @@ def gpus(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
             as_json,
         )
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json)
 
 
 @app.command()
@@ -470,7 +561,7 @@ def models(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
             as_json,
         )
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json)
 
 
 @app.command()
@@ -547,7 +638,8 @@ def load(
         if not as_json:
             render_loaded(report, out)
 
-    _guarded(debug, run)
+    _guarded(debug, run, as_json=as_json,
+             model=model or (from_report and f"--from-report {from_report}"))
 
 
 def main() -> None:

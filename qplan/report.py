@@ -87,3 +87,8 @@ def report_json(report: Report) -> str:
 
 def load_schema() -> dict[str, Any]:
     return json.loads((files("qplan") / "schema" / "report.v1.json").read_text())
+
+
+def load_error_schema() -> dict[str, Any]:
+    """The schema of the error object failing commands print under --json."""
+    return json.loads((files("qplan") / "schema" / "error.v1.json").read_text())
