@@ -511,6 +511,7 @@ def measure_workload(
             f"measuring {spec.id} ({mode}, {precision}) on CPU",
             "pass --layers N to keep only the first N decoder layers",
         )
+    enter_step(f"measuring {mode} at {precision} on {device}")
     measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device)
     predicted = candidate.peak_allocated_bytes
     block = {

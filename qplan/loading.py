@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qplan.errors import ConfigError, QplanError, UsageError
+from qplan.errors import ConfigError, QplanError, UsageError, enter_step
+from qplan.planner.config_checks import check_config
 from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
@@ -96,7 +97,7 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
             strategy=_strategy(data.get("strategy")),
             solutions=tuple(_solution(s) for s in data.get("solutions", ())),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(
             f"the qplan report is incomplete or malformed ({type(exc).__name__}: {exc}); "
             "re-run `qplan estimate --json`"
@@ -184,8 +185,11 @@ def load(
             raise UsageError(
                 f"from_report fixes the GPU and the workload; drop {given} or re-run the estimate"
             )
+        enter_step("reading the report")
         report = read_report(from_report)
+        enter_step("resolving the model")
         spec = _resolve(model if model is not None else report.model.id, estimate_kwargs)
+        check_config(spec.config, spec.config_path or spec.id)
         if not _same_model(spec, report):
             raise UsageError(
                 f"the report plans {report.model.id!r}, not {spec.id!r}; pass the report of "
@@ -202,6 +206,7 @@ def load(
     chosen = _pick_precision(report, precision)
     where = pick_device(device)
     warnings = list(report.warnings)
+    enter_step(f"loading {chosen} on {where}")
     if device is None and where == "cpu":
         warnings.append(CPU_WARNING)
     result = load_planned(
