@@ -183,6 +183,8 @@ def make_workload(
             raise UsageError(
                 f"LoRA target regex {lora_target_regex!r} does not compile ({exc}); fix it"
             ) from None
+    if lora_alpha is not None and not 1 <= lora_alpha <= 1 << 20:
+        raise UsageError(f"--lora-alpha must be between 1 and 1048576, not {lora_alpha}")
     if not 0.0 <= lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
     return Workload(
@@ -200,6 +202,23 @@ def make_workload(
         optimizer=optimizer,
         attn=attn,
         fused_ce=fused_ce,
+    )
+
+
+def check_lora_targets(workload: Workload, inventory: Any, model_id: str) -> None:
+    """Named LoRA targets must match a module, as peft requires (a name matches a module
+    called so, or ending in ``.name``); said here in one line, before any trace."""
+    targets = workload.target_modules
+    if not workload.is_lora or isinstance(targets, str):
+        return  # all-linear, or a regular expression peft matches itself
+    modules = {t.module for t in inventory.tensors}
+    if any(m == t or m.endswith("." + t) for t in targets for m in modules):
+        return
+    linear = sorted({t.module.rsplit(".", 1)[-1] for t in inventory.parameters
+                     if t.module_type in ("Linear", "Conv1D")})
+    raise UsageError(
+        f"--lora-targets {','.join(targets)} matches no module of {model_id}; name some of "
+        f"its linear layers ({', '.join(linear[:8])}) or use all-linear"
     )
 
 
@@ -267,6 +286,7 @@ def estimate(
     inventory = take_inventory(meta, skip_modules)
     enter_step("checking the workload options")
     workload = make_workload(mode, spec.config, **workload_options)
+    check_lora_targets(workload, inventory, spec.id)
     budget = budget_for(gpu_target, room)
     if budget.headroom_bytes >= gpu_target.memory_bytes:
         raise UsageError(
