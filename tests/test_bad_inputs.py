@@ -169,7 +169,8 @@ MODELS = [
 # --------------------------------------------------------------------------- GPUs
 
 GPUS = [
-    Bad(f"gpu {' '.join((repr(gpu), *extra))}", est(CATALOG, "--gpu", gpu, "--mode", "load", *extra), 2, needles)
+    Bad(f"gpu {' '.join((repr(gpu), *extra))}",
+        est(CATALOG, "--gpu", gpu, "--mode", "load", *extra), 2, needles)
     for gpu, extra, needles in [
         ("", (), ("empty",)),
         ("   ", (), ("empty",)),
