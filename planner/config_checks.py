@@ -68,6 +68,7 @@ def check_config(config: Any, origin: str = "the config") -> None:
         if value is not None:
             _check_int(value, spec, origin)
     _check_heads(text, origin)
+    _check_pad_token(text, origin)
     _check_total(text, origin)
 
 
@@ -135,6 +136,16 @@ def _check_heads(text: Any, origin: str) -> None:
         raise ConfigError(
             f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) in "
             f"{origin}; the model splits the hidden size into equal heads - {_fix(origin)}"
+        )
+
+
+def _check_pad_token(text: Any, origin: str) -> None:
+    """The embedding's padding row must exist (torch asserts it while building)."""
+    pad, vocab = getattr(text, "pad_token_id", None), getattr(text, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:
+        raise ConfigError(
+            f"pad_token_id {pad} lies outside the vocabulary of {vocab} tokens in {origin}; "
+            "correct pad_token_id or vocab_size"
         )
 
 

@@ -159,7 +159,10 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
                 model = factory.from_config(config, **kwargs)
             else:
                 model = factory._from_config(config, **kwargs)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError,
+            IndexError, ZeroDivisionError) as exc:
+        # A config transformers accepts but cannot build from (torch asserts, divides by a
+        # zero size, indexes past a list): the config's fault, said in one line.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"transformers could not build {config.model_type!r} from this config ({first}); "

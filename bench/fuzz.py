@@ -1,0 +1,85 @@
+"""The long fuzz of the ``qplan`` command line (issue 9): thousands of mutated real configs
+and command lines, each checked for a traceback, an error of more than one line, stdout that
+is not valid report/error JSON, an unexpected failure (exit 3) and a hang (a per-input
+time bound). The inputs are drawn by tests/fuzz_inputs.py, as in the suite's short fuzz.
+
+    python bench/fuzz.py --examples 10000 --log /tmp/fuzz.jsonl
+    QPLAN_FUZZ_CONFIGS=../shared/model-configs python bench/fuzz.py ...  # more seeds
+
+Every input's outcome is appended to the log as it is checked (so a run stopped early still
+says how many inputs it tried); the summary goes to stdout at the end: inputs, exit codes,
+the slowest input, and every finding with its input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=10_000)
+    parser.add_argument("--bound", type=float, default=60.0, help="seconds per input")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log", type=Path, default=Path("fuzz-log.jsonl"))
+    options = parser.parse_args()
+
+    from fuzz_inputs import check, command, config_text, seed_files
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+
+    seeds = seed_files()
+    counts: Counter[str] = Counter()
+    findings: list[dict] = []
+    slowest = (0.0, {})
+    start = time.monotonic()
+    folder = Path(tempfile.mkdtemp(prefix="qplan-fuzz-"))
+    log = options.log.open("a")
+
+    @seed(options.seed)
+    @settings(max_examples=options.examples, deadline=None, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(config=config_text(seeds), args=command())
+    def one(config: tuple[str, str], args: list[str]) -> None:
+        nonlocal slowest
+        name, text = config
+        outcome = check(text, args, folder, options.bound)
+        counts["inputs"] += 1
+        counts[f"exit {outcome.exit_code}"] += 1
+        record = {"n": counts["inputs"], "seed": name, "args": args, "exit": outcome.exit_code,
+                  "seconds": round(outcome.seconds, 3), "problems": outcome.problems,
+                  "message": outcome.message[:300]}
+        if outcome.problems:
+            record["config"] = text
+            findings.append(record)
+        if outcome.seconds > slowest[0]:
+            slowest = (outcome.seconds, record)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    one()
+    summary = {
+        "inputs": counts["inputs"],
+        "exit_codes": {k: v for k, v in sorted(counts.items()) if k.startswith("exit")},
+        "wall_s": round(time.monotonic() - start, 1),
+        "seeds": len(seeds),
+        "slowest_s": round(slowest[0], 2),
+        "slowest": {k: v for k, v in slowest[1].items() if k != "config"},
+        "findings": findings,
+    }
+    print(json.dumps(summary, indent=2))
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
