@@ -17,9 +17,9 @@ SEEDS = seed_files()
 
 
 @seed(9)
-@settings(max_examples=30, deadline=None, database=None, phases=[Phase.generate],
+@settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate],
           suppress_health_check=list(HealthCheck))
-@given(config=config_text(SEEDS), args=command())
+@given(config=config_text(SEEDS), args=command(fast=True))
 def test_fuzzed_configs_and_options(tmp_path_factory, config, args):
     name, text = config
     outcome = check(text, args, tmp_path_factory.mktemp("fuzz"), bound_s=60)
