@@ -37,15 +37,16 @@ SIZE_FIELDS = (
     SizeField("head_dim", 1, 1 << 14),
     SizeField("vocab_size", 1, 1 << 23),
     SizeField("max_position_embeddings", 1, 1 << 26),
-    SizeField("num_local_experts", 1, 1 << 14),
-    SizeField("n_routed_experts", 1, 1 << 14),
-    SizeField("num_experts", 1, 1 << 14),
-    SizeField("num_experts_per_tok", 1, 1 << 14),
-    SizeField("moe_intermediate_size", 1, 1 << 20),
-    SizeField("sliding_window", 1, 1 << 26),
 )
-# Integer fields where 0 is legitimate ("none of these"), with their upper bound.
+# Integer fields where 0 is legitimate ("none of these": a dense model's expert count, no
+# window), with their upper bound.
 COUNT_FIELDS = (
+    SizeField("num_local_experts", 0, 1 << 14),
+    SizeField("n_routed_experts", 0, 1 << 14),
+    SizeField("num_experts", 0, 1 << 14),
+    SizeField("num_experts_per_tok", 0, 1 << 14),
+    SizeField("moe_intermediate_size", 0, 1 << 20),
+    SizeField("sliding_window", 0, 1 << 26),
     SizeField("first_k_dense_replace", 0, 1024),
     SizeField("kv_lora_rank", 0, 1 << 17),
     SizeField("q_lora_rank", 0, 1 << 17),
