@@ -23,6 +23,7 @@ from typing import Any
 
 from qplan.errors import ConfigError
 from qplan.loaders.axolotl_keys import NOT_MODELLED, classify_key
+from qplan.planner.precision import PRECISIONS, find_precision
 
 # Axolotl / HF TrainingArguments optimizer names -> qplan's (what their state costs).
 OPTIMIZERS = {
@@ -234,12 +235,13 @@ def _precisions(raw: dict[str, Any], adapter: str | None, path: Path) -> tuple[s
         if not isinstance(kwargs, dict):
             raise _bad(path, "bnb_config_kwargs must be a mapping")
         quant_type = str(kwargs.get("bnb_4bit_quant_type", "nf4"))
-        if quant_type not in ("nf4", "fp4"):
+        double = bool(kwargs.get("bnb_4bit_use_double_quant", True))
+        found = find_precision("bitsandbytes", bits=4, quant_type=quant_type, double_quant=double)
+        if found is None:
             raise _bad(path, f"bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4")
-        double = kwargs.get("bnb_4bit_use_double_quant", True)
-        return quant_type + ("-dq" if double else ""), notes
+        return found, notes
     if eight:
-        return "int8", notes
+        return find_precision("bitsandbytes", bits=8) or "int8", notes
     bf16, fp16 = _flag(raw, "bf16", path), _flag(raw, "fp16", path)
     if bf16 is True:
         return "bf16", notes
@@ -317,8 +319,13 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     not_modelled: dict[str, str] = {}
 
     kwargs: dict[str, Any] = {"mode": mode, "precisions": precisions}
-    if precisions.endswith(("nf4", "fp4", "-dq")):
+    if PRECISIONS[precisions.split(",")[0]].is_4bit:
         kwargs["quant_storage"] = _quant_storage(raw)
+    skips = (raw.get("bnb_config_kwargs") or {}).get("llm_int8_skip_modules")
+    if skips is not None:
+        if not isinstance(skips, list) or not all(isinstance(m, str) for m in skips):
+            raise _bad(path, "bnb_config_kwargs.llm_int8_skip_modules must be a list of names")
+        kwargs["skip_modules"] = tuple(skips)
     seq_len = _int(raw, "sequence_len", path)
     if seq_len is not None:
         kwargs["seq_len"] = seq_len

@@ -101,9 +101,9 @@ def planned_max_memory(report: Report) -> dict[Any, int]:
     """The plan's max_memory as from_pretrained takes it (see planner.device_map)."""
     strategy = report.strategy
     assert strategy is not None and strategy.max_memory is not None
-    quantized = "quantization_config" in (report.recommendation.load_kwargs
-                                          if report.recommendation else {})
-    return from_pretrained_max_memory(strategy.max_memory, quantized)
+    rec = report.recommendation
+    fraction = PRECISIONS[rec.precision].method.max_memory_fraction() if rec else 1.0
+    return from_pretrained_max_memory(strategy.max_memory, fraction)
 
 
 def _capability(report: Report, device: str) -> tuple[int, int] | None:
@@ -141,23 +141,13 @@ def attn_for(report: Report, device: str, explicit: str | None) -> str:
 # --------------------------------------------------------------------------- from_pretrained kwargs
 
 
-def _check_bitsandbytes() -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:
-        raise QplanError(
-            f"bitsandbytes is not usable ({type(exc).__name__}: {exc}); install "
-            "bitsandbytes>=0.50 or pick an unquantised precision (bf16, fp16, fp32)"
-        ) from exc
-
-
 def load_kwargs(
     report: Report,
     candidate: Candidate,
     device: str,
     attn: str | None = None,
 ) -> dict[str, Any]:
-    """Real ``from_pretrained`` kwargs (torch dtypes, BitsAndBytesConfig) for a candidate."""
+    """Real ``from_pretrained`` kwargs (torch dtypes, the method's config object)."""
     from qplan.planner.quantize_meta import bnb_config
 
     prec = PRECISIONS[candidate.precision]
@@ -172,7 +162,7 @@ def load_kwargs(
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     if prec.quantized:
-        _check_bitsandbytes()
+        prec.method.check_available()
         kwargs["quantization_config"] = bnb_config(
             candidate.precision,
             candidate.compute_dtype,
@@ -396,9 +386,9 @@ def load_planned(
         )
     candidate = report.candidate(precision)
     prec = PRECISIONS[precision]
-    if workload.mode == "full" and prec.quantized:
+    if workload.mode == "full" and not prec.trainable("full"):
         raise UsageError(
-            f"full fine-tuning cannot train {precision} (bitsandbytes) weights; "
+            f"full fine-tuning cannot train {precision} ({prec.method.library}) weights; "
             "use --mode qlora, or an unquantised precision (bf16, fp16, fp32)"
         )
     where = pick_device(device)

@@ -1,8 +1,9 @@
 """Candidates per precision, whether each fits, and the recommendation.
 
-The recommendation is the least aggressive precision that fits, in the order
-bf16 (fp16 on GPUs without bf16) -> int8 -> nf4 -> nf4-dq. fp32 and the fp4 variants are
-reported but only chosen when the user names them with ``--precisions``.
+The recommendation is the least aggressive precision that fits, in the precision table's
+order of preference: bf16 (fp16 on GPUs without bf16) -> int8 -> nf4 -> nf4-dq by default.
+Rows that are not a default choice (fp32, the fp4 variants) are reported but only chosen
+when the user names them with ``--precisions``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 from qplan.planner.budget import Budget
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISIONS
+from qplan.planner.quant import QuantSettings
 from qplan.planner.weights import WeightBytes
 
 # Least to most aggressive, for choosing among what the user allowed.
-AGGRESSIVENESS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
-DEFAULT_CHOICES = ("bf16", "fp16", "int8", "nf4", "nf4-dq")
+AGGRESSIVENESS = tuple(sorted(PRECISIONS, key=lambda n: PRECISIONS[n].preference))
+DEFAULT_CHOICES = tuple(n for n in AGGRESSIVENESS if PRECISIONS[n].default_choice)
 
 
 @dataclass(frozen=True)
@@ -57,23 +59,16 @@ def compute_dtype_for(gpu: GpuTarget) -> str:
     return "bfloat16" if gpu.bf16 else "float16"
 
 
-def load_kwargs_for(precision: str, compute_dtype: str, quant_storage: str = "uint8") -> dict:
+def load_kwargs_for(
+    precision: str,
+    compute_dtype: str,
+    quant_storage: str = "uint8",
+    skip_modules: Sequence[str] | None = None,
+) -> dict:
     """from_pretrained keyword arguments (JSON-able) that load ``precision``."""
     prec = PRECISIONS[precision]
-    if not prec.quantized:
-        return {"dtype": prec.full_dtype}
-    if prec.quant_type == "int8":
-        return {"dtype": compute_dtype, "quantization_config": {"load_in_8bit": True}}
-    return {
-        "dtype": compute_dtype,
-        "quantization_config": {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": prec.quant_type,
-            "bnb_4bit_use_double_quant": prec.double_quant,
-            "bnb_4bit_compute_dtype": compute_dtype,
-            "bnb_4bit_quant_storage": quant_storage,
-        },
-    }
+    skips = tuple(skip_modules) if skip_modules is not None else None
+    return prec.method.load_kwargs(prec, QuantSettings(compute_dtype, quant_storage, skips))
 
 
 def gib(nbytes: int) -> str:
@@ -83,11 +78,21 @@ def gib(nbytes: int) -> str:
 def choosable(precisions: Sequence[str], gpu: GpuTarget, explicit: bool) -> list[str]:
     """Precisions the recommendation may pick, least aggressive first."""
     allowed = set(precisions) if explicit else set(DEFAULT_CHOICES) & set(precisions)
-    if not gpu.bf16 and not explicit:
-        allowed.discard("bf16")
-    if gpu.bf16 and not explicit and "bf16" in precisions:
-        allowed.discard("fp16")
+    if not explicit:
+        # Rows the GPU cannot run natively give way to their fallbacks (bf16 -> fp16),
+        # and a fallback gives way to its row where the GPU can run that.
+        allowed = {p for p in allowed if _supported(p, gpu)}
+        allowed = {
+            p for p in allowed
+            if not (PRECISIONS[p].fallback_for in precisions
+                    and _supported(PRECISIONS[p].fallback_for or "", gpu))
+        }
     return [p for p in AGGRESSIVENESS if p in allowed]
+
+
+def _supported(precision: str, gpu: GpuTarget) -> bool:
+    needs = PRECISIONS[precision].requires
+    return needs is None or bool(getattr(gpu, needs, False))
 
 
 def decide(
@@ -100,6 +105,8 @@ def decide(
     compute_dtype: str | None = None,
     fits_for: Callable[[str], bool] | None = None,
     strategy_for: Callable[[str], str] | None = None,
+    quant_storage: str = "uint8",
+    skip_modules: Sequence[str] | None = None,
 ) -> Decision:
     """Plan each precision and pick one.
 
@@ -118,8 +125,8 @@ def decide(
         total = sum(components.values())
         left = budget.available_bytes - total
         notes: tuple[str, ...] = ()
-        if precision == "bf16" and not gpu.bf16:
-            notes = (f"{gpu.name} has no native bf16 (compute capability < 8.0); use fp16",)
+        if not _supported(precision, gpu):
+            notes = (_unsupported_note(precision, gpu),)
         quantized = PRECISIONS[precision].quantized
         candidates.append(
             Candidate(
@@ -144,7 +151,7 @@ def decide(
         recommendation = Recommendation(
             precision=chosen.precision,
             reason=_reason(chosen, order, by_name, gpu, budget),
-            load_kwargs=load_kwargs_for(chosen.precision, compute),
+            load_kwargs=load_kwargs_for(chosen.precision, compute, quant_storage, skip_modules),
         )
     elif order:
         smallest = min((by_name[p] for p in order), key=lambda c: c.total_bytes)
@@ -155,6 +162,15 @@ def decide(
             f"{gib(budget.headroom_bytes)} headroom"
         )
     return Decision(tuple(candidates), recommendation, tuple(warnings))
+
+
+def _unsupported_note(precision: str, gpu: GpuTarget) -> str:
+    prec = PRECISIONS[precision]
+    fallback = next((p.name for p in PRECISIONS.values() if p.fallback_for == precision), None)
+    need = {"bf16": "compute capability < 8.0", "fp8": "compute capability < 8.9"}.get(
+        prec.requires or "", "not supported")
+    use = f"; use {fallback}" if fallback else ""
+    return f"{gpu.name} has no native {prec.requires} ({need}){use}"
 
 
 def _reason(

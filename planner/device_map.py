@@ -270,7 +270,17 @@ def device_map_strategy(plan: DevicePlan, gpu_name: str) -> Strategy:
 BNB_MAX_MEMORY_FRACTION = 0.90
 
 
-def from_pretrained_max_memory(max_memory: dict[str, int], quantized: bool) -> dict[Any, int]:
-    """The plan's max_memory with int GPU keys, compensated for the 90% quantised cut."""
-    scale = 1 / BNB_MAX_MEMORY_FRACTION if quantized else 1.0
+def from_pretrained_max_memory(
+    max_memory: dict[str, int], quantized: bool | float
+) -> dict[Any, int]:
+    """The plan's max_memory with int GPU keys, compensated for the quantiser's cut.
+
+    ``quantized`` is the share the method's quantiser keeps (``max_memory_fraction``), or a
+    bool for bitsandbytes (True) / no quantiser (False).
+    """
+    if isinstance(quantized, bool):
+        fraction = BNB_MAX_MEMORY_FRACTION if quantized else 1.0
+    else:
+        fraction = quantized
+    scale = 1 / fraction
     return {(int(k) if k.isdigit() else k): int(v * scale) for k, v in max_memory.items()}

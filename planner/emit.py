@@ -13,6 +13,7 @@ from typing import Any
 
 from qplan.errors import UsageError
 from qplan.planner.precision import PRECISIONS
+from qplan.planner.quant import QuantSettings
 from qplan.planner.workload import Workload
 
 # qplan optimizer -> the Axolotl / HF TrainingArguments name that runs it.
@@ -78,7 +79,17 @@ def _compute_dtype(report: Any, precision: str) -> str:
     return str(report.candidate(precision).compute_dtype)
 
 
-def _placement(report: Any, quantized: bool) -> tuple[list[str], list[str]]:
+def settings_of(report: Any, precision: str) -> QuantSettings:
+    """The method settings ``report`` planned ``precision`` with."""
+    skips = report.workload.get("skip_modules")
+    return QuantSettings(
+        _compute_dtype(report, precision),
+        str(report.workload.get("quant_storage") or "uint8"),
+        tuple(skips) if skips is not None else None,
+    )
+
+
+def _placement(report: Any, quantized: bool | float) -> tuple[list[str], list[str]]:
     """Lines defining the planned placement, and the from_pretrained arguments using it.
 
     Several GPUs: the exact device map and max_memory qplan planned (accelerate's split with
@@ -107,31 +118,20 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
     prec = PRECISIONS[precision]
     workload = workload_of(report)
     dtype = _compute_dtype(report, precision)
-    quant_storage = str(report.workload.get("quant_storage") or "uint8")
+    config_class, config_lines = prec.method.emit_config(prec, settings_of(report, precision))
+    imports = ", ".join(["AutoModelForCausalLM", *([config_class] if config_class else [])])
     lines = [
         f"# qplan plan: {report.model.id} at {precision} on {report.gpu.name} "
         f"(mode {workload.mode})",
         "import torch",
-        "from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+        f"from transformers import {imports}",
         "",
     ]
     call = [f"    {json.dumps(report.model.id)},"]
-    if prec.quant_type == "int8":
-        lines += ["quantization_config = BitsAndBytesConfig(load_in_8bit=True)", ""]
+    if config_lines:
+        lines += [*config_lines, ""]
         call.append("    quantization_config=quantization_config,")
-    elif prec.quantized:
-        lines += [
-            "quantization_config = BitsAndBytesConfig(",
-            "    load_in_4bit=True,",
-            f'    bnb_4bit_quant_type="{prec.quant_type}",',
-            f"    bnb_4bit_use_double_quant={prec.double_quant},",
-            f"    bnb_4bit_compute_dtype=torch.{dtype},",
-            f"    bnb_4bit_quant_storage=torch.{quant_storage},",
-            ")",
-            "",
-        ]
-        call.append("    quantization_config=quantization_config,")
-    placement_lines, placement_args = _placement(report, prec.quantized)
+    placement_lines, placement_args = _placement(report, prec.method.max_memory_fraction())
     call += [
         f"    dtype=torch.{dtype},",
         *placement_args,
@@ -204,26 +204,11 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         )
     precision = chosen_precision(report, precision)
     prec = PRECISIONS[precision]
-    if workload.mode == "full" and prec.quantized:
+    if workload.mode == "full" and not prec.trainable("full"):
         raise UsageError(f"full fine-tuning cannot train {precision} weights; pick bf16 or fp16")
     dtype = _compute_dtype(report, precision)
     out: dict[str, Any] = {"base_model": report.model.id}
-    if prec.is_4bit:
-        out["load_in_4bit"] = True
-        out["adapter"] = "qlora"
-    elif prec.quant_type == "int8":
-        out["load_in_8bit"] = True
-        out["adapter"] = "lora"
-    elif workload.is_lora:
-        out["adapter"] = "lora"
-    if prec.is_4bit:
-        # Axolotl's QLoRA defaults are nf4, double quant and bf16 quant storage; spell out
-        # what the plan used so Axolotl loads exactly that.
-        out["bnb_config_kwargs"] = {
-            "bnb_4bit_quant_type": prec.quant_type,
-            "bnb_4bit_use_double_quant": prec.double_quant,
-            "bnb_4bit_quant_storage": str(report.workload.get("quant_storage") or "uint8"),
-        }
+    out.update(prec.method.axolotl_keys(prec, settings_of(report, precision), workload.is_lora))
     if workload.is_lora:
         out["lora_r"] = workload.lora_r
         out["lora_alpha"] = workload.alpha
@@ -284,12 +269,14 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
     precision = chosen_precision(report, precision)
     workload = workload_of(report)
     mode = workload.mode
-    if mode == "lora" and PRECISIONS[precision].is_4bit:
+    if mode == "lora" and PRECISIONS[precision].trainable("qlora"):
         # LoRA on a 4-bit base is QLoRA: the same patches, and Axolotl's name for it.
         mode = "qlora"
     kwargs: dict[str, Any] = {"mode": mode, "precisions": precision}
     if PRECISIONS[precision].is_4bit:
         kwargs["quant_storage"] = str(report.workload.get("quant_storage") or "uint8")
+    if report.workload.get("skip_modules") is not None:
+        kwargs["skip_modules"] = tuple(report.workload["skip_modules"])
     if workload.seq_len:
         kwargs["seq_len"] = workload.seq_len
     kwargs["batch"] = workload.batch

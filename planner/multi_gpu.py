@@ -20,6 +20,7 @@ from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.parallel import LORA_PARAM_BYTES, TrainingInput, param_layout, plan_training
 from qplan.planner.placement import Strategy
 from qplan.planner.precision import PRECISIONS
+from qplan.planner.quant import QuantSettings
 from qplan.planner.workload import Workload
 
 
@@ -72,7 +73,10 @@ class MultiGpuPlanner:
         layers = decoder_layers(self.meta)
         storage = self.quant_storage
         layout = param_layout(self.inventory, precision, self.compute_dtype, storage, layers)
-        fsdp_storage = self.compute_dtype if PRECISIONS[precision].is_4bit else storage
+        prec = PRECISIONS[precision]
+        fsdp_storage = prec.method.fsdp_quant_storage(
+            prec, QuantSettings(self.compute_dtype, storage)
+        )
         fsdp_layout = (
             layout
             if fsdp_storage == storage

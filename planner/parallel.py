@@ -58,7 +58,8 @@ from qplan.planner.budget import Budget
 from qplan.planner.components import FRAGMENTATION_ALLOWANCE
 from qplan.planner.inventory import Inventory
 from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
-from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, quantized_layer_tensors
+from qplan.planner.precision import DTYPE_BYTES, PRECISIONS
+from qplan.planner.quant import QuantSettings
 from qplan.planner.weights import load_dtype_for, param_dtype
 
 MIB = 1024**2
@@ -152,17 +153,15 @@ def param_layout(
     """Stored shapes of every parameter of ``inventory`` at ``precision`` (pure)."""
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    storage = DTYPE_BYTES[quant_storage]
+    settings = QuantSettings(compute_dtype, quant_storage)
     params: list[ParamInfo] = []
     replicated = 0
     for t in inventory.tensors:
         if prec.quantized and t.quantizable:
             out_f, in_f = t.linear_shape
-            tensors = quantized_layer_tensors(prec, out_f, in_f, storage)
-            itemsize = 1 if prec.quant_type == "int8" else storage
-            packed = tensors[0] // itemsize
-            shape = (out_f, in_f) if prec.quant_type == "int8" else (packed, 1)
-            params.append(ParamInfo(t.module, shape, itemsize, t.numel))
+            tensors = prec.method.layer_tensors(prec, out_f, in_f, settings)
+            stored = prec.method.stored_weight(prec, out_f, in_f, settings)
+            params.append(ParamInfo(t.module, stored.shape, stored.itemsize, t.numel))
             replicated += sum(tensors[1:])
             continue
         dtype = param_dtype(t, load_dtype)

@@ -1,15 +1,16 @@
-"""Precisions qplan plans for, and how bitsandbytes 0.50 stores one quantised Linear.
+"""The precision table: every candidate qplan plans, and the method module that stores it.
 
-The storage layout is what a real ``from_pretrained(..., quantization_config=...)`` leaves
-in memory, tensor by tensor, so that sums of these sizes equal sums of real storages:
+Each row names a quantisation method (``planner/quant/``) and that method's settings for
+the row (bits, quant type, double quantisation, or the plain dtype). The rest of qplan asks
+the row (and through it the method) rather than testing precision names:
 
-* LLM.int8: the int8 weight [out, in] and ``SCB`` float32 [out].
-* 4-bit (fp4 and nf4 store the same): the packed weight ``ceil(n / (2 * itemsize))``
-  elements of ``quant_storage`` (uint8 by default), ``absmax`` float32 ``ceil(n / 64)``,
-  and a per-layer 16-entry float32 quant map (``code``).
-* 4-bit with double quantisation (``compress_statistics``): ``absmax`` becomes uint8,
-  plus a 0-d float32 ``offset``, a nested float32 absmax of ``ceil(ceil(n / 64) / 256)``
-  values and a nested 256-entry float32 quant map, all separate tensors per layer.
+* ``preference``: lower is chosen first among candidates that fit;
+* ``default_choice``: whether the recommendation may pick it when the user names no list;
+* ``requires``: a ``GpuTarget`` capability the row needs to run natively ("bf16");
+* ``fallback_for``: the row it stands in for on GPUs without that row's capability.
+
+Byte layouts per method live in the method modules; ``alloc_size`` here is the CUDA
+caching allocator's rounding, shared by every method.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
+from qplan.planner.quant import QuantMethod, QuantSettings, method_named
+from qplan.planner.quant.bnb import (  # noqa: F401  (re-exported: older imports)
+    BNB_4BIT_BLOCKSIZE,
+    BNB_NESTED_BLOCKSIZE,
+    four_bit_layer_tensors,
+    int8_layer_tensors,
+)
+
 # The CUDA caching allocator rounds every allocation up to this many bytes.
 ALLOC_ROUND = 512
-
-# bitsandbytes 0.50 uses a blocksize of 64 for 4-bit quantisation on every backend.
-BNB_4BIT_BLOCKSIZE = 64
-# Double quantisation quantises absmax in blocks of 256.
-BNB_NESTED_BLOCKSIZE = 256
 
 DTYPE_BYTES = {
     "float32": 4,
@@ -31,9 +35,12 @@ DTYPE_BYTES = {
     "float16": 2,
     "uint8": 1,
     "int8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
     "float64": 8,
     "int64": 8,
     "int32": 4,
+    "int16": 2,
     "bool": 1,
 }
 
@@ -44,27 +51,58 @@ class Precision:
 
     name: str
     bits: int
-    quantized: bool  # bitsandbytes replaces Linear layers
-    quant_type: str | None = None  # "nf4" | "fp4" | "int8"
+    method_name: str = "none"  # key of the method module in planner.quant
+    quant_type: str | None = None  # the method's own variant ("nf4" | "fp4" | "int8")
     double_quant: bool = False
     full_dtype: str | None = None  # for unquantised candidates: the dtype of every weight
+    preference: int = 0  # lower is picked first among candidates that fit
+    default_choice: bool = False  # the recommendation may pick it unasked
+    requires: str | None = None  # GpuTarget capability needed natively ("bf16", "fp8")
+    fallback_for: str | None = None  # the row this one replaces where that row's GPU lacks
+
+    @property
+    def method(self) -> QuantMethod:
+        return method_named(self.method_name)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the method replaces Linear layers."""
+        return self.method.quantizes
 
     @property
     def is_4bit(self) -> bool:
-        return self.quant_type in ("nf4", "fp4")
+        return self.quantized and self.bits == 4
+
+    @property
+    def trace_key(self) -> tuple:
+        """Rows with the same key store and compute alike (fp4 / nf4 differ only in the
+        quant map's values), so one trace serves them all."""
+        return (self.method_name, self.bits, self.double_quant, self.full_dtype)
+
+    def trainable(self, mode: str) -> bool:
+        """Whether ``mode`` ("lora", "qlora", "full") can train on top of this row."""
+        if mode == "qlora":
+            return self.is_4bit and "lora" in self.method.trainable
+        return mode in self.method.trainable
 
 
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision("fp32", 32, False, full_dtype="float32"),
-        Precision("bf16", 16, False, full_dtype="bfloat16"),
-        Precision("fp16", 16, False, full_dtype="float16"),
-        Precision("int8", 8, True, quant_type="int8"),
-        Precision("fp4", 4, True, quant_type="fp4"),
-        Precision("nf4", 4, True, quant_type="nf4"),
-        Precision("fp4-dq", 4, True, quant_type="fp4", double_quant=True),
-        Precision("nf4-dq", 4, True, quant_type="nf4", double_quant=True),
+        Precision("fp32", 32, full_dtype="float32", preference=0),
+        Precision("bf16", 16, full_dtype="bfloat16", preference=1, default_choice=True,
+                  requires="bf16"),
+        Precision("fp16", 16, full_dtype="float16", preference=2, default_choice=True,
+                  fallback_for="bf16"),
+        Precision("int8", 8, "bitsandbytes", quant_type="int8", preference=10,
+                  default_choice=True),
+        Precision("fp4", 4, "bitsandbytes", quant_type="fp4", preference=12),
+        Precision("nf4", 4, "bitsandbytes", quant_type="nf4", preference=11,
+                  default_choice=True),
+        Precision("fp4-dq", 4, "bitsandbytes", quant_type="fp4", double_quant=True,
+                  preference=14),
+        Precision("nf4-dq", 4, "bitsandbytes", quant_type="nf4", double_quant=True,
+                  preference=13, default_choice=True),
     )
 }
 PRECISION_NAMES: tuple[str, ...] = tuple(PRECISIONS)
@@ -74,8 +112,17 @@ def trace_group(precision: str) -> tuple:
     """What a traced step of ``precision`` depends on: candidates with the same group run
     the same step, op for op, so one trace serves them all. fp4 and nf4 store and compute
     alike (only the quant map's values differ); everything else traces on its own."""
-    prec = PRECISIONS[precision]
-    return (prec.bits, prec.quantized, prec.double_quant, prec.full_dtype)
+    return PRECISIONS[precision].trace_key
+
+
+def find_precision(method_name: str, **fields: object) -> str | None:
+    """The row of ``method_name`` whose fields equal ``fields`` (None when there is none)."""
+    for prec in PRECISIONS.values():
+        if prec.method_name == method_name and all(
+            getattr(prec, k) == v for k, v in fields.items()
+        ):
+            return prec.name
+    return None
 
 
 def alloc_size(nbytes: int) -> int:
@@ -85,37 +132,11 @@ def alloc_size(nbytes: int) -> int:
     return ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND
 
 
-def int8_layer_tensors(out_features: int, in_features: int) -> tuple[int, ...]:
-    """Byte sizes of the tensors one LLM.int8 Linear stores (weight, SCB); bias excluded."""
-    return (out_features * in_features, 4 * out_features)
-
-
-def four_bit_layer_tensors(
-    numel: int, *, double_quant: bool, quant_storage_bytes: int = 1
-) -> tuple[int, ...]:
-    """Byte sizes of the tensors one 4-bit Linear of ``numel`` weights stores; bias excluded.
-
-    The packed weight holds two 4-bit values per byte, stored in elements of
-    ``quant_storage`` (so a bf16 quant storage packs four values per element).
-    """
-    packed = ceil(numel / (2 * quant_storage_bytes)) * quant_storage_bytes
-    blocks = ceil(numel / BNB_4BIT_BLOCKSIZE)
-    code = 16 * 4
-    if not double_quant:
-        return (packed, 4 * blocks, code)
-    nested_blocks = ceil(blocks / BNB_NESTED_BLOCKSIZE)
-    # absmax (uint8), offset (0-d float32), nested absmax (float32), nested code, code
-    return (packed, blocks, 4, 4 * nested_blocks, 256 * 4, code)
-
-
 def quantized_layer_tensors(
     precision: Precision, out_features: int, in_features: int, quant_storage_bytes: int = 1
 ) -> tuple[int, ...]:
     """Byte sizes of every tensor a quantised Linear keeps for ``precision``."""
-    if precision.quant_type == "int8":
-        return int8_layer_tensors(out_features, in_features)
-    return four_bit_layer_tensors(
-        out_features * in_features,
-        double_quant=precision.double_quant,
-        quant_storage_bytes=quant_storage_bytes,
+    storage = {1: "uint8", 2: "bfloat16", 4: "float32"}[quant_storage_bytes]
+    return precision.method.layer_tensors(
+        precision, out_features, in_features, QuantSettings(quant_storage=storage)
     )

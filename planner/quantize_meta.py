@@ -1,103 +1,41 @@
 """Turn a meta model into what ``from_pretrained`` would load at a precision, still on meta.
 
-Linear layers are replaced with transformers' own ``replace_with_bnb_linear`` (the same
-skip list a real load uses), then each bitsandbytes weight gets meta tensors shaped exactly
-like a real load's: the packed 4-bit weight and its ``QuantState`` (absmax, quant map, and
-for double quantisation the offset and nested state), or LLM.int8's int8 weight and SCB.
-Everything else takes the dtype transformers would give it. The result runs forward and
-backward on meta tensors through the real bitsandbytes code (its ops have fake kernels).
+Everything the method does not replace takes the dtype transformers would give it; then
+the precision's method module (``planner/quant/``) replaces the layers its transformers
+integration replaces, with meta tensors shaped exactly like a real load's. The result runs
+forward and backward on meta tensors through the real backend code.
 """
 
 from __future__ import annotations
 
-from math import ceil
 from typing import Any
 
 import torch
 from torch import nn
 
 from qplan.planner.inventory import Inventory
-from qplan.planner.precision import (
-    BNB_4BIT_BLOCKSIZE,
-    BNB_NESTED_BLOCKSIZE,
-    DTYPE_BYTES,
-    PRECISIONS,
-)
+from qplan.planner.precision import PRECISIONS
+from qplan.planner.quant import QuantSettings
 from qplan.planner.weights import load_dtype_for, param_dtype
 
 META = torch.device("meta")
 
 
+def quant_settings(
+    compute_dtype: str, quant_storage: str = "uint8", skip_modules: list[str] | None = None
+) -> QuantSettings:
+    return QuantSettings(
+        compute_dtype, quant_storage, tuple(skip_modules) if skip_modules is not None else None
+    )
+
+
 def bnb_config(precision: str, compute_dtype: str, quant_storage: str = "uint8",
                skip_modules: list[str] | None = None) -> Any:
-    """The BitsAndBytesConfig a real load of ``precision`` uses (None when unquantised)."""
-    from transformers import BitsAndBytesConfig
-
+    """The real ``quantization_config`` a load of ``precision`` uses (None when unquantised)."""
     prec = PRECISIONS[precision]
-    if not prec.quantized:
-        return None
-    if prec.quant_type == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=prec.quant_type,
-        bnb_4bit_use_double_quant=prec.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-        bnb_4bit_quant_storage=getattr(torch, quant_storage),
-        llm_int8_skip_modules=skip_modules,
+    return prec.method.config_object(
+        prec, quant_settings(compute_dtype, quant_storage, skip_modules)
     )
-
-
-def _meta(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=META)
-
-
-def _four_bit_weight(module: Any, prec: Any, compute: torch.dtype, storage: torch.dtype) -> Any:
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
-    out_f, in_f = module.out_features, module.in_features
-    numel = out_f * in_f
-    itemsize = DTYPE_BYTES[str(storage).removeprefix("torch.")]
-    blocks = ceil(numel / BNB_4BIT_BLOCKSIZE)
-    code = _meta(16, torch.float32)
-    if prec.double_quant:
-        nested = QuantState(
-            absmax=_meta(ceil(blocks / BNB_NESTED_BLOCKSIZE), torch.float32),
-            code=_meta(256, torch.float32),
-            blocksize=BNB_NESTED_BLOCKSIZE,
-            dtype=torch.float32,
-        )
-        state = QuantState(
-            absmax=_meta(blocks, torch.uint8), shape=torch.Size([out_f, in_f]), code=code,
-            blocksize=BNB_4BIT_BLOCKSIZE, quant_type=prec.quant_type, dtype=compute,
-            offset=_meta((), torch.float32), state2=nested,
-        )
-    else:
-        state = QuantState(
-            absmax=_meta(blocks, torch.float32), shape=torch.Size([out_f, in_f]), code=code,
-            blocksize=BNB_4BIT_BLOCKSIZE, quant_type=prec.quant_type, dtype=compute,
-        )
-    packed = _meta((ceil(numel / (2 * itemsize)), 1), storage)
-    return bnb.nn.Params4bit(
-        packed, requires_grad=False, quant_state=state, blocksize=BNB_4BIT_BLOCKSIZE,
-        compress_statistics=prec.double_quant, quant_type=prec.quant_type,
-        quant_storage=storage, bnb_quantized=True, module=module,
-    )
-
-
-def _int8_weight(module: Any) -> Any:
-    import bitsandbytes as bnb
-
-    out_f, in_f = module.out_features, module.in_features
-    weight = bnb.nn.Int8Params(_meta((out_f, in_f), torch.int8), requires_grad=False,
-                               has_fp16_weights=False)
-    weight.SCB = _meta(out_f, torch.float32)
-    # What Linear8bitLt.init_8bit_state leaves after the first forward of a real load:
-    # the int8 weight and its scales referenced from the matmul state.
-    module.state.CB = weight.data
-    module.state.SCB = weight.SCB
-    return weight
 
 
 def quantize_meta_model(
@@ -127,35 +65,6 @@ def quantize_meta_model(
             module_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module_name) if module_name else model
             owner._buffers[leaf] = buf.to(target)
-    if not prec.quantized:
-        return model
-
-    from qplan.planner.bnb_import import import_bitsandbytes
-
-    import_bitsandbytes()  # before transformers' integration imports it the slow way
-    import bitsandbytes as bnb
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    config = bnb_config(precision, compute_dtype, quant_storage, list(inventory.skip_modules))
-    replace_with_bnb_linear(model, modules_to_not_convert=list(inventory.skip_modules),
-                            quantization_config=config)
-    compute = getattr(torch, compute_dtype)
-    storage = getattr(torch, quant_storage)
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.weight = _four_bit_weight(module, prec, compute, storage)
-            module.compute_dtype = compute
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            module.weight = _int8_weight(module)
-        else:
-            continue
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.data.to(getattr(torch, load_dtype)),
-                                       requires_grad=False)
-    # What transformers sets after a bnb load; peft reads these to pick its k-bit paths.
-    model.is_loaded_in_4bit = prec.is_4bit
-    model.is_loaded_in_8bit = prec.quant_type == "int8"
-    model.is_quantized = True
-    model.quantization_method = "bitsandbytes"
-    model.config.quantization_config = config
-    return model
+    return prec.method.quantize_meta(
+        model, inventory, prec, QuantSettings(compute_dtype, quant_storage)
+    )

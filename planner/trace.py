@@ -33,6 +33,7 @@ import torch
 
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
+from qplan.planner.quant import all_trace_patches
 from qplan.planner.steps import StepTensors, run_workload
 from qplan.planner.workload import Workload
 
@@ -141,35 +142,10 @@ def trace_patches(target: str, attn: str) -> Iterator[None]:
         stack.callback(setattr, masking_utils, "find_packed_sequence_indices", original_packed)
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
-        stack.enter_context(_int8_quant_without_outliers())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
-        if target == "cpu":
-            stack.enter_context(_int8_cpu_training_path())
+        # Each quantisation method's own patches (planner/quant/<method>.py).
+        stack.enter_context(all_trace_patches(target))
         yield
-
-
-@contextlib.contextmanager
-def _int8_cpu_training_path() -> Iterator[None]:
-    """bitsandbytes trains LLM.int8 layers on CPU through MatMul8bitFp (dequantise, then
-    matmul); on meta it would take the CUDA path, so route meta tensors the CPU way."""
-    try:
-        import bitsandbytes
-        from bitsandbytes.autograd import _functions
-    except ImportError:
-        yield
-        return
-    original = bitsandbytes.matmul
-
-    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
-        if A.device.type == "meta" and state is not None and state.is_training:
-            return _functions.MatMul8bitFp.apply(A, B, out, bias, state)
-        return original(A, B, out=out, state=state, threshold=threshold, bias=bias)
-
-    bitsandbytes.matmul = matmul
-    try:
-        yield
-    finally:
-        bitsandbytes.matmul = original
 
 
 @contextlib.contextmanager
@@ -209,44 +185,6 @@ def _meta_autocast_off() -> Iterator[None]:
         yield
     finally:
         torch.autocast = original  # type: ignore[misc]
-
-
-@contextlib.contextmanager
-def _int8_quant_without_outliers() -> Iterator[None]:
-    """LLM.int8's activation quantiser returns the outlier columns, a data-dependent
-    count; the trace assumes none (outliers add only small temporaries)."""
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError:
-        yield
-        return
-    original = bnb_functional.int8_vectorwise_quant
-
-    def quantize(A: torch.Tensor, threshold: float = 0.0):
-        if A.device.type != "meta":
-            return original(A, threshold)
-        rows = A.numel() // A.shape[-1]
-        outliers = None if threshold == 0.0 else A.new_empty(0, dtype=torch.int64)
-        return (torch.empty(A.shape, dtype=torch.int8, device=A.device),
-                torch.empty(rows, dtype=torch.float32, device=A.device), outliers)
-
-    namespace = torch.ops.bitsandbytes
-    original_mixed = namespace.int8_mixed_scaled_mm
-
-    def mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
-        if A.device.type != "meta":
-            return original_mixed(A, CA, CB, SCA, SCB, outlier_cols, bias)
-        out = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias,
-                                                            dtype=A.dtype)
-        return out, None
-
-    bnb_functional.int8_vectorwise_quant = quantize
-    namespace.int8_mixed_scaled_mm = mixed_scaled_mm
-    try:
-        yield
-    finally:
-        bnb_functional.int8_vectorwise_quant = original
-        namespace.int8_mixed_scaled_mm = original_mixed
 
 
 def use_static_experts(model: Any) -> None:

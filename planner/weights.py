@@ -1,9 +1,10 @@
-"""Bytes a model's weights occupy at each precision, as bitsandbytes and transformers store them.
+"""Bytes a model's weights occupy at each precision, as its method and transformers store them.
 
-Counts unique storages: tied weights once, buffers included, every quant-state tensor of
-every quantised layer (absmax, quant maps, offsets, SCB) as its own allocation. The total
-equals the sum of unique tensor storages of a real ``from_pretrained`` load to the byte;
-``allocated_bytes`` is the same set of tensors after the CUDA allocator's 512-byte rounding.
+Counts unique storages: tied weights once, buffers included, every tensor a replaced
+layer stores (per its method module: absmax, quant maps, offsets, SCB, scales) as its own
+allocation. The total equals the sum of unique tensor storages of a real
+``from_pretrained`` load to the byte; ``allocated_bytes`` is the same set of tensors after
+the CUDA allocator's 512-byte rounding.
 """
 
 from __future__ import annotations
@@ -13,13 +14,8 @@ from dataclasses import dataclass
 from qplan.errors import UsageError
 from qplan.planner.allocator import reserved_for
 from qplan.planner.inventory import Inventory, TensorInfo
-from qplan.planner.precision import (
-    DTYPE_BYTES,
-    PRECISIONS,
-    Precision,
-    alloc_size,
-    quantized_layer_tensors,
-)
+from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, Precision, alloc_size
+from qplan.planner.quant import QuantSettings
 
 COMPUTE_DTYPES = ("bfloat16", "float16")
 QUANT_STORAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32")
@@ -86,7 +82,7 @@ def weight_bytes(
         )
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    storage_bytes = DTYPE_BYTES[quant_storage]
+    settings = QuantSettings(compute_dtype, quant_storage)
 
     quantized = state = unquantized = buffers = 0
     layers = largest = 0
@@ -94,7 +90,7 @@ def weight_bytes(
     for t in inventory.tensors:
         if prec.quantized and t.quantizable:
             out_f, in_f = t.linear_shape
-            layer = quantized_layer_tensors(prec, out_f, in_f, storage_bytes)
+            layer = prec.method.layer_tensors(prec, out_f, in_f, settings)
             quantized += layer[0]
             state += sum(layer[1:])
             sizes.extend(layer)

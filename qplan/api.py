@@ -23,7 +23,7 @@ from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES, trace_group
+from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, trace_group
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
@@ -37,11 +37,11 @@ from qplan.planner.workload import (
 )
 from qplan.report import GpuInfo, ModelInfo, Report
 
-# Candidates each mode plans: full fine-tuning keeps 16/32-bit weights (bitsandbytes
-# weights cannot be trained), QLoRA is LoRA on a 4-bit base.
+# Candidates each mode plans, from the precision table: full fine-tuning only on weights
+# its method can train (not bitsandbytes'), QLoRA is LoRA on a 4-bit base.
 MODE_PRECISIONS = {
-    "full": ("fp32", "bf16", "fp16"),
-    "qlora": ("fp4", "nf4", "fp4-dq", "nf4-dq"),
+    mode: tuple(n for n, p in PRECISIONS.items() if p.trainable(mode))
+    for mode in ("full", "qlora")
 }
 
 
@@ -222,11 +222,20 @@ def check_lora_targets(workload: Workload, inventory: Any, model_id: str) -> Non
     )
 
 
-def workload_dict(workload: Workload, compute: str, quant_storage: str, target: str) -> dict:
+def workload_dict(
+    workload: Workload,
+    compute: str,
+    quant_storage: str,
+    target: str,
+    skip_modules: Sequence[str] | None = None,
+) -> dict:
     data = asdict(workload)
     if workload.mode == "load":
         data = {"mode": "load"}
     data.update(compute_dtype=compute, quant_storage=quant_storage, target=target)
+    if skip_modules is not None:
+        # Kept so `qplan load --from-report` and the emitted snippets load what was planned.
+        data["skip_modules"] = list(skip_modules)
     if workload.is_lora:
         data["lora_alpha"] = workload.alpha
     return data
@@ -358,12 +367,14 @@ def estimate(
         compute_dtype=compute,
         fits_for=None if multi is None else lambda p: multi.found[p].fits,
         strategy_for=None if multi is None else lambda p: multi.found[p].name,
+        quant_storage=quant_storage,
+        skip_modules=skip_modules,
     )
     strategy = _chosen_strategy(multi, decision)
     if strategy is not None and strategy.device_map and decision.recommendation is not None:
         # The planned split, as from_pretrained takes it: what `qplan load` passes too.
         rec = decision.recommendation
-        quantized = "quantization_config" in rec.load_kwargs
+        quantized = PRECISIONS[rec.precision].method.max_memory_fraction()
         kwargs = {**rec.load_kwargs, "device_map": dict(strategy.device_map)}
         if strategy.max_memory:
             kwargs["max_memory"] = {
@@ -422,7 +433,7 @@ def estimate(
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload=workload_dict(workload, compute, quant_storage, target),
+        workload=workload_dict(workload, compute, quant_storage, target, skip_modules),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=tuple(warnings),
