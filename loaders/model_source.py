@@ -30,6 +30,8 @@ from qplan.profiles import data_dir
 
 CONFIG_NAME = "config.json"
 ALIASES_FILE = "aliases.json"
+# NVIDIA ModelOpt keeps a checkpoint's quantisation here, not in config.json.
+QUANT_CONFIG_NAME = "hf_quant_config.json"
 
 # One HEAD request bounded by this timeout decides whether the Hub is reachable at all.
 # hf_hub_download on its own retries network failures with a 60 s timeout and backoff,
@@ -240,7 +242,7 @@ def _spec_from_local_file(
 ) -> ModelSpec:
     # The id is the path the user typed: `_name_or_path` inside a config.json often names a
     # folder on the machine that saved it, which would only confuse.
-    raw = _read_config_json(config_path)
+    raw = _with_hf_quant_config(_read_config_json(config_path), config_path)
     built = _build_config(
         raw,
         origin=str(config_path),
@@ -269,7 +271,8 @@ def _catalog_files() -> dict[str, str]:
     files = {}
     for child in data_dir("models").iterdir():
         name = child.name
-        if name.endswith(".json") and name != ALIASES_FILE:
+        if name.endswith(".json") and name != ALIASES_FILE and not name.endswith(
+                "." + QUANT_CONFIG_NAME):
             files[_id_from_file_name(name).lower()] = name
     return files
 
@@ -290,7 +293,34 @@ def _id_from_file_name(file_name: str) -> str:
 
 def _read_catalog_json(file_name: str) -> dict[str, Any]:
     resource = data_dir("models").joinpath(file_name)
-    return _parse_config_text(resource.read_text(encoding="utf-8"), origin=f"catalog {file_name}")
+    raw = _parse_config_text(resource.read_text(encoding="utf-8"), origin=f"catalog {file_name}")
+    return _with_hf_quant_config(raw, resource)
+
+
+def _with_hf_quant_config(raw: dict[str, Any], config_path: Any) -> dict[str, Any]:
+    """Fold NVIDIA ModelOpt's ``hf_quant_config.json`` (kept beside config.json, which then
+    has no quantization_config) into the config as ``quant_method: modelopt``, so the
+    checkpoint is planned in its stored format. Beside a renamed config ``X.json`` it is
+    looked for as ``X.hf_quant_config.json`` or ``X.hf_quant_config`` (the catalog's)."""
+    if raw.get("quantization_config") or config_path is None:
+        return raw
+    name = str(getattr(config_path, "name", ""))
+    stem = name.removesuffix(".json")
+    # The bundled catalog ships it as "<file stem>.hf_quant_config" (not a *.json model).
+    for sibling in (QUANT_CONFIG_NAME, f"{stem}.{QUANT_CONFIG_NAME}",
+                    f"{stem}.{QUANT_CONFIG_NAME.removesuffix('.json')}"):
+        candidate = config_path.parent.joinpath(sibling) if hasattr(
+            config_path, "parent") else None
+        try:
+            if candidate is None or not candidate.is_file():
+                continue
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        quant = data.get("quantization") if isinstance(data, dict) else None
+        if isinstance(quant, dict):
+            return {**raw, "quantization_config": {"quant_method": "modelopt", **quant}}
+    return raw
 
 
 def _spec_from_catalog(
@@ -457,7 +487,7 @@ def _spec_from_hub_file(
     offline: bool,
     notes: tuple[str, ...],
 ) -> ModelSpec:
-    raw = _read_config_json(config_path)
+    raw = _with_hf_quant_config(_read_config_json(config_path), config_path)
     built = _build_config(
         raw,
         origin=f"{CONFIG_NAME} of '{repo_id}' ({config_path})",

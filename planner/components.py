@@ -35,9 +35,9 @@ from qplan.planner.depths import (
 )
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
-from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size
+from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size, find_precision
 from qplan.planner.steps import StepTensors
-from qplan.planner.weights import WeightBytes, weight_bytes
+from qplan.planner.weights import WeightBytes, load_dtype_for, weight_bytes
 from qplan.planner.workload import Workload
 
 MIB = 1024**2
@@ -80,7 +80,8 @@ def load_components(
         inventory, precision, compute_dtype=compute_dtype, quant_storage=quant_storage
     )
     transient = 0
-    if PRECISIONS[precision].quantized:
+    # Quantising on load lands each weight in the load dtype first; a stored format does not.
+    if PRECISIONS[precision].quantized and inventory.stored is None:
         transient = alloc_size(weights.largest_quantized_numel * DTYPE_BYTES[compute_dtype])
     components = {
         "weights": weights.bytes,
@@ -268,12 +269,13 @@ def workload_components(
         trust_remote_code=trust_remote_code,
     )
     plan = depth_plan or trace_plan(layer_signatures(inventory, config), depth)
+    traced_as = _traced_as(precision, compute_dtype)
     if plan.depths is None:
-        outcome = tracer(config, workload, precision, compute_dtype, **common)
+        outcome = tracer(config, workload, traced_as, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)
     else:
         low, high = (
-            tracer(config, workload, precision, compute_dtype, layers=layers,
+            tracer(config, workload, traced_as, compute_dtype, layers=layers,
                    pattern=plan.pattern, **common)
             for layers in plan.depths
         )
@@ -281,6 +283,14 @@ def workload_components(
         traced = plan.depths
     components = dict(outcome.components)
     peak = outcome.peak_bytes
+    if traced_as != precision:
+        # Traced on the dequantised model (the method's kernels have no meta version):
+        # same activations, the weights swapped for the stored ones.
+        proxy = weight_bytes(inventory, traced_as, compute_dtype=compute_dtype)
+        delta = (weights.allocated_bytes - proxy.allocated_bytes if target == "cuda"
+                 else weights.bytes - proxy.bytes)
+        components["weights"] = max(0, components["weights"] + delta)
+        peak = max(0, peak + delta)
     if workload.kv_dtype and components.get("kv_cache"):
         model_kv = DTYPE_BYTES[_kv_model_dtype(precision, compute_dtype)]
         delta = components["kv_cache"] * DTYPE_BYTES[workload.kv_dtype] // model_kv - \
@@ -304,4 +314,14 @@ def workload_components(
 
 
 def _kv_model_dtype(precision: str, compute_dtype: str) -> str:
-    return PRECISIONS[precision].full_dtype or compute_dtype
+    return load_dtype_for(PRECISIONS[precision], compute_dtype)
+
+
+def _traced_as(precision: str, compute_dtype: str) -> str:
+    """The row whose meta model is traced for ``precision``: itself, or for methods
+    without meta kernels the plain row of their load dtype (the dequantised model)."""
+    prec = PRECISIONS[precision]
+    if not prec.method.traced_dequantized:
+        return precision
+    dtype = load_dtype_for(prec, compute_dtype)
+    return find_precision("none", full_dtype=dtype) or precision

@@ -75,9 +75,21 @@ def gib(nbytes: int) -> str:
     return f"{nbytes / 1024**3:.2f} GiB"
 
 
-def choosable(precisions: Sequence[str], gpu: GpuTarget, explicit: bool) -> list[str]:
-    """Precisions the recommendation may pick, least aggressive first."""
+def choosable(
+    precisions: Sequence[str], gpu: GpuTarget, explicit: bool, stored_first: str | None = None
+) -> list[str]:
+    """Precisions the recommendation may pick, least aggressive first.
+
+    ``stored_first``: the row a pre-quantised checkpoint is stored as; it comes first (it is
+    what loads by default) unless the GPU cannot run its kernels.
+    """
     allowed = set(precisions) if explicit else set(DEFAULT_CHOICES) & set(precisions)
+    if stored_first is not None:
+        allowed = set(precisions)
+        if not _kernels_run(stored_first, gpu):
+            allowed.discard(stored_first)
+        order = [p for p in AGGRESSIVENESS if p in allowed and p != stored_first]
+        return [stored_first, *order] if stored_first in allowed else order
     if not explicit:
         # Rows the GPU cannot run natively give way to their fallbacks (bf16 -> fp16),
         # and a fallback gives way to its row where the GPU can run that.
@@ -92,7 +104,16 @@ def choosable(precisions: Sequence[str], gpu: GpuTarget, explicit: bool) -> list
 
 def _supported(precision: str, gpu: GpuTarget) -> bool:
     needs = PRECISIONS[precision].requires
-    return needs is None or bool(getattr(gpu, needs, False))
+    return (needs is None or bool(getattr(gpu, needs, False))) and _kernels_run(precision, gpu)
+
+
+def _kernels_run(precision: str, gpu: GpuTarget) -> bool:
+    """Whether the GPU meets the row's compute capability (unknown: assume it does)."""
+    from qplan.planner.quant.checkpoint_helpers import cc_tuple
+
+    need = PRECISIONS[precision].min_cc
+    have = cc_tuple(gpu.compute_capability)
+    return need is None or have is None or have >= need
 
 
 def decide(
@@ -107,6 +128,7 @@ def decide(
     strategy_for: Callable[[str], str] | None = None,
     quant_storage: str = "uint8",
     skip_modules: Sequence[str] | None = None,
+    stored_first: str | None = None,
 ) -> Decision:
     """Plan each precision and pick one.
 
@@ -125,7 +147,7 @@ def decide(
         total = sum(components.values())
         left = budget.available_bytes - total
         notes: tuple[str, ...] = ()
-        if not _supported(precision, gpu):
+        if not _supported(precision, gpu) and stored_first is None:
             notes = (_unsupported_note(precision, gpu),)
         quantized = PRECISIONS[precision].quantized
         candidates.append(
@@ -144,7 +166,7 @@ def decide(
             )
         )
     by_name = {c.precision: c for c in candidates}
-    order = choosable(precisions, gpu, explicit)
+    order = choosable(precisions, gpu, explicit, stored_first)
     chosen = next((by_name[p] for p in order if by_name[p].fits), None)
     recommendation = None
     if chosen is not None:
@@ -167,10 +189,11 @@ def decide(
 def _unsupported_note(precision: str, gpu: GpuTarget) -> str:
     prec = PRECISIONS[precision]
     fallback = next((p.name for p in PRECISIONS.values() if p.fallback_for == precision), None)
-    need = {"bf16": "compute capability < 8.0", "fp8": "compute capability < 8.9"}.get(
-        prec.requires or "", "not supported")
+    if prec.requires is None and prec.min_cc is not None:
+        need = ".".join(map(str, prec.min_cc))
+        return f"{gpu.name} cannot run {precision} kernels (compute capability < {need})"
     use = f"; use {fallback}" if fallback else ""
-    return f"{gpu.name} has no native {prec.requires} ({need}){use}"
+    return f"{gpu.name} has no native {prec.requires} (compute capability < 8.0){use}"
 
 
 def _reason(

@@ -66,6 +66,8 @@ class Inventory:
     tensors: tuple[TensorInfo, ...]
     skip_modules: tuple[str, ...]  # modules bitsandbytes leaves unquantised by name
     layers: tuple[str, ...] = ()  # the decoder layers' module names, in order
+    # The checkpoint's own quantisation (planner.quant), when it is stored quantised.
+    stored: Any = None
 
     @property
     def parameters(self) -> tuple[TensorInfo, ...]:

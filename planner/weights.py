@@ -41,7 +41,7 @@ class WeightBytes:
 
 def load_dtype_for(precision: Precision, compute_dtype: str) -> str:
     """The dtype ``from_pretrained`` is given: the precision's own, or the compute dtype."""
-    return precision.full_dtype or compute_dtype
+    return precision.method.load_dtype(precision, compute_dtype)
 
 
 def param_dtype(t: TensorInfo, load_dtype: str) -> str:
@@ -82,15 +82,15 @@ def weight_bytes(
         )
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    settings = QuantSettings(compute_dtype, quant_storage)
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    method = prec.method
 
     quantized = state = unquantized = buffers = 0
     layers = largest = 0
     sizes: list[int] = []
     for t in inventory.tensors:
-        if prec.quantized and t.quantizable:
-            out_f, in_f = t.linear_shape
-            layer = prec.method.layer_tensors(prec, out_f, in_f, settings)
+        if prec.quantized and method.replaces(t):
+            layer = method.stored_tensors(prec, t, settings)
             quantized += layer[0]
             state += sum(layer[1:])
             sizes.extend(layer)

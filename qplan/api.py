@@ -24,6 +24,7 @@ from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, trace_group
+from qplan.planner.quant import stored as stored_plan
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
@@ -79,19 +80,23 @@ def parse_headroom(text: str | None) -> Headroom:
     return Headroom(fraction=None, bytes=size)
 
 
-def parse_precisions(value: str | Sequence[str] | None) -> tuple[list[str], bool]:
-    """The candidate list and whether the user named it."""
+def parse_precisions(
+    value: str | Sequence[str] | None, stored_ok: bool = False
+) -> tuple[list[str], bool]:
+    """The candidate list and whether the user named it. ``stored_ok`` also accepts the
+    rows planned only for pre-quantised checkpoints (mxfp4, fp8, gptq, awq)."""
     if value is None:
         return list(PRECISION_NAMES), False
+    known = tuple(PRECISIONS) if stored_ok else PRECISION_NAMES
     names = [p.strip().lower() for p in (value.split(",") if isinstance(value, str) else value)]
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in PRECISION_NAMES]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(
             f"unknown precision {', '.join(unknown) or '(none given)'}; "
             f"--precisions takes a comma list of {', '.join(PRECISION_NAMES)}"
         )
-    return [p for p in PRECISION_NAMES if p in names], True
+    return [p for p in known if p in names], True
 
 
 def _versions() -> dict[str, str]:
@@ -272,8 +277,22 @@ def estimate(
     if solve is not None:
         solve = solve.replace("-", "_")
         _choice(solve, ("batch", "seq_len"), "--solve variable")
-    names, explicit = parse_precisions(precisions)
+    names, explicit = parse_precisions(precisions, stored_ok=True)
     allowed = MODE_PRECISIONS.get(mode)
+    enter_step("resolving the model")
+    spec = resolve(model, revision, trust_remote_code)
+    check_config(spec.config, spec.config_path or spec.id)
+    stored = stored_quantization(spec)
+    if stored is not None:
+        names = stored_plan.candidates(stored, spec.id, mode, names, explicit)
+        allowed = None
+        quant_storage = stored.quant_storage or quant_storage
+    elif explicit and any(PRECISIONS[n].stored_only for n in names):
+        raise UsageError(
+            f"{', '.join(n for n in names if PRECISIONS[n].stored_only)} is planned only for "
+            f"checkpoints stored in that format; {spec.id} is not; choose from "
+            f"{', '.join(PRECISION_NAMES)}"
+        )
     if allowed is not None:
         dropped = [n for n in names if n not in allowed]
         if explicit and dropped:
@@ -283,16 +302,17 @@ def estimate(
             )
         names = [n for n in names if n in allowed]
     room = parse_headroom(headroom)
-    enter_step("resolving the model")
-    spec = resolve(model, revision, trust_remote_code)
-    check_config(spec.config, spec.config_path or spec.id)
     enter_step("resolving the GPU")
     gpu_target = resolve_target(gpu, num_gpus)
     enter_step("building the model on the meta device")
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)
     meta = build_meta_model(copy.deepcopy(spec.config), spec.trust_remote_code)
-    inventory = take_inventory(meta, skip_modules)
+    report_skips = skip_modules
+    if stored is not None:
+        skip_modules = stored_plan.skip_modules(stored, meta)
+        report_skips = None  # the checkpoint's own list: its config carries it
+    inventory = replace(take_inventory(meta, skip_modules), stored=stored)
     enter_step("checking the workload options")
     workload = make_workload(mode, spec.config, **workload_options)
     check_lora_targets(workload, inventory, spec.id)
@@ -368,8 +388,11 @@ def estimate(
         fits_for=None if multi is None else lambda p: multi.found[p].fits,
         strategy_for=None if multi is None else lambda p: multi.found[p].name,
         quant_storage=quant_storage,
-        skip_modules=skip_modules,
+        skip_modules=report_skips,
+        stored_first=stored.precision if stored is not None else None,
     )
+    if stored is not None:
+        decision = _stored_decision(decision, stored, gpu_target)
     strategy = _chosen_strategy(multi, decision)
     if strategy is not None and strategy.device_map and decision.recommendation is not None:
         # The planned split, as from_pretrained takes it: what `qplan load` passes too.
@@ -383,7 +406,8 @@ def estimate(
             }
         decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
     warnings = list(decision.warnings)
-    warnings.extend(unquantized_warning(inventory, names))
+    if stored is None:
+        warnings.extend(unquantized_warning(inventory, names))
     solutions: list[Solution] = []
     variables = [solve] if solve else []
     if decision.recommendation is None and workload.mode != "load" and not variables:
@@ -419,6 +443,7 @@ def estimate(
             dtype=config_dtype,
             revision=spec.revision,
             config_path=spec.config_path,
+            quantization=_quantization_info(stored, inventory, gpu_target),
         ),
         gpu=GpuInfo(
             name=gpu_target.name,
@@ -433,16 +458,72 @@ def estimate(
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload=workload_dict(workload, compute, quant_storage, target, skip_modules),
+        workload=workload_dict(workload, compute, quant_storage, target, report_skips),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=tuple(warnings),
         solutions=tuple(solutions),
-        notes=spec.notes,
+        notes=(*spec.notes, *_stored_notes(stored, gpu_target)),
         versions=_versions(),
         devices=strategy.devices if strategy is not None else (),
         strategy=strategy,
     )
+
+
+def stored_quantization(spec: ModelSpec) -> Any:
+    """The checkpoint's own quantisation (config.json, or ModelOpt's hf_quant_config.json
+    that model_source folds into the config), None for a plain checkpoint."""
+    from qplan.planner.quant import read_checkpoint
+
+    return read_checkpoint(getattr(spec.config, "quantization_config", None))
+
+
+def _stored_decision(decision: Decision, stored: Any, gpu: GpuTarget) -> Decision:
+    """Candidate notes and kwargs for a pre-quantised checkpoint: which of stored /
+    dequantised transformers gives ``gpu``, and the kwargs that load the chosen one."""
+    from qplan.planner.quant import method_named
+
+    runs, notes = stored_plan.gpu_notes(stored, gpu)
+    candidates = tuple(
+        replace(c, notes=(*c.notes, *notes)) if c.precision == stored.precision else c
+        for c in decision.candidates
+    )
+    rec = decision.recommendation
+    if rec is not None and rec.precision == stored.dequantized:
+        kwargs = method_named(stored.method).dequantize_kwargs(
+            stored, str(rec.load_kwargs.get("dtype", "bfloat16")))
+        why = "" if runs else " (the stored format does not run on this GPU)"
+        rec = replace(rec, load_kwargs={**rec.load_kwargs, **kwargs},
+                      reason=f"dequantised to {rec.precision} at load{why}: {rec.reason}")
+    elif rec is not None:
+        rec = replace(rec, reason=f"as stored ({stored.quant_method}): {rec.reason}")
+    return replace(decision, candidates=candidates, recommendation=rec)
+
+
+def _stored_notes(stored: Any, gpu: GpuTarget) -> tuple[str, ...]:
+    if stored is None:
+        return ()
+    bits = f"{stored.bits}-bit " if stored.bits else ""
+    head = (f"stored quantised: {bits}{stored.quant_method} (from {stored.source}); planned "
+            "as stored" + (f" or dequantised to {stored.dequantized}" if stored.dequantized
+                           else ""))
+    return (head, *stored_plan.gpu_notes(stored, gpu)[1])
+
+
+def _quantization_info(stored: Any, inventory: Any, gpu: GpuTarget) -> dict | None:
+    if stored is None:
+        return None
+    from qplan.planner.precision import PRECISIONS as TABLE
+
+    method = TABLE[stored.precision].method
+    kept = sorted({t.module_type for t in inventory.parameters if not method.replaces(t)})
+    runs, notes = stored_plan.gpu_notes(stored, gpu)
+    return {
+        **stored.as_dict(),
+        "unquantized_module_types": kept,
+        "stays_quantized_on_gpu": runs,
+        "gpu_note": notes[0] if notes else None,
+    }
 
 
 def _multi_gpu(

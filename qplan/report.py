@@ -24,6 +24,8 @@ class ModelInfo:
     dtype: str | None  # the config's dtype (torch_dtype)
     revision: str | None = None
     config_path: str | None = None
+    # A checkpoint stored quantised: method, bits, what stays unquantised, what it loads as.
+    quantization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def report_dict(report: Report) -> dict[str, Any]:
         del data["measured"]
     if data["axolotl"] is None:
         del data["axolotl"]
+    if data["model"].get("quantization") is None:
+        data["model"].pop("quantization", None)
     if data["strategy"] is None:
         # One GPU: the JSON stays as it was before multi-GPU plans.
         del data["strategy"], data["devices"]

@@ -25,16 +25,35 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredWeight
+from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization, StoredWeight
 from qplan.planner.quant.bnb import BitsAndBytes
+from qplan.planner.quant.fp8 import Fp8
+from qplan.planner.quant.gptq import Awq, Gptq
+from qplan.planner.quant.mxfp4 import Mxfp4
 from qplan.planner.quant.unquantized import Unquantized
 
-METHODS: dict[str, QuantMethod] = {m.name: m for m in (Unquantized(), BitsAndBytes())}
+METHODS: dict[str, QuantMethod] = {
+    m.name: m for m in (Unquantized(), BitsAndBytes(), Mxfp4(), Fp8(), Gptq(), Awq())
+}
 
 
 def method_named(name: str) -> QuantMethod:
     return METHODS[name]
+
+
+def read_checkpoint(quantization_config: Any) -> StoredQuantization | None:
+    """The checkpoint's stored format, asked of every method; None when none reads it."""
+    if quantization_config is None:
+        return None
+    qc = quantization_config if isinstance(quantization_config, dict) else (
+        quantization_config.to_dict())
+    for method in METHODS.values():
+        found = method.read_checkpoint(qc)
+        if found is not None:
+            return found
+    return None
 
 
 @contextlib.contextmanager
@@ -50,7 +69,9 @@ __all__ = [
     "METHODS",
     "QuantMethod",
     "QuantSettings",
+    "StoredQuantization",
     "StoredWeight",
     "all_trace_patches",
     "method_named",
+    "read_checkpoint",
 ]

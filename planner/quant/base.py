@@ -16,8 +16,47 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from torch import nn
 
-    from qplan.planner.inventory import Inventory
+    from qplan.planner.inventory import Inventory, TensorInfo
     from qplan.planner.precision import Precision
+
+
+@dataclass(frozen=True)
+class StoredQuantization:
+    """A checkpoint's own quantisation, read from its ``quantization_config`` (config.json)
+    or ModelOpt's ``hf_quant_config.json``: what it loads as, without re-quantising.
+
+    ``precision`` is the table row it loads as stored; ``dequantized`` the row transformers
+    can dequantise it to at load (None: it cannot). ``not_converted`` is the checkpoint's
+    list of modules kept unquantised (None: the method's defaults).
+    """
+
+    quant_method: str  # as the checkpoint names it ("awq", "fp8", "mxfp4", ...)
+    method: str  # the method module that stores it
+    precision: str
+    bits: int
+    group_size: int | None = None
+    block_size: tuple[int, int] | None = None
+    not_converted: tuple[str, ...] | None = None
+    dequantized: str | None = None
+    desc_act: bool = False
+    quant_storage: str | None = None  # bitsandbytes 4-bit packing dtype
+    scale_dtype: str = "float32"
+    source: str = "config.json"
+    loadable: bool = True  # False: transformers has no loader for it (plan is as stored)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.quant_method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "block_size": list(self.block_size) if self.block_size else None,
+            "desc_act": self.desc_act,
+            "unquantized_modules": list(self.not_converted) if self.not_converted else [],
+            "source": self.source,
+            "loads_as": self.precision,
+            "dequantizes_to": self.dequantized,
+            "transformers_loads_it": self.loadable,
+        }
 
 
 @dataclass(frozen=True)
@@ -32,6 +71,7 @@ class QuantSettings:
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
     skip_modules: tuple[str, ...] | None = None
+    stored: StoredQuantization | None = None  # the checkpoint's own format, when it has one
 
 
 @dataclass(frozen=True)
@@ -57,7 +97,36 @@ class QuantMethod:
     # Training modes that can run on top of weights in this format.
     trainable: ClassVar[tuple[str, ...]] = ("lora", "full")
 
+    # Pre-quantised formats without meta kernels: the workload is traced on the dequantised
+    # model (same activations), and only the weights are swapped for the stored ones.
+    traced_dequantized: ClassVar[bool] = False
+
+    # ----------------------------------------------------------------- checkpoints
+    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
+        """The stored format, when ``quantization_config`` is this method's (else None)."""
+        return None
+
+    def gpu_note(self, stored: StoredQuantization, gpu: Any) -> tuple[bool, str] | None:
+        """(stays quantised on ``gpu``, the sentence saying which) for formats transformers
+        dequantises on some GPUs; None where the GPU does not matter."""
+        return None
+
     # ----------------------------------------------------------------- sizes (pure)
+    def replaces(self, t: TensorInfo) -> bool:
+        """Whether the method stores tensor ``t`` (a module's weight) in its own layout."""
+        return t.quantizable
+
+    def stored_tensors(
+        self, prec: Precision, t: TensorInfo, settings: QuantSettings
+    ) -> tuple[int, ...]:
+        """Byte sizes of what the method keeps in place of ``t``, the packed weight first."""
+        out_f, in_f = t.linear_shape
+        return self.layer_tensors(prec, out_f, in_f, settings)
+
+    def load_dtype(self, prec: Precision, compute_dtype: str) -> str:
+        """The dtype everything the method leaves alone is loaded in."""
+        return prec.full_dtype or compute_dtype
+
     def layer_tensors(
         self, prec: Precision, out_features: int, in_features: int, settings: QuantSettings
     ) -> tuple[int, ...]:
@@ -73,6 +142,11 @@ class QuantMethod:
     def load_kwargs(self, prec: Precision, settings: QuantSettings) -> dict[str, Any]:
         """from_pretrained keyword arguments, JSON-able."""
         return {"dtype": prec.full_dtype or settings.compute_dtype}
+
+    def dequantize_kwargs(self, stored: StoredQuantization, dtype: str) -> dict[str, Any]:
+        """from_pretrained kwargs (JSON-able) that load a checkpoint of this method dequantised."""
+        return {"dtype": dtype, "quantization_config": {
+            "quant_method": stored.quant_method, "dequantize": True}}
 
     def config_object(self, prec: Precision, settings: QuantSettings) -> Any:
         """The real ``quantization_config`` object (None when nothing is quantised)."""

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredWeight
+from qplan.planner.quant.base import (
+    QuantMethod,
+    QuantSettings,
+    StoredQuantization,
+    StoredWeight,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -77,6 +82,33 @@ class BitsAndBytes(QuantMethod):
     quantizes: ClassVar[bool] = True
     # peft trains LoRA on Linear4bit / Linear8bitLt; the packed weights themselves cannot be.
     trainable: ClassVar[tuple[str, ...]] = ("lora",)
+
+    # ----------------------------------------------------------------- checkpoints
+    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
+        """A checkpoint bitsandbytes already quantised (e.g. unsloth's *-bnb-4bit)."""
+        from qplan.planner.precision import find_precision
+
+        qc = quantization_config
+        if qc.get("quant_method") != "bitsandbytes":
+            return None
+        skips = qc.get("llm_int8_skip_modules")
+        skip_names = tuple(skips) if skips else None
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            quant_type = str(qc.get("bnb_4bit_quant_type", "fp4"))
+            double = bool(qc.get("bnb_4bit_use_double_quant", False))
+            row = find_precision(self.name, bits=4, quant_type=quant_type, double_quant=double)
+            storage = str(qc.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+            return StoredQuantization(
+                quant_method="bitsandbytes", method=self.name, precision=row or "nf4", bits=4,
+                group_size=BNB_4BIT_BLOCKSIZE, not_converted=skip_names,
+                quant_storage=storage, desc_act=double,
+            )
+        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+            return StoredQuantization(
+                quant_method="bitsandbytes", method=self.name, precision="int8", bits=8,
+                not_converted=skip_names,
+            )
+        return None
 
     # ----------------------------------------------------------------- sizes
     def layer_tensors(

@@ -1,0 +1,218 @@
+"""Pre-quantised checkpoints are planned in their stored format.
+
+Each method is checked against a real measurement: a real ``from_pretrained`` of a tiny
+checkpoint on CPU where the backend loads there (bitsandbytes, MXFP4/FP8 dequantised),
+transformers' own replacement modules (FP8Linear / FP8Experts) where it does not, and
+published safetensors totals of real checkpoints (cited per test).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import transformers
+
+from qplan.api import estimate
+from qplan.errors import UsageError
+from qplan.loaders.resident import resident_bytes
+from qplan.planner.inventory import build_meta_model, take_inventory
+from qplan.planner.quant import read_checkpoint
+from qplan.planner.weights import weight_bytes
+from qplan.report import report_dict
+
+GIB = 1024**3
+
+
+def _within(value: float, published: float, pct: float = 0.5) -> bool:
+    return abs(value - published) <= published * pct / 100
+
+
+# ----------------------------------------------------------------- bitsandbytes, stored
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A tiny llama that bitsandbytes quantised (nf4, double quant, bf16 storage) and saved."""
+    source = tiny_model_dir("llama")
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.bfloat16, quantization_config=quant, device_map="cpu")
+    folder = tmp_path_factory.mktemp("tiny-llama-bnb4")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_bnb_4bit_checkpoint_plans_its_own_settings(bnb_checkpoint):
+    report = estimate(str(bnb_checkpoint), gpu="24GiB", mode="load")
+    assert [c.precision for c in report.candidates] == ["nf4-dq"]
+    assert report.workload["quant_storage"] == "bfloat16"  # the checkpoint's, not uint8
+    rec = report.recommendation
+    quant = rec.load_kwargs["quantization_config"]
+    assert quant["bnb_4bit_quant_storage"] == "bfloat16" and quant["bnb_4bit_use_double_quant"]
+    planned = report.candidate("nf4-dq").weights_bytes
+    # As stored (no kwargs) and with the recommended kwargs, the real load is the plan.
+    as_stored = transformers.AutoModelForCausalLM.from_pretrained(bnb_checkpoint,
+                                                                  device_map="cpu")
+    assert resident_bytes(as_stored).bytes == planned
+    typed = {k: getattr(torch, v) if k.endswith(("_dtype", "_storage")) else v
+             for k, v in quant.items()}
+    with_kwargs = transformers.AutoModelForCausalLM.from_pretrained(
+        bnb_checkpoint, dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(**typed))
+    assert resident_bytes(with_kwargs).bytes == planned
+    data = report_dict(report)
+    assert data["model"]["quantization"]["method"] == "bitsandbytes"
+    assert data["model"]["quantization"]["bits"] == 4
+
+
+def test_bnb_checkpoint_refuses_other_precisions(bnb_checkpoint):
+    with pytest.raises(UsageError, match="loads only as nf4-dq"):
+        estimate(str(bnb_checkpoint), gpu="24GiB", mode="load", precisions="int8")
+
+
+def test_unsloth_bnb_4bit_qlora_on_4090():
+    """Published: unsloth/llama-3-8b-Instruct-bnb-4bit's model.safetensors is 5.70 GB
+    (shared/model-configs/SOURCES.md)."""
+    report = estimate("unsloth/llama-3-8b-Instruct-bnb-4bit", gpu="4090", mode="qlora")
+    rec = report.recommendation
+    assert rec is not None and rec.precision == "nf4-dq"
+    assert rec.load_kwargs["quantization_config"] == {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+    }
+    assert _within(report.candidate("nf4-dq").weights_bytes, 5.70e9)
+
+
+# ----------------------------------------------------------------- MXFP4 (gpt-oss)
+
+
+@pytest.mark.parametrize("gpu", ["4090", "H100"])
+def test_gpt_oss_fits_and_keeps_mxfp4(gpu):
+    """Published: openai/gpt-oss-20b stores about 13.8 GB (13.76 GB of safetensors)."""
+    report = estimate("openai/gpt-oss-20b", gpu=gpu, mode="inference", seq_len=1024)
+    rec = report.recommendation
+    assert rec is not None and rec.precision == "mxfp4"
+    assert report.candidate("mxfp4").fits
+    assert _within(report.candidate("mxfp4").weights_bytes, 13.76e9)
+    quant = report_dict(report)["model"]["quantization"]
+    assert quant["stays_quantized_on_gpu"] is True and "stay MXFP4" in quant["gpu_note"]
+    assert quant["dequantizes_to"] == "bf16"
+    assert any("stay MXFP4" in note for note in report.notes)
+
+
+def test_gpt_oss_dequantised_on_a_gpu_without_mxfp4_kernels():
+    report = estimate("openai/gpt-oss-20b", gpu="A100-80GB", mode="load")
+    assert report.recommendation.precision == "mxfp4"  # 8.0 >= 7.5
+    old = estimate("openai/gpt-oss-20b", gpu="v100-32gb", mode="load", headroom="0")
+    quant = report_dict(old)["model"]["quantization"]
+    assert quant["stays_quantized_on_gpu"] is False and "dequantises" in quant["gpu_note"]
+    assert "mxfp4" not in [c.precision for c in old.candidates if c.fits and
+                           old.recommendation and c.precision == old.recommendation.precision]
+
+
+def test_gpt_oss_cannot_qlora_but_can_lora_dequantised():
+    with pytest.raises(UsageError, match="cannot train this format"):
+        estimate("openai/gpt-oss-20b", gpu="H100", mode="qlora")
+    lora = estimate("openai/gpt-oss-20b", gpu="H100", mode="lora", seq_len=256)
+    assert [c.precision for c in lora.candidates] == ["bf16"]
+    assert lora.recommendation.load_kwargs["quantization_config"] == {
+        "quant_method": "mxfp4", "dequantize": True}
+
+
+def test_mxfp4_dequantised_plan_equals_a_real_cpu_load(tmp_path):
+    """On CPU without kernels transformers dequantises MXFP4 to bf16: the bf16 candidate's
+    weights equal that real load of a tiny gpt-oss checkpoint."""
+    config = transformers.AutoConfig.from_pretrained(_catalog_path("openai__gpt-oss-20b.json"))
+    config.num_hidden_layers, config.layer_types = 2, config.layer_types[:2]
+    config.hidden_size, config.intermediate_size, config.num_local_experts = 64, 64, 4
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    config.vocab_size, config.num_experts_per_tok = 256, 2
+    config.pad_token_id, config.eos_token_id = 0, 1
+    qc = config.quantization_config
+    del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    config.quantization_config = qc
+    config.save_pretrained(tmp_path)
+    report = estimate(str(tmp_path), gpu="24GiB", mode="load")
+    assert [c.precision for c in report.candidates] == ["mxfp4", "bf16"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=transformers.Mxfp4Config(dequantize=True))
+    assert resident_bytes(loaded).bytes == report.candidate("bf16").weights_bytes
+
+
+def _catalog_path(name: str) -> str:
+    from qplan.profiles import data_dir
+
+    return str(data_dir("models").joinpath(name))
+
+
+# ----------------------------------------------------------------- AWQ / FP8 sizes
+
+
+def test_awq_size_matches_the_published_safetensors():
+    """Published: Qwen/Qwen3-32B-AWQ's safetensors headers sum to 18.00 GB (GiB) in 1603
+    tensors (shared/model-configs/SOURCES.md)."""
+    report = estimate("Qwen/Qwen3-32B-AWQ", gpu="H100", mode="load")
+    assert [c.precision for c in report.candidates] == ["awq"]
+    assert _within(report.candidate("awq").weights_bytes, 18.00 * GIB)
+    assert report.recommendation.load_kwargs == {"dtype": "float16"}
+    with pytest.raises(UsageError, match="does not re-quantise"):
+        estimate("Qwen/Qwen3-32B-AWQ", gpu="H100", mode="load", precisions="nf4")
+
+
+def _fp8_inventory(config):
+    stored = read_checkpoint(config.quantization_config)
+    meta = build_meta_model(copy.deepcopy(config))
+    return replace(take_inventory(meta), stored=stored), stored
+
+
+def _transformers_fp8_bytes(config) -> int:
+    """Bytes of every tensor transformers' own FP8 replacement modules hold, on meta."""
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    model = build_meta_model(copy.deepcopy(config))
+    qc = transformers.FineGrainedFP8Config(
+        weight_block_size=config.quantization_config["weight_block_size"])
+    skips = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    replace_with_fp8_linear(model, modules_to_not_convert=skips, quantization_config=qc,
+                            pre_quantized=True)
+    total = 0
+    for module in model.modules():
+        if type(module).__name__.startswith("FP8") or "FP8" in type(module).__mro__[1].__name__:
+            total += sum(p.numel() * p.element_size()
+                         for p in module.parameters(recurse=False) if p.dtype in (
+                             torch.float8_e4m3fn, torch.float32))
+    return total
+
+
+def test_fp8_layers_equal_transformers_fp8_modules():
+    """Qwen/Qwen3-32B-FP8: its weights are transformers' FP8Linear tensors (fp8 weight and
+    float32 128x128 block scales) plus the bf16 rest. No published total_size was found, so
+    the layout transformers implies is the reference; ~34.3 GB for 32.8B parameters."""
+    config = transformers.AutoConfig.from_pretrained(_catalog_path("Qwen__Qwen3-32B-FP8.json"))
+    config.num_hidden_layers = 2
+    inventory, _ = _fp8_inventory(config)
+    ours = weight_bytes(inventory, "fp8")
+    assert ours.quantized_bytes + ours.quant_state_bytes == _transformers_fp8_bytes(config)
+    report = estimate("Qwen/Qwen3-32B-FP8", gpu="H100", mode="load")
+    assert [c.precision for c in report.candidates] == ["fp8", "bf16"]
+    assert report.recommendation.precision == "fp8"
+    assert _within(report.candidate("fp8").weights_bytes, 34.33e9)
+
+
+def test_fp8_moe_experts_follow_transformers(tiny_model_dir):
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir("mixtral"))
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [16, 16],
+                                  "activation_scheme": "dynamic"}
+    inventory, _ = _fp8_inventory(config)
+    ours = weight_bytes(inventory, "fp8")
+    assert ours.quantized_bytes + ours.quant_state_bytes == _transformers_fp8_bytes(config)
