@@ -90,6 +90,8 @@ def choosable(
             allowed.discard(stored_first)
         order = [p for p in AGGRESSIVENESS if p in allowed and p != stored_first]
         return [stored_first, *order] if stored_first in allowed else order
+    # Kernels the GPU cannot run are never picked, asked for or not (fp8 below 8.9).
+    allowed = {p for p in allowed if _kernels_run(p, gpu)}
     if not explicit:
         # Rows the GPU cannot run natively give way to their fallbacks (bf16 -> fp16),
         # and a fallback gives way to its row where the GPU can run that.

@@ -60,6 +60,7 @@ class Precision:
     requires: str | None = None  # GpuTarget capability needed natively ("bf16", "fp8")
     fallback_for: str | None = None  # the row this one replaces where that row's GPU lacks
     stored_only: bool = False  # only for checkpoints already stored in this format
+    on_request: bool = False  # planned for any checkpoint, but only when named
     min_cc: tuple[int, int] | None = None  # compute capability its kernels need
 
     @property
@@ -107,13 +108,18 @@ PRECISIONS: dict[str, Precision] = {
                   preference=13, default_choice=True),
         # Formats planned only for checkpoints stored in them (``stored_only``).
         Precision("mxfp4", 4, "mxfp4", preference=20, stored_only=True, min_cc=(7, 5)),
-        Precision("fp8", 8, "fp8", preference=5, stored_only=True, min_cc=(8, 9)),
+        # On the fly (FineGrainedFP8Config) when named, or as stored by FP8 checkpoints.
+        Precision("fp8", 8, "fp8", preference=5, on_request=True, min_cc=(8, 9)),
         Precision("gptq", 4, "gptq", preference=21, stored_only=True),
         Precision("awq", 4, "awq", preference=22, stored_only=True),
     )
 }
 # What any checkpoint can be planned at (quantised on the fly or plain dtypes).
-PRECISION_NAMES: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if not p.stored_only)
+PRECISION_NAMES: tuple[str, ...] = tuple(
+    n for n, p in PRECISIONS.items() if not (p.stored_only or p.on_request)
+)
+# What --precisions accepts for any checkpoint.
+REQUESTABLE: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if not p.stored_only)
 
 
 def trace_group(precision: str) -> tuple:

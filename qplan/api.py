@@ -23,7 +23,7 @@ from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, trace_group
+from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, REQUESTABLE, trace_group
 from qplan.planner.quant import stored as stored_plan
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
@@ -87,14 +87,14 @@ def parse_precisions(
     rows planned only for pre-quantised checkpoints (mxfp4, fp8, gptq, awq)."""
     if value is None:
         return list(PRECISION_NAMES), False
-    known = tuple(PRECISIONS) if stored_ok else PRECISION_NAMES
+    known = tuple(PRECISIONS) if stored_ok else REQUESTABLE
     names = [p.strip().lower() for p in (value.split(",") if isinstance(value, str) else value)]
     names = [n for n in names if n]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise UsageError(
             f"unknown precision {', '.join(unknown) or '(none given)'}; "
-            f"--precisions takes a comma list of {', '.join(PRECISION_NAMES)}"
+            f"--precisions takes a comma list of {', '.join(REQUESTABLE)}"
         )
     return [p for p in known if p in names], True
 
@@ -291,8 +291,16 @@ def estimate(
         raise UsageError(
             f"{', '.join(n for n in names if PRECISIONS[n].stored_only)} is planned only for "
             f"checkpoints stored in that format; {spec.id} is not; choose from "
-            f"{', '.join(PRECISION_NAMES)}"
+            f"{', '.join(REQUESTABLE)}"
         )
+    if stored is None and mode == "lora":  # full and qlora: MODE_PRECISIONS below
+        untrainable = [n for n in names if not PRECISIONS[n].trainable(mode)]
+        if explicit and untrainable:
+            raise UsageError(
+                f"--mode {mode} cannot train on {', '.join(untrainable)} weights (peft has no "
+                f"LoRA layer for them); drop them from --precisions"
+            )
+        names = [n for n in names if n not in untrainable]
     if allowed is not None:
         dropped = [n for n in names if n not in allowed]
         if explicit and dropped:
@@ -408,6 +416,8 @@ def estimate(
     warnings = list(decision.warnings)
     if stored is None:
         warnings.extend(unquantized_warning(inventory, names))
+    on_disk = _stored_bytes(spec)
+    warnings.extend(_stored_mismatch(on_disk, decision, stored, config_dtype))
     solutions: list[Solution] = []
     variables = [solve] if solve else []
     if decision.recommendation is None and workload.mode != "load" and not variables:
@@ -444,6 +454,7 @@ def estimate(
             revision=spec.revision,
             config_path=spec.config_path,
             quantization=_quantization_info(stored, inventory, gpu_target),
+            stored_bytes=on_disk.bytes if on_disk is not None else None,
         ),
         gpu=GpuInfo(
             name=gpu_target.name,
@@ -498,6 +509,41 @@ def _stored_decision(decision: Decision, stored: Any, gpu: GpuTarget) -> Decisio
     elif rec is not None:
         rec = replace(rec, reason=f"as stored ({stored.quant_method}): {rec.reason}")
     return replace(decision, candidates=candidates, recommendation=rec)
+
+
+def _stored_bytes(spec: ModelSpec) -> Any:
+    from qplan.loaders.stored_bytes import stored_bytes_of
+
+    return stored_bytes_of(spec)
+
+
+# Planned and stored weights may differ by serialisation details (bitsandbytes' packed
+# quant-state JSON, non-persistent buffers); beyond this share the layout is unexplained.
+STORED_TOLERANCE = 0.01
+
+
+def _stored_mismatch(on_disk: Any, decision: Decision, stored: Any,
+                     config_dtype: str | None) -> list[str]:
+    """A warning when the checkpoint's safetensors disagree with the plan of the candidate
+    that loads it as stored (its own format, or the config dtype for plain checkpoints)."""
+    if on_disk is None:
+        return []
+    from qplan.planner.precision import find_precision
+
+    reference = stored.precision if stored is not None else find_precision(
+        "none", full_dtype=config_dtype or "")
+    candidate = next((c for c in decision.candidates if c.precision == reference), None)
+    if candidate is None or on_disk.bytes == 0:
+        return []
+    gap = candidate.weights_bytes - on_disk.bytes
+    if abs(gap) <= STORED_TOLERANCE * on_disk.bytes:
+        return []
+    return [
+        f"planned {candidate.precision} weights ({candidate.weights_bytes} B) differ from the "
+        f"{on_disk.bytes} B the checkpoint's safetensors hold ({on_disk.tensors} tensors, "
+        f"{100 * gap / on_disk.bytes:+.1f}%) beyond what the format explains: the checkpoint "
+        "may use a layout qplan does not know; the planned figure is the one used"
+    ]
 
 
 def _stored_notes(stored: Any, gpu: GpuTarget) -> tuple[str, ...]:

@@ -26,6 +26,8 @@ class ModelInfo:
     config_path: str | None = None
     # A checkpoint stored quantised: method, bits, what stays unquantised, what it loads as.
     quantization: dict[str, Any] | None = None
+    # Bytes the checkpoint's safetensors hold (headers only), when they could be read.
+    stored_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ def report_dict(report: Report) -> dict[str, Any]:
         del data["measured"]
     if data["axolotl"] is None:
         del data["axolotl"]
-    if data["model"].get("quantization") is None:
-        data["model"].pop("quantization", None)
+    for key in ("quantization", "stored_bytes"):
+        if data["model"].get(key) is None:
+            data["model"].pop(key, None)
     if data["strategy"] is None:
         # One GPU: the JSON stays as it was before multi-GPU plans.
         del data["strategy"], data["devices"]

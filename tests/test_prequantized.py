@@ -216,3 +216,69 @@ def test_fp8_moe_experts_follow_transformers(tiny_model_dir):
     inventory, _ = _fp8_inventory(config)
     ours = weight_bytes(inventory, "fp8")
     assert ours.quantized_bytes + ours.quant_state_bytes == _transformers_fp8_bytes(config)
+
+
+# ----------------------------------------------------------------- stored bytes
+
+
+def test_stored_bytes_read_from_safetensors_headers(bnb_checkpoint, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from qplan.loaders.stored_bytes import local_stored_bytes
+
+    report = report_dict(estimate(str(bnb_checkpoint), gpu="24GiB", mode="load"))
+    on_disk = local_stored_bytes(bnb_checkpoint)
+    assert report["model"]["stored_bytes"] == on_disk.bytes > 0
+    assert not [w for w in report["warnings"] if "safetensors" in w]
+    # A config that does not describe its weights: the stored check says so.
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    warned = estimate(str(folder), gpu="24GiB", mode="load")
+    assert any("safetensors hold" in w for w in warned.warnings)
+
+
+def test_hub_stored_bytes_honour_offline(monkeypatch):
+    import huggingface_hub
+
+    from qplan.loaders.stored_bytes import hub_stored_bytes
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("reached the Hub while offline")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_stored_bytes("openai/gpt-oss-20b", None) is None
+
+
+# ----------------------------------------------------------------- FP8 on the fly
+
+
+def test_fp8_on_the_fly_between_bf16_and_int8(tiny_model_dir):
+    """Named in --precisions, FP8 is planned with transformers' FP8Linear layout and picked
+    after bf16 and before int8 on compute capability 8.9+; not on an A100 (8.0)."""
+    folder = str(tiny_model_dir("llama"))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                  "activation_scheme": "dynamic"}
+    inventory = take_inventory(build_meta_model(copy.deepcopy(config)))
+    planned = weight_bytes(inventory, "fp8")
+    assert planned.quantized_bytes + planned.quant_state_bytes == _transformers_fp8_bytes(config)
+    report = estimate(folder, gpu="H100", mode="load", precisions="bf16,fp8,int8",
+                      headroom="0")
+    assert [c.precision for c in report.candidates] == ["bf16", "int8", "fp8"]
+    from qplan.planner.decide import choosable
+
+    gpu = report.gpu
+    from qplan.api import resolve_target
+
+    assert choosable(["bf16", "int8", "fp8"], resolve_target("H100", None), True) == [
+        "bf16", "fp8", "int8"]
+    assert choosable(["bf16", "int8", "fp8"], resolve_target("A100-80GB", None), True) == [
+        "bf16", "int8"]
+    assert gpu.compute_capability == "9.0"
+    kwargs = estimate(folder, gpu="H100", mode="load", precisions="fp8").recommendation
+    assert kwargs.load_kwargs["quantization_config"]["quant_method"] == "fp8"

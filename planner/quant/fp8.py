@@ -10,8 +10,10 @@ plus a 0-d ``activation_scale`` for static activation schemes. FBGEMM FP8 keeps
 planned as stored (what vLLM / TensorRT-LLM load).
 
 Per GPU: FP8 weights stay FP8 on compute capability 8.9+ (Ada, Hopper, Blackwell);
-elsewhere (and on CPU) transformers dequantises them to bf16 at load. Checked against the
-tensors transformers' own FP8Linear allocates and a checkpoint's safetensors headers.
+elsewhere (and on CPU) transformers dequantises them to bf16 at load. The same row is the
+on-the-fly FP8 candidate for plain checkpoints (``FineGrainedFP8Config``, 128x128 blocks,
+weight-only with dynamic activations), offered on 8.9+ GPUs when named in --precisions.
+Checked against the tensors transformers' own FP8Linear / FP8Experts modules allocate.
 """
 
 from __future__ import annotations
@@ -106,5 +108,29 @@ class Fp8(QuantMethod):
         static = (4,) if stored is not None and stored.desc_act else ()
         return (weight, *scales, *static)
 
+    def _on_the_fly_fields(self) -> dict[str, Any]:
+        return {"quant_method": "fp8", "weight_block_size": list(DEFAULT_BLOCK),
+                "activation_scheme": "dynamic"}
+
     def load_kwargs(self, prec: Any, settings: QuantSettings) -> dict[str, Any]:
-        return {"dtype": settings.compute_dtype}
+        if settings.stored is not None:
+            # The checkpoint's own quantization_config applies; passing one would replace it.
+            return {"dtype": settings.compute_dtype}
+        return {"dtype": settings.compute_dtype, "quantization_config": self._on_the_fly_fields()}
+
+    def config_object(self, prec: Any, settings: QuantSettings) -> Any:
+        if settings.stored is not None:
+            return None
+        from transformers import FineGrainedFP8Config
+
+        return FineGrainedFP8Config(weight_block_size=DEFAULT_BLOCK, activation_scheme="dynamic")
+
+    def emit_config(self, prec: Any, settings: QuantSettings) -> tuple[str, list[str]]:
+        if settings.stored is not None:
+            return "", []
+        return "FineGrainedFP8Config", [
+            "quantization_config = FineGrainedFP8Config(",
+            f"    weight_block_size={DEFAULT_BLOCK!r},",
+            '    activation_scheme="dynamic",',
+            ")",
+        ]
