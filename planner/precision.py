@@ -112,6 +112,8 @@ PRECISIONS: dict[str, Precision] = {
         Precision("fp8", 8, "fp8", preference=5, on_request=True, min_cc=(8, 9)),
         Precision("gptq", 4, "gptq", preference=21, stored_only=True),
         Precision("awq", 4, "awq", preference=22, stored_only=True),
+        # compressed-tensors checkpoints: FP8, INT8 W8A8, W4A16, NVFP4 (bits per checkpoint).
+        Precision("ct", 4, "compressed-tensors", preference=23, stored_only=True),
     )
 }
 # What any checkpoint can be planned at (quantised on the fly or plain dtypes).

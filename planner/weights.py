@@ -89,7 +89,7 @@ def weight_bytes(
     layers = largest = 0
     sizes: list[int] = []
     for t in inventory.tensors:
-        if prec.quantized and method.replaces(t):
+        if prec.quantized and method.replaces(t, settings):
             layer = method.stored_tensors(prec, t, settings)
             quantized += layer[0]
             state += sum(layer[1:])

@@ -24,6 +24,7 @@ from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, REQUESTABLE, trace_group
+from qplan.planner.quant import QuantSettings
 from qplan.planner.quant import stored as stored_plan
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
@@ -320,6 +321,8 @@ def estimate(
     if stored is not None:
         skip_modules = stored_plan.skip_modules(stored, meta)
         report_skips = None  # the checkpoint's own list: its config carries it
+    if stored is not None:
+        stored = stored_plan.resolve_layout(stored, meta)
     inventory = replace(take_inventory(meta, skip_modules), stored=stored)
     enter_step("checking the workload options")
     workload = make_workload(mode, spec.config, **workload_options)
@@ -562,10 +565,13 @@ def _quantization_info(stored: Any, inventory: Any, gpu: GpuTarget) -> dict | No
     from qplan.planner.precision import PRECISIONS as TABLE
 
     method = TABLE[stored.precision].method
-    kept = sorted({t.module_type for t in inventory.parameters if not method.replaces(t)})
+    settings = QuantSettings(stored=stored)
+    kept = sorted({t.module_type for t in inventory.parameters
+                   if not method.replaces(t, settings)})
     runs, notes = stored_plan.gpu_notes(stored, gpu)
     return {
         **stored.as_dict(),
+        "unquantized_modules": list(inventory.skip_modules),
         "unquantized_module_types": kept,
         "stays_quantized_on_gpu": runs,
         "gpu_note": notes[0] if notes else None,

@@ -282,3 +282,54 @@ def test_fp8_on_the_fly_between_bf16_and_int8(tiny_model_dir):
     assert gpu.compute_capability == "9.0"
     kwargs = estimate(folder, gpu="H100", mode="load", precisions="fp8").recommendation
     assert kwargs.load_kwargs["quantization_config"]["quant_method"] == "fp8"
+
+
+# ----------------------------------------------------------------- compressed-tensors
+
+_W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+_FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+_NVFP4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+          "group_size": 16}
+_DYNAMIC = {"symmetric": True, "strategy": "token", "dynamic": True}
+
+
+@pytest.mark.parametrize(("fmt", "weights", "acts"), [
+    ("pack-quantized", _W4, None),  # W4A16
+    ("float-quantized", _FP8, {**_DYNAMIC, "num_bits": 8, "type": "float"}),  # FP8
+    ("int-quantized", _INT8, {**_DYNAMIC, "num_bits": 8, "type": "int"}),  # INT8 W8A8
+    ("nvfp4-pack-quantized", _NVFP4, {**_NVFP4, "dynamic": "local"}),  # NVFP4
+])
+def test_compressed_tensors_equal_a_real_cpu_load(tmp_path, fmt, weights, acts):
+    """A tiny checkpoint laid out by compressed-tensors' own compressor (as transformers'
+    quantiser prepares the model) loads on CPU to exactly the planned bytes."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors.torch import save_file
+    from tiny_models import make_config
+    from transformers.quantizers.quantizer_compressed_tensors import (
+        CompressedTensorsHfQuantizer,
+    )
+
+    group = {"targets": ["Linear"], "weights": weights}
+    if acts:
+        group["input_activations"] = acts
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+          "ignore": ["lm_head"], "config_groups": {"group_0": group}}
+    config = make_config("llama", intermediate_size=192)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    quantizer = CompressedTensorsHfQuantizer(
+        transformers.CompressedTensorsConfig.from_dict(qc), pre_quantized=True)
+    quantizer.use_fp8_kernel = False
+    quantizer._process_model_before_weight_loading(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config.quantization_config = qc
+    config.save_pretrained(tmp_path)
+
+    report = estimate(str(tmp_path), gpu="24GiB", mode="load")
+    assert [c.precision for c in report.candidates] == ["ct", "bf16"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert resident_bytes(loaded).bytes == report.candidate("ct").weights_bytes
+    assert report_dict(report)["model"]["quantization"]["format"] == fmt
+    assert not [w for w in report.warnings if "safetensors" in w]

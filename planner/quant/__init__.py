@@ -29,13 +29,15 @@ from typing import Any
 
 from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization, StoredWeight
 from qplan.planner.quant.bnb import BitsAndBytes
+from qplan.planner.quant.compressed_tensors import CompressedTensors
 from qplan.planner.quant.fp8 import Fp8
 from qplan.planner.quant.gptq import Awq, Gptq
 from qplan.planner.quant.mxfp4 import Mxfp4
 from qplan.planner.quant.unquantized import Unquantized
 
 METHODS: dict[str, QuantMethod] = {
-    m.name: m for m in (Unquantized(), BitsAndBytes(), Mxfp4(), Fp8(), Gptq(), Awq())
+    m.name: m
+    for m in (Unquantized(), BitsAndBytes(), Mxfp4(), Fp8(), Gptq(), Awq(), CompressedTensors())
 }
 
 

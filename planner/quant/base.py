@@ -43,6 +43,10 @@ class StoredQuantization:
     scale_dtype: str = "float32"
     source: str = "config.json"
     loadable: bool = True  # False: transformers has no loader for it (plan is as stored)
+    scheme: str | None = None  # the method's own format name (compressed-tensors "format")
+    # Per replaced module: byte sizes of what it stores, when the method reads them off the
+    # meta model its transformers quantiser prepared (``resolve_layout``).
+    layouts: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +60,7 @@ class StoredQuantization:
             "loads_as": self.precision,
             "dequantizes_to": self.dequantized,
             "transformers_loads_it": self.loadable,
+            "format": self.scheme,
         }
 
 
@@ -106,13 +111,17 @@ class QuantMethod:
         """The stored format, when ``quantization_config`` is this method's (else None)."""
         return None
 
+    def resolve_layout(self, stored: StoredQuantization, model: Any) -> StoredQuantization:
+        """Fill in what needs the (meta) model; most methods need nothing."""
+        return stored
+
     def gpu_note(self, stored: StoredQuantization, gpu: Any) -> tuple[bool, str] | None:
         """(stays quantised on ``gpu``, the sentence saying which) for formats transformers
         dequantises on some GPUs; None where the GPU does not matter."""
         return None
 
     # ----------------------------------------------------------------- sizes (pure)
-    def replaces(self, t: TensorInfo) -> bool:
+    def replaces(self, t: TensorInfo, settings: QuantSettings | None = None) -> bool:
         """Whether the method stores tensor ``t`` (a module's weight) in its own layout."""
         return t.quantizable
 

@@ -78,7 +78,7 @@ class Fp8(QuantMethod):
             )
         return True, f"on {gpu.name} the FP8 weights stay FP8 (compute capability 8.9+)"
 
-    def replaces(self, t: Any) -> bool:
+    def replaces(self, t: Any, settings: QuantSettings | None = None) -> bool:
         # replace_with_fp8_linear: every nn.Linear it converts, and fused MoE ``*.experts``
         # weights (FP8Experts), [experts, out, in] with a scale grid per expert.
         leaf = t.name.rpartition(".")[2]

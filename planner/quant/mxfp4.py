@@ -64,7 +64,7 @@ class Mxfp4(QuantMethod):
             "dequantises them to bf16 at load: see the bf16 candidate"
         )
 
-    def replaces(self, t: TensorInfo) -> bool:
+    def replaces(self, t: TensorInfo, settings: QuantSettings | None = None) -> bool:
         leaf = t.name.rpartition(".")[2]
         return t.module_type in EXPERT_MODULES and leaf in EXPERT_WEIGHTS and len(t.shape) == 3
 

@@ -65,6 +65,11 @@ def skip_modules(stored: StoredQuantization, model: Any) -> list[str] | None:
     return names
 
 
+def resolve_layout(stored: StoredQuantization, model: Any) -> StoredQuantization:
+    """The stored format with what only the meta model tells (compressed-tensors layouts)."""
+    return method_named(stored.method).resolve_layout(stored, model)
+
+
 def gpu_notes(stored: StoredQuantization, gpu: Any) -> tuple[bool, tuple[str, ...]]:
     """(the stored format runs on ``gpu``, notes saying what transformers does there)."""
     found = method_named(stored.method).gpu_note(stored, gpu)
