@@ -161,7 +161,14 @@ def load_kwargs(
     }
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
-    if prec.quantized:
+    stored = getattr(report.model, "quantization", None) or {}
+    if candidate.precision == stored.get("dequantizes_to"):
+        # A pre-quantised checkpoint planned dequantised: its own config, dequantize=True.
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict(
+            {"quant_method": stored["method"], "dequantize": True})
+    elif prec.quantized:
         prec.method.check_available()
         kwargs["quantization_config"] = bnb_config(
             candidate.precision,

@@ -119,12 +119,20 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
     workload = workload_of(report)
     dtype = _compute_dtype(report, precision)
     config_class, config_lines = prec.method.emit_config(prec, settings_of(report, precision))
+    stored = getattr(report.model, "quantization", None) or {}
+    if precision == stored.get("dequantizes_to"):
+        # The checkpoint's own quantization config, dequantised at load.
+        fields = {"quant_method": stored["method"], "dequantize": True}
+        config_class = "AutoQuantizationConfig"
+        config_lines = [f"quantization_config = AutoQuantizationConfig.from_dict({fields!r})"]
     imports = ", ".join(["AutoModelForCausalLM", *([config_class] if config_class else [])])
     lines = [
         f"# qplan plan: {report.model.id} at {precision} on {report.gpu.name} "
         f"(mode {workload.mode})",
         "import torch",
-        f"from transformers import {imports}",
+        f"from transformers import {imports}".replace(
+            ", AutoQuantizationConfig", "\nfrom transformers.quantizers.auto import "
+            "AutoQuantizationConfig"),
         "",
     ]
     call = [f"    {json.dumps(report.model.id)},"]

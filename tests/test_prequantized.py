@@ -333,3 +333,35 @@ def test_compressed_tensors_equal_a_real_cpu_load(tmp_path, fmt, weights, acts):
     assert resident_bytes(loaded).bytes == report.candidate("ct").weights_bytes
     assert report_dict(report)["model"]["quantization"]["format"] == fmt
     assert not [w for w in report.warnings if "safetensors" in w]
+
+
+def test_dequantised_candidate_snippet_and_load_kwargs(tmp_path):
+    """The bf16 candidate of an MXFP4 checkpoint loads dequantised through the emitted
+    snippet, to the planned bytes (real CPU load)."""
+    from qplan.loaders.loading import load_kwargs
+    from qplan.loading import report_from_dict
+    from qplan.planner.emit import emit_transformers
+
+    config = transformers.AutoConfig.from_pretrained(_catalog_path("openai__gpt-oss-20b.json"))
+    config.num_hidden_layers, config.layer_types = 2, config.layer_types[:2]
+    config.hidden_size, config.intermediate_size, config.num_local_experts = 64, 64, 4
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    config.vocab_size, config.num_experts_per_tok = 256, 2
+    config.pad_token_id, config.eos_token_id = 0, 1
+    qc = config.quantization_config
+    del config.quantization_config
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(
+        tmp_path)
+    config.quantization_config = qc
+    config.save_pretrained(tmp_path)
+    report = estimate(str(tmp_path), gpu="24GiB", mode="load")
+    code = emit_transformers(report, "bf16").replace(f'"{tmp_path}"', repr(str(tmp_path)))
+    namespace: dict = {}
+    # gpt-oss has no SDPA path in transformers (sinks): the snippet's default attn is not
+    # what this test checks.
+    code = code.replace('attn_implementation="sdpa"', 'attn_implementation="eager"')
+    exec(code.replace('device_map={"": 0}', 'device_map="cpu"'), namespace)
+    assert resident_bytes(namespace["model"]).bytes == report.candidate("bf16").weights_bytes
+    again = report_from_dict(report_dict(report))
+    kwargs = load_kwargs(again, again.candidate("bf16"), "cpu")
+    assert kwargs["quantization_config"].dequantize is True
