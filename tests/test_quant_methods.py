@@ -14,14 +14,18 @@ from qplan.loaders.loading import load_kwargs
 from qplan.loaders.resident import resident_bytes
 from qplan.loading import report_from_dict
 from qplan.planner.decide import AGGRESSIVENESS, DEFAULT_CHOICES
-from qplan.planner.precision import PRECISIONS
+from qplan.planner.precision import PRECISION_NAMES, PRECISIONS
 from qplan.report import report_dict
 
 SKIPS = ["lm_head", "down_proj"]
 
 
 def test_table_gives_the_documented_orders():
-    assert AGGRESSIVENESS == ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
+    plain = [p for p in AGGRESSIVENESS if p in PRECISION_NAMES]
+    assert plain == ["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
+    # FP8 (on compute capability 8.9+) sits between bf16 and int8.
+    assert AGGRESSIVENESS.index("bf16") < AGGRESSIVENESS.index("fp8") < AGGRESSIVENESS.index(
+        "int8")
     assert DEFAULT_CHOICES == ("bf16", "fp16", "int8", "nf4", "nf4-dq")
     assert MODE_PRECISIONS == {
         "full": ("fp32", "bf16", "fp16"),
