@@ -27,10 +27,14 @@ def test_table_gives_the_documented_orders():
     assert AGGRESSIVENESS.index("bf16") < AGGRESSIVENESS.index("fp8") < AGGRESSIVENESS.index(
         "int8")
     assert DEFAULT_CHOICES == ("bf16", "fp16", "int8", "nf4", "nf4-dq")
-    assert MODE_PRECISIONS == {
+    # For any checkpoint (rows planned only for checkpoints stored in them aside).
+    assert {m: tuple(n for n in names if not PRECISIONS[n].stored_only)
+            for m, names in MODE_PRECISIONS.items()} == {
         "full": ("fp32", "bf16", "fp16"),
         "qlora": ("fp4", "nf4", "fp4-dq", "nf4-dq"),
     }
+    # QLoRA also trains on 4-bit GPTQ / AWQ checkpoints (peft's GPTQ / AWQ LoRA layers).
+    assert {"gptq", "awq"} <= set(MODE_PRECISIONS["qlora"])
     assert all(PRECISIONS[n].method.name == "bitsandbytes" for n in MODE_PRECISIONS["qlora"])
 
 
