@@ -95,7 +95,7 @@ def test_unsloth_bnb_4bit_qlora_on_4090():
 @pytest.mark.parametrize("gpu", ["4090", "H100"])
 def test_gpt_oss_fits_and_keeps_mxfp4(gpu):
     """Published: openai/gpt-oss-20b stores about 13.8 GB (13.76 GB of safetensors)."""
-    report = estimate("openai/gpt-oss-20b", gpu=gpu, mode="inference", seq_len=1024)
+    report = estimate("openai/gpt-oss-20b", gpu=gpu, mode="inference", seq_len=1024, attn="eager")
     rec = report.recommendation
     assert rec is not None and rec.precision == "mxfp4"
     assert report.candidate("mxfp4").fits
@@ -107,9 +107,10 @@ def test_gpt_oss_fits_and_keeps_mxfp4(gpu):
 
 
 def test_gpt_oss_dequantised_on_a_gpu_without_mxfp4_kernels():
-    report = estimate("openai/gpt-oss-20b", gpu="A100-80GB", mode="load")
+    report = estimate("openai/gpt-oss-20b", gpu="A100-80GB", mode="load", attn="eager")
     assert report.recommendation.precision == "mxfp4"  # 8.0 >= 7.5
-    old = estimate("openai/gpt-oss-20b", gpu="v100-32gb", mode="load", headroom="0")
+    old = estimate("openai/gpt-oss-20b", gpu="v100-32gb", mode="load", headroom="0",
+                   attn="eager")
     quant = report_dict(old)["model"]["quantization"]
     assert quant["stays_quantized_on_gpu"] is False and "dequantises" in quant["gpu_note"]
     assert "mxfp4" not in [c.precision for c in old.candidates if c.fits and
@@ -118,8 +119,9 @@ def test_gpt_oss_dequantised_on_a_gpu_without_mxfp4_kernels():
 
 def test_gpt_oss_cannot_qlora_but_can_lora_dequantised():
     with pytest.raises(UsageError, match="cannot train this format"):
-        estimate("openai/gpt-oss-20b", gpu="H100", mode="qlora")
-    lora = estimate("openai/gpt-oss-20b", gpu="H100", mode="lora", seq_len=256)
+        estimate("openai/gpt-oss-20b", gpu="H100", mode="qlora", attn="eager")
+    lora = estimate("openai/gpt-oss-20b", gpu="H100", mode="lora", seq_len=256,
+                    attn="eager")
     assert [c.precision for c in lora.candidates] == ["bf16"]
     assert lora.recommendation.load_kwargs["quantization_config"] == {
         "quant_method": "mxfp4", "dequantize": True}
@@ -140,7 +142,7 @@ def test_mxfp4_dequantised_plan_equals_a_real_cpu_load(tmp_path):
     model.save_pretrained(tmp_path)
     config.quantization_config = qc
     config.save_pretrained(tmp_path)
-    report = estimate(str(tmp_path), gpu="24GiB", mode="load")
+    report = estimate(str(tmp_path), gpu="24GiB", mode="load", attn="eager")
     assert [c.precision for c in report.candidates] == ["mxfp4", "bf16"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, dtype=torch.bfloat16, device_map="cpu",
@@ -354,7 +356,7 @@ def test_dequantised_candidate_snippet_and_load_kwargs(tmp_path):
         tmp_path)
     config.quantization_config = qc
     config.save_pretrained(tmp_path)
-    report = estimate(str(tmp_path), gpu="24GiB", mode="load")
+    report = estimate(str(tmp_path), gpu="24GiB", mode="load", attn="eager")
     code = emit_transformers(report, "bf16").replace(f'"{tmp_path}"', repr(str(tmp_path)))
     namespace: dict = {}
     # gpt-oss has no SDPA path in transformers (sinks): the snippet's default attn is not
