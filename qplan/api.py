@@ -325,6 +325,11 @@ def estimate(
         stored = stored_plan.resolve_layout(stored, meta)
     inventory = replace(take_inventory(meta, skip_modules), stored=stored)
     enter_step("checking the workload options")
+    if workload_options.get("attn") is None:
+        # No --attn: what from_pretrained picks, SDPA where the class supports it and eager
+        # where it does not (gpt-oss), read off the model transformers just built.
+        picked = getattr(meta.config, "_attn_implementation", None)
+        workload_options = {**workload_options, "attn": "eager" if picked == "eager" else "sdpa"}
     workload = make_workload(mode, spec.config, **workload_options)
     check_lora_targets(workload, inventory, spec.id)
     budget = budget_for(gpu_target, room)
@@ -665,7 +670,8 @@ def measure_workload(
         small, gpu=gpu, mode=mode, precisions=precision, target=device, **workload_options
     )
     candidate = report.candidate(precision)
-    workload = make_workload(mode, small.config, **workload_options)
+    attn = report.workload.get("attn", workload_options.get("attn"))
+    workload = make_workload(mode, small.config, **{**workload_options, "attn": attn})
     if device == "cpu":
         from qplan.loaders.host_memory import check_host_room
 
