@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from qplan.errors import UsageError
+from qplan.planner.families import auto_class_of
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.workload import Workload
 
@@ -85,6 +86,11 @@ def _placement(report: Any, quantized: bool) -> tuple[list[str], list[str]]:
     return [], ['    device_map={"": 0},']
 
 
+def _exclude_line(report: Any) -> list[str]:
+    excluded = report.workload.get("lora_exclude_modules")
+    return [f"    exclude_modules={json.dumps(list(excluded))},"] if excluded else []
+
+
 def emit_transformers(report: Any, precision: str | None = None) -> str:
     """A Python snippet that loads the model with the planned precision and placement."""
     precision = chosen_precision(report, precision)
@@ -92,15 +98,22 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
     workload = workload_of(report)
     dtype = _compute_dtype(report, precision)
     quant_storage = str(report.workload.get("quant_storage") or "uint8")
+    auto = auto_class_of(report.model.architecture)
     lines = [
         f"# qplan plan: {report.model.id} at {precision} on {report.gpu.name} "
         f"(mode {workload.mode})",
         "import torch",
-        "from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
+        f"from transformers import {auto}, BitsAndBytesConfig",
         "",
     ]
     call = [f"    {json.dumps(report.model.id)},"]
-    if prec.quant_type == "int8":
+    skips = report.workload.get("skip_modules")
+    skip_line = [f"    llm_int8_skip_modules={json.dumps(list(skips))},"] if skips else []
+    if prec.quant_type == "int8" and skip_line:
+        lines += ["quantization_config = BitsAndBytesConfig(", "    load_in_8bit=True,",
+                  *skip_line, ")", ""]
+        call.append("    quantization_config=quantization_config,")
+    elif prec.quant_type == "int8":
         lines += ["quantization_config = BitsAndBytesConfig(load_in_8bit=True)", ""]
         call.append("    quantization_config=quantization_config,")
     elif prec.quantized:
@@ -111,6 +124,7 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
             f"    bnb_4bit_use_double_quant={prec.double_quant},",
             f"    bnb_4bit_compute_dtype=torch.{dtype},",
             f"    bnb_4bit_quant_storage=torch.{quant_storage},",
+            *skip_line,
             ")",
             "",
         ]
@@ -121,7 +135,7 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
         *placement_args,
         f'    attn_implementation="{workload.attn}",',
     ]
-    lines += [*placement_lines, "model = AutoModelForCausalLM.from_pretrained(", *call, ")"]
+    lines += [*placement_lines, f"model = {auto}.from_pretrained(", *call, ")"]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +177,7 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
         f"    lora_alpha={workload.alpha},",
         f"    lora_dropout={workload.lora_dropout!r},",
         f"    target_modules={json.dumps(targets)},",
+        *_exclude_line(report),
         '    task_type="CAUSAL_LM",',
         ")",
         "model = get_peft_model(model, lora_config)",

@@ -25,17 +25,21 @@ BNB_4BIT_BLOCKSIZE = 64
 # Double quantisation quantises absmax in blocks of 256.
 BNB_NESTED_BLOCKSIZE = 256
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "bfloat16": 2,
-    "float16": 2,
-    "uint8": 1,
-    "int8": 1,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "bool": 1,
-}
+
+
+def _dtype_sizes() -> dict[str, int]:
+    """Bytes per element of every torch dtype, by name ("bfloat16", "complex64", ...):
+    models keep buffers of any dtype (Llama 4's rotary table is complex64)."""
+    import torch
+
+    return {
+        str(dtype).removeprefix("torch."): dtype.itemsize
+        for dtype in vars(torch).values()
+        if isinstance(dtype, torch.dtype)
+    }
+
+
+DTYPE_BYTES: dict[str, int] = _dtype_sizes()
 
 
 @dataclass(frozen=True)

@@ -180,14 +180,70 @@ def make_workload(
     )
 
 
-def workload_dict(workload: Workload, compute: str, quant_storage: str, target: str) -> dict:
+def workload_dict(
+    workload: Workload,
+    compute: str,
+    quant_storage: str,
+    target: str,
+    skip_modules: Sequence[str] | None = None,
+    lora_excluded: Sequence[str] = (),
+) -> dict:
     data = asdict(workload)
     if workload.mode == "load":
         data = {"mode": "load"}
     data.update(compute_dtype=compute, quant_storage=quant_storage, target=target)
+    if skip_modules is not None:
+        data["skip_modules"] = list(skip_modules)  # llm_int8_skip_modules of the load
     if workload.is_lora:
         data["lora_alpha"] = workload.alpha
+        if lora_excluded:
+            data["lora_exclude_modules"] = list(lora_excluded)
     return data
+
+
+def _skip_weights_used_as_matrices(
+    spec: ModelSpec,
+    precisions: Sequence[str],
+    meta: Any,
+    inventory: Any,
+    skip_modules: Sequence[str] | None,
+    notes: list[str],
+) -> tuple[list[str] | None, Any]:
+    """Leave unquantised what the model cannot run quantised (planner/quantize_meta.py):
+    the skip list becomes transformers' own defaults plus those modules, and the load
+    kwargs carry it as llm_int8_skip_modules."""
+    from qplan.planner.inventory import take_inventory
+    from qplan.planner.quantize_meta import weights_used_as_matrices
+
+    given = list(skip_modules) if skip_modules is not None else None
+    if not any(PRECISIONS[p].quantized for p in precisions):
+        return given, inventory
+    direct = weights_used_as_matrices(spec.config, spec.trust_remote_code)
+    if not direct:
+        return given, inventory
+    skips = sorted({*inventory.skip_modules, *direct})
+    notes.append(
+        f"bitsandbytes precisions leave {', '.join(direct)} unquantised: "
+        f"{inventory.model_type}'s code uses their weight as a plain matrix, which a "
+        "quantised load cannot run; the from_pretrained kwargs skip them "
+        "(llm_int8_skip_modules)"
+    )
+    return skips, take_inventory(meta, skips)
+
+
+def _lora_exclusions(meta: Any, workload: Workload, notes: list[str]) -> tuple[str, ...]:
+    """What ``all-linear`` leaves out because peft refuses it for this architecture."""
+    if not workload.is_lora or workload.target_modules != "all-linear":
+        return ()
+    from qplan.planner.training_setup import peft_refused_targets
+
+    refused = peft_refused_targets(meta)
+    if refused:
+        notes.append(
+            f"LoRA all-linear leaves out {', '.join(refused)}: peft refuses or cannot adapt "
+            f"them on {meta.config.model_type} models (exclude_modules)"
+        )
+    return refused
 
 
 def estimate(
@@ -237,6 +293,11 @@ def estimate(
     meta = build_meta_model(copy.deepcopy(spec.config), spec.trust_remote_code)
     inventory = take_inventory(meta, skip_modules)
     workload = make_workload(mode, spec.config, **workload_options)
+    notes = list(spec.notes)
+    skip_modules, inventory = _skip_weights_used_as_matrices(
+        spec, names, meta, inventory, skip_modules, notes
+    )
+    lora_excluded = _lora_exclusions(meta, workload, notes)
     budget = budget_for(gpu_target, room)
     if budget.headroom_bytes >= gpu_target.memory_bytes:
         raise UsageError(
@@ -320,6 +381,13 @@ def estimate(
                 for k, v in from_pretrained_max_memory(strategy.max_memory, quantized).items()
             }
         decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
+    if skip_modules is not None and decision.recommendation is not None:
+        rec = decision.recommendation
+        quant = rec.load_kwargs.get("quantization_config")
+        if quant is not None:
+            quant = {**quant, "llm_int8_skip_modules": list(skip_modules)}
+            decision = replace(decision, recommendation=replace(
+                rec, load_kwargs={**rec.load_kwargs, "quantization_config": quant}))
     warnings = list(decision.warnings)
     warnings.extend(unquantized_warning(inventory, names))
     solutions: list[Solution] = []
@@ -371,12 +439,13 @@ def estimate(
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload=workload_dict(workload, compute, quant_storage, target),
+        workload=workload_dict(workload, compute, quant_storage, target, skip_modules,
+                               lora_excluded),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=tuple(warnings),
         solutions=tuple(solutions),
-        notes=spec.notes,
+        notes=tuple(notes),
         versions=_versions(),
         devices=strategy.devices if strategy is not None else (),
         strategy=strategy,
@@ -480,7 +549,9 @@ def measure_workload(
             f"measuring {spec.id} ({mode}, {precision}) on CPU",
             "pass --layers N to keep only the first N decoder layers",
         )
-    measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device)
+    skips = report.workload.get("skip_modules")
+    measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device,
+                       skip_modules=list(skips) if skips else None)
     predicted = candidate.peak_allocated_bytes
     block = {
         "device": device,

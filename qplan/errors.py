@@ -25,3 +25,8 @@ class ConfigError(QplanError):
 
 class DeviceError(QplanError):
     """No usable NVIDIA driver / device where one was needed."""
+
+
+class ModelCodeError(QplanError):
+    """The model's own code (the installed transformers) fails on the step planned, so a
+    real run would fail the same way: nothing to plan for that workload."""
