@@ -186,6 +186,20 @@ _METADATA = frozenset({
 
 
 def weights_used_as_matrices(config: Any, trust_remote_code: bool = False) -> tuple[str, ...]:
+    """See _probe_weights_used_as_matrices; remembered per config (one probe per model,
+    however many precisions and workloads are planned)."""
+    key = (config.to_json_string(use_diff=False), trust_remote_code)
+    if key not in _PROBED:
+        if len(_PROBED) >= 64:
+            _PROBED.clear()
+        _PROBED[key] = _probe_weights_used_as_matrices(config, trust_remote_code)
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple[str, bool], tuple[str, ...]] = {}
+
+
+def _probe_weights_used_as_matrices(config: Any, trust_remote_code: bool) -> tuple[str, ...]:
     """Linear modules bitsandbytes would quantise whose weight the model's own code uses
     as a plain matrix (Mamba's ``dt_proj.weight @ x``): a quantised load of them fails at
     the first forward, so a plan leaves them unquantised (llm_int8_skip_modules).

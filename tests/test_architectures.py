@@ -17,6 +17,7 @@ from qplan.cli import app
 from qplan.errors import ConfigError, ModelCodeError
 from qplan.loading import load
 from qplan.planner.components import _with_layers, num_layers
+from qplan.planner.emit import emit_peft, emit_transformers
 from qplan.planner.inventory import build_meta_model, take_inventory
 
 SHAPE = dict(batch=1, seq_len=32, lora_r=8)
@@ -94,14 +95,16 @@ def test_mamba_leaves_dt_proj_unquantised_and_says_so(tiny_model_dir):
     assert "lm_head" in report.workload["skip_modules"]  # transformers' default stays
     assert any("dt_proj" in note for note in report.notes)
     quant = report.recommendation.load_kwargs["quantization_config"]
-    assert quant.get("llm_int8_skip_modules", report.workload["skip_modules"]) == \
-        report.workload["skip_modules"]
+    assert quant["llm_int8_skip_modules"] == report.workload["skip_modules"]
+    script = emit_transformers(report, "nf4")
+    assert f"llm_int8_skip_modules={json.dumps(report.workload['skip_modules'])}" in script
 
 
 @pytest.mark.parametrize("arch", ["nemotron_h", "falcon_mamba"])
 def test_lora_all_linear_leaves_out_what_peft_refuses(tiny_model_dir, arch):
     report = _measured(tiny_model_dir(arch), "qlora", "nf4")
     assert report.workload["lora_exclude_modules"] == ["out_proj"]
+    assert 'exclude_modules=["out_proj"]' in emit_peft(report, "nf4")
     assert any("out_proj" in note and "peft" in note for note in report.notes)
 
 
@@ -129,6 +132,8 @@ def test_vision_language_model_loads_with_its_own_class(tiny_model_dir, precisio
     loaded = load(str(tiny_model_dir("llava")), gpu="24GiB", precision=precision,
                   device="cpu", mode="load", random_weights=True)
     assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+    assert "AutoModelForImageTextToText.from_pretrained(" in emit_transformers(
+        loaded.report, precision)
     measured = loaded.report.measured
     assert measured["resident_bytes"] == measured["predicted_bytes"]
 
