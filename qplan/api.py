@@ -20,7 +20,7 @@ from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES, trace_group
+from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, trace_group
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
