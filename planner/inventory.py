@@ -132,6 +132,12 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
     kwargs: dict[str, Any] = {"dtype": _BUILD_DTYPE}
     if attn is not None:
         kwargs["attn_implementation"] = build_attn_implementation(attn)
+        built = getattr(factory, "_model_mapping", {}).get(type(config), factory) \
+            if hasattr(factory, "_model_mapping") else factory
+        if attn == "sdpa" and not getattr(built, "_supports_sdpa", True):
+            # No SDPA path (Mamba has no attention): transformers refuses "sdpa" and
+            # builds such models with eager, its own default.
+            kwargs["attn_implementation"] = "eager"
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     # transformers logs advice meant for real loads (e.g. legacy activation names); the
