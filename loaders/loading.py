@@ -141,6 +141,13 @@ def attn_for(report: Report, device: str, explicit: str | None) -> str:
 # --------------------------------------------------------------------------- from_pretrained kwargs
 
 
+def _supports_sdpa(report: Report) -> bool:
+    import transformers
+
+    cls = getattr(transformers, report.model.architecture, None)
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
 def load_kwargs(
     report: Report,
     candidate: Candidate,
@@ -159,6 +166,10 @@ def load_kwargs(
         "device_map": device_map,
         "attn_implementation": attn_for(report, device, attn),
     }
+    if kwargs["attn_implementation"] == "sdpa" and not _supports_sdpa(report):
+        # Models without attention (Mamba) or without an SDPA path refuse "sdpa";
+        # from_pretrained then takes its own default, eager.
+        kwargs["attn_implementation"] = "eager"
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     stored = getattr(report.model, "quantization", None) or {}
@@ -218,11 +229,9 @@ def _save_random_model(spec: ModelSpec, candidate: Candidate, folder: Path) -> N
     """
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(spec.config)
     dtype = getattr(torch, candidate.compute_dtype)
-    model = AutoModelForCausalLM.from_config(
+    model = _auto_class(spec).from_config(
         config, dtype=dtype, trust_remote_code=spec.trust_remote_code
     )
     try:
@@ -314,7 +323,7 @@ def lora_parameter_count(spec: ModelSpec, workload: Workload) -> int:
 
     meta = build_meta_model(copy.deepcopy(spec.config), spec.trust_remote_code)
     meta.requires_grad_(False)
-    adapted = get_peft_model(meta, lora_config(workload))
+    adapted = get_peft_model(meta, lora_config(workload, meta))
     return sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
@@ -357,15 +366,20 @@ def _error_pct(measured: int, predicted: int) -> float | None:
 # --------------------------------------------------------------------------- the load
 
 
-def _from_pretrained(source: str, kwargs: dict[str, Any], spec: ModelSpec) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def _auto_class(spec: ModelSpec) -> Any:
+    """The auto class the plan built (causal LM, or image-text-to-text for a VLM)."""
+    from qplan.planner.inventory import model_class_for
 
+    return model_class_for(spec.config, spec.trust_remote_code)[0]
+
+
+def _from_pretrained(source: str, kwargs: dict[str, Any], spec: ModelSpec) -> nn.Module:
     extra: dict[str, Any] = {}
     if spec.source == "hub" and spec.revision:
         extra["revision"] = spec.revision
     if spec.trust_remote_code:
         extra["trust_remote_code"] = True
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
+    return _auto_class(spec).from_pretrained(source, **kwargs, **extra)
 
 
 def load_planned(

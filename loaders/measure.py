@@ -24,6 +24,7 @@ import torch
 
 from qplan.errors import DeviceError, QplanError
 from qplan.planner.components import classify, num_layers
+from qplan.planner.inventory import model_class_for
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.quantize_meta import bnb_config
@@ -58,10 +59,8 @@ def shrink(config: Any, layers: int | None) -> Any:
 
 def save_random_weights(config: Any, folder: str, dtype: str = "bfloat16") -> str:
     """Random weights from ``config`` saved as a checkpoint in ``folder``."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model = model_class_for(config)[0].from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     del model
     gc.collect()
@@ -69,20 +68,24 @@ def save_random_weights(config: Any, folder: str, dtype: str = "bfloat16") -> st
 
 
 def random_model(config: Any, precision: str, compute_dtype: str, device: str,
-                 weights_dir: str | None = None, attn: str = "sdpa") -> Any:
+                 weights_dir: str | None = None, attn: str = "sdpa",
+                 skip_modules: list[str] | None = None) -> Any:
     """Random weights from ``config`` (or the checkpoint in ``weights_dir``), loaded back
     through from_pretrained at ``precision`` so bitsandbytes quantises them itself, with
     the attention implementation ``attn``."""
     if weights_dir is None:
         with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
             save_random_weights(config, folder)
-            return random_model(config, precision, compute_dtype, device, folder, attn)
-    from transformers import AutoModelForCausalLM
-
+            return random_model(config, precision, compute_dtype, device, folder, attn,
+                                skip_modules)
     load_dtype = getattr(torch, load_dtype_for(PRECISIONS[precision], compute_dtype))
-    quant = bnb_config(precision, compute_dtype)
+    quant = bnb_config(precision, compute_dtype, skip_modules=skip_modules)
     device_map: Any = {"": 0} if device == "cuda" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
+    factory = model_class_for(config)[0]
+    if attn == "sdpa" and not getattr(factory._model_mapping.get(type(config), None),
+                                      "_supports_sdpa", True):
+        attn = "eager"  # no SDPA path (Mamba): from_pretrained's own default
+    model = factory.from_pretrained(
         weights_dir, dtype=load_dtype, quantization_config=quant, device_map=device_map,
         attn_implementation=attn,
     )
@@ -113,11 +116,13 @@ def measure(
     layers: int | None = None,
     device: str = "cpu",
     weights_dir: str | None = None,
+    skip_modules: list[str] | None = None,
 ) -> Measurement:
     """Run ``workload`` for real at ``precision`` and measure its peak.
 
     ``weights_dir``: a checkpoint of ``config`` (already shrunk) to load instead of fresh
-    random weights, so several measurements share one set.
+    random weights, so several measurements share one set. ``skip_modules``: the plan's
+    llm_int8_skip_modules (report.workload["skip_modules"]).
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("no CUDA device for --device cuda; run on a GPU or use --device cpu")
@@ -125,7 +130,8 @@ def measure(
         raise DeviceError("flash_attention_2 runs only on CUDA GPUs; measure on --device cuda "
                           "or pass --attn sdpa")
     config = shrink(config, layers)
-    model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn)
+    model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn,
+                         skip_modules)
     if workload.is_training:
         model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
     vocab = config.get_text_config().vocab_size

@@ -593,23 +593,28 @@ def _build_config(
             "transformers or pass --trust-remote-code if the model ships its own code"
         )
 
-    _check_architectures(raw.get("architectures"), origin=origin, version=version)
+    arch_notes = _check_architectures(
+        raw.get("architectures"), origin=origin, version=version, model_type=model_type
+    )
     config_class = CONFIG_MAPPING[model_type]
     try:
         # from_dict is what AutoConfig.from_pretrained itself ends with: it keeps
         # architectures, dtype (torch_dtype) and nested sub-configs as transformers would.
-        config = config_class.from_dict(raw)
+        # transformers writes inf/NaN as {"__float__": "Infinity"} and decodes them when
+        # it reads config.json (Nemotron-H's time_step_limit); do the same.
+        decode = getattr(config_class, "_decode_special_floats", lambda obj: obj)
+        config = config_class.from_dict(decode(raw))
     except Exception as exc:
         raise ConfigError(
             f"{origin} could not be built as {config_class.__name__}: "
             f"{_one_line(str(exc), 160)}; fix the offending value in config.json"
         ) from exc
 
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = arch_notes
     if has_code:
         # Same choice as from_pretrained(trust_remote_code=False) for a type transformers
         # ships: the built-in classes, not the repo's code.
-        notes = (
+        notes += (
             f"config.json maps custom code (auto_map) but transformers {version} has a "
             f"built-in '{model_type}'; planned with the built-in classes, as from_pretrained "
             "does without trust_remote_code",
@@ -632,9 +637,14 @@ def _build_remote_config(target: str, kwargs: dict[str, Any], *, origin: str) ->
     return _Built(config=config, notes=(note,), used_remote_code=True)
 
 
-def _check_architectures(architectures: Any, *, origin: str, version: str) -> None:
+def _check_architectures(
+    architectures: Any, *, origin: str, version: str, model_type: str
+) -> tuple[str, ...]:
+    """Refuse a malformed ``architectures``; a name transformers lacks is resolved by
+    model_type, as from_pretrained does (returns the note saying so), unless the
+    model_type has no generative class either."""
     if architectures is None:
-        return
+        return ()
     if not isinstance(architectures, list) or not all(
         isinstance(name, str) for name in architectures
     ):
@@ -643,14 +653,25 @@ def _check_architectures(architectures: Any, *, origin: str, version: str) -> No
             'fix it, e.g. "architectures": ["LlamaForCausalLM"]'
         )
     if all(name in _causal_lm_architectures() for name in architectures):
-        return  # the common case, answered without scanning transformers' whole namespace
+        return ()  # the common case, answered without scanning transformers' whole namespace
+    from qplan.planner.families import generative_classes
+
     known = _known_architectures()
     for name in architectures:
-        if name not in known:
+        if name in known:
+            continue
+        classes = generative_classes(model_type)
+        if not classes:
             raise ConfigError(
                 f"{origin} names architecture '{name}', which transformers {version} does not "
                 "have; upgrade transformers or correct `architectures` in config.json"
             )
+        return (
+            f"config.json names {name}, which transformers {version} does not have; planned "
+            f"as {classes[0].name}, the class from_pretrained takes for model_type "
+            f"'{model_type}'",
+        )
+    return ()
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,14 +120,48 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
     return parts
 
 
+# Config lists that name layers by index (not one entry per layer): truncating the model
+# keeps the indices below the new depth.
+_INDEX_LIST_SUFFIXES = ("layers", "idxs", "layer_ids", "indices")
+
+
+def _is_index_list(name: str, value: list[Any] | tuple[Any, ...], depth: int) -> bool:
+    return (
+        name.endswith(_INDEX_LIST_SUFFIXES)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
+        and list(value) == sorted(set(value))
+    )
+
+
+def _truncate_layer_lists(text: Any, depth: int, layers: int) -> None:
+    """Cut every per-layer list of ``text`` (layer_types, layers_block_type,
+    no_rope_layers, ...) to ``layers`` entries and drop indices past them from index lists
+    (moe_layers, full_attn_idxs). Lists a config derives in a read-only property
+    (falcon-mamba's layer_types, Jamba's layers_block_type) follow num_hidden_layers."""
+    for name, value in list(vars(text).items()):
+        if not isinstance(value, (list, tuple)) or name.startswith("_"):
+            continue
+        if _is_index_list(name, value, depth):
+            kept = [i for i in value if i < layers]
+        elif len(value) == depth:
+            kept = list(value[:layers])
+        else:
+            continue
+        setattr(text, name, type(value)(kept))
+
+
 def _with_layers(config: Any, layers: int) -> Any:
     """A copy of ``config`` with only the first ``layers`` decoder layers."""
     truncated = copy.deepcopy(config)
     text = truncated.get_text_config()
-    text.num_hidden_layers = layers
-    layer_types = getattr(text, "layer_types", None)
-    if isinstance(layer_types, list):
-        text.layer_types = layer_types[:layers]
+    depth = num_layers(truncated)
+    if layers >= depth:
+        return truncated
+    _truncate_layer_lists(text, depth, layers)
+    # Some configs derive the depth from a per-layer list (Nemotron-H ignores a new
+    # num_hidden_layers); the list cut above already set it there.
+    if num_layers(truncated) != layers:
+        text.num_hidden_layers = layers
     return truncated
 
 
@@ -172,9 +207,13 @@ def trace_components(
             model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
-    snapshot, seen, phase_peaks, phase_snapshots = trace(
-        model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None
-    )
+    try:
+        snapshot, seen, phase_peaks, phase_snapshots = trace(
+            model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None
+        )
+    except Exception as exc:
+        _raise_if_model_code(exc, model, workload)
+        raise
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
@@ -193,6 +232,29 @@ def _new_tensors_on_meta() -> Any:
     import torch
 
     return torch.device("meta") if reuse.enabled() else contextlib.nullcontext()
+
+
+def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None:
+    """A failure raised by the model's own modeling code (not by the trace or a library
+    below it) happens in a real run too: refuse in one line, naming it."""
+    import traceback
+
+    import transformers
+
+    from qplan.errors import ModelCodeError
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames or f"transformers{os.sep}models{os.sep}" not in frames[-1].filename:
+        return
+    name = type(getattr(model, "base_model", model)).__name__
+    if hasattr(model, "get_base_model"):
+        name = type(model.get_base_model()).__name__
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    raise ModelCodeError(
+        f"transformers {transformers.__version__}'s {name} fails in its own code in the "
+        f"{workload.mode} step ({type(exc).__name__}: {first}), so a real run would too; "
+        "plan --mode load, or use a transformers version where this model runs"
+    ) from exc
 
 
 def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],

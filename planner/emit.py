@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from qplan.errors import UsageError
+from qplan.planner.families import auto_class_of
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.quant import QuantSettings
 from qplan.planner.workload import Workload
@@ -112,6 +113,11 @@ def _placement(report: Any, quantized: bool | float) -> tuple[list[str], list[st
     return [], ['    device_map={"": 0},']
 
 
+def _exclude_line(report: Any) -> list[str]:
+    excluded = report.workload.get("lora_exclude_modules")
+    return [f"    exclude_modules={json.dumps(list(excluded))},"] if excluded else []
+
+
 def emit_transformers(report: Any, precision: str | None = None) -> str:
     """A Python snippet that loads the model with the planned precision and placement."""
     precision = chosen_precision(report, precision)
@@ -125,7 +131,8 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
         fields = {"quant_method": stored["method"], "dequantize": True}
         config_class = "AutoQuantizationConfig"
         config_lines = [f"quantization_config = AutoQuantizationConfig.from_dict({fields!r})"]
-    imports = ", ".join(["AutoModelForCausalLM", *([config_class] if config_class else [])])
+    auto = auto_class_of(report.model.architecture)
+    imports = ", ".join([auto, *([config_class] if config_class else [])])
     lines = [
         f"# qplan plan: {report.model.id} at {precision} on {report.gpu.name} "
         f"(mode {workload.mode})",
@@ -145,7 +152,7 @@ def emit_transformers(report: Any, precision: str | None = None) -> str:
         *placement_args,
         f'    attn_implementation="{workload.attn}",',
     ]
-    lines += [*placement_lines, "model = AutoModelForCausalLM.from_pretrained(", *call, ")"]
+    lines += [*placement_lines, f"model = {auto}.from_pretrained(", *call, ")"]
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +195,7 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
         f"    lora_alpha={workload.alpha},",
         f"    lora_dropout={workload.lora_dropout!r},",
         f"    target_modules={json.dumps(targets)},",
+        *_exclude_line(report),
         '    task_type="CAUSAL_LM",',
         ")",
         "model = get_peft_model(model, lora_config)",

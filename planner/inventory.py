@@ -104,33 +104,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_class_for(config: Any, trust_remote_code: bool = False) -> tuple[Any, str]:
-    """The class to build: the Auto class its ``architectures`` names, causal LM first.
+    """The class to build, as from_pretrained resolves it (planner/families.py).
 
     Returns (factory, architecture name). The factory has ``from_config``.
     """
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from qplan.planner.families import AUTO_CLASSES, model_class
 
     archs = list(getattr(config, "architectures", None) or [])
     auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
-        return transformers.AutoModelForCausalLM, archs[0] if archs else "AutoModelForCausalLM"
-    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-    for arch in archs:
-        if arch == causal:
-            return transformers.AutoModelForCausalLM, arch
-    for arch in archs:
-        cls = getattr(transformers, arch, None)
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls, arch
-    if causal is not None:
-        return transformers.AutoModelForCausalLM, causal
-    if archs:
-        raise ConfigError(
-            f"architecture {archs[0]!r} is not known to transformers {transformers.__version__}; "
-            "upgrade transformers or pass --trust-remote-code if the model ships its own code"
-        )
-    return transformers.AutoModel, type(config).__name__.removesuffix("Config") + "Model"
+    if trust_remote_code:
+        import transformers
+
+        for auto in AUTO_CLASSES:
+            if auto in auto_map:
+                return getattr(transformers, auto), archs[0] if archs else auto
+    chosen = model_class(config)
+    return chosen.factory(), chosen.name
 
 
 def build_meta_model(config: Any, trust_remote_code: bool = False,
@@ -145,6 +134,12 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
     kwargs: dict[str, Any] = {"dtype": _BUILD_DTYPE}
     if attn is not None:
         kwargs["attn_implementation"] = build_attn_implementation(attn)
+        built = getattr(factory, "_model_mapping", {}).get(type(config), factory) \
+            if hasattr(factory, "_model_mapping") else factory
+        if attn == "sdpa" and not getattr(built, "_supports_sdpa", True):
+            # No SDPA path (Mamba has no attention): transformers refuses "sdpa" and
+            # builds such models with eager, its own default.
+            kwargs["attn_implementation"] = "eager"
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     # transformers logs advice meant for real loads (e.g. legacy activation names); the

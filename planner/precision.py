@@ -29,20 +29,19 @@ from qplan.planner.quant.bnb import (  # noqa: F401  (re-exported: older imports
 # The CUDA caching allocator rounds every allocation up to this many bytes.
 ALLOC_ROUND = 512
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "bfloat16": 2,
-    "float16": 2,
-    "uint8": 1,
-    "int8": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "bool": 1,
-}
+def _dtype_sizes() -> dict[str, int]:
+    """Bytes per element of every torch dtype, by name ("bfloat16", "complex64", ...):
+    models keep buffers of any dtype (Llama 4's rotary table is complex64)."""
+    import torch
+
+    return {
+        str(dtype).removeprefix("torch."): dtype.itemsize
+        for dtype in vars(torch).values()
+        if isinstance(dtype, torch.dtype)
+    }
+
+
+DTYPE_BYTES: dict[str, int] = _dtype_sizes()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ loads, so what is estimated is what is loaded:
 
 * LoRA / QLoRA: for a k-bit base, peft's ``prepare_model_for_kbit_training`` (freezes the
   base, casts every non-4-bit 16-bit parameter to float32: embeddings, norms, untied
-  lm_head, biases); then LoRA through peft (adapters in float32, peft's default).
+  lm_head, biases); then LoRA through peft (adapters in float32, peft's default);
+  ``all-linear`` without the modules peft refuses for the architecture.
 * Gradient checkpointing when asked, reentrant or not as the workload says (transformers'
   own ``gradient_checkpointing_enable``, so torch.utils.checkpoint runs as in the real
   step); ``use_cache=False``.
@@ -30,14 +31,59 @@ def gc_kwargs(workload: Workload) -> dict[str, bool]:
     return {"use_reentrant": workload.gc_reentrant}
 
 
-def lora_config(workload: Workload) -> Any:
+def _not_a_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear subclass with its own forward (Llama 4's router returns scores and
+    logits): peft's LoRA layer adds x @ A @ B to the base output, which it is not."""
+    cls = type(module)
+    return (
+        isinstance(module, nn.Linear)
+        and cls.forward is not nn.Linear.forward
+        # bitsandbytes' quantised Linears compute the same map, and peft adapts them.
+        and not cls.__module__.startswith("bitsandbytes.")
+    )
+
+
+def peft_refused_targets(model: nn.Module) -> tuple[str, ...]:
+    """Names of Linear modules ``all-linear`` would pick that peft refuses to adapt on
+    this architecture (out_proj of Mamba-based models), asked of peft's own check, and
+    Linear subclasses whose forward is not a linear map (peft's LoRA forward fails)."""
+    try:
+        from peft.tuners.lora import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without per-architecture rules refuses nothing
+        return ()
+    from transformers.pytorch_utils import Conv1D
+
+    probe = LoraConfig(target_modules="all-linear")
+    refused = set()
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if not isinstance(module, (nn.Linear, Conv1D)) or leaf in refused:
+            continue
+        if _not_a_plain_linear(module):
+            refused.add(leaf)
+            continue
+        try:
+            check(probe, model, leaf)
+        except ValueError:
+            refused.add(leaf)
+    return tuple(sorted(refused))
+
+
+def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
+    """The workload's LoraConfig; ``all-linear`` leaves out what peft refuses for
+    ``model``'s architecture (exclude_modules, which peft applies before its check)."""
     from peft import LoraConfig
 
+    exclude = None
+    if workload.target_modules == "all-linear" and model is not None:
+        exclude = list(peft_refused_targets(model)) or None
     return LoraConfig(
         r=workload.lora_r,
         lora_alpha=workload.alpha,
         lora_dropout=workload.lora_dropout,
         target_modules=workload.target_modules,
+        exclude_modules=exclude,
         task_type="CAUSAL_LM",
     )
 
@@ -58,7 +104,7 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
             if gc:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         try:
-            model = get_peft_model(model, lora_config(workload))
+            model = get_peft_model(model, lora_config(workload, model))
         except ValueError as exc:  # peft's NoMatchingPeftModuleError and its kin
             if "not found in the base model" not in str(exc) and "matched" not in str(exc):
                 raise

@@ -234,6 +234,7 @@ def workload_dict(
     quant_storage: str,
     target: str,
     skip_modules: Sequence[str] | None = None,
+    lora_excluded: Sequence[str] = (),
 ) -> dict:
     data = asdict(workload)
     if workload.mode == "load":
@@ -244,7 +245,54 @@ def workload_dict(
         data["skip_modules"] = list(skip_modules)
     if workload.is_lora:
         data["lora_alpha"] = workload.alpha
+        if lora_excluded:
+            data["lora_exclude_modules"] = list(lora_excluded)
     return data
+
+
+def _skip_weights_used_as_matrices(
+    spec: ModelSpec,
+    precisions: Sequence[str],
+    meta: Any,
+    inventory: Any,
+    skip_modules: Sequence[str] | None,
+    notes: list[str],
+) -> tuple[list[str] | None, Any]:
+    """Leave unquantised what the model cannot run quantised (planner/quantize_meta.py):
+    the skip list becomes transformers' own defaults plus those modules, and the load
+    kwargs carry it as llm_int8_skip_modules."""
+    from qplan.planner.inventory import take_inventory
+    from qplan.planner.quantize_meta import weights_used_as_matrices
+
+    given = list(skip_modules) if skip_modules is not None else None
+    if not any(PRECISIONS[p].quantized for p in precisions):
+        return given, inventory
+    direct = weights_used_as_matrices(spec.config, spec.trust_remote_code)
+    if not direct:
+        return given, inventory
+    skips = sorted({*inventory.skip_modules, *direct})
+    notes.append(
+        f"bitsandbytes precisions leave {', '.join(direct)} unquantised: "
+        f"{inventory.model_type}'s code uses their weight as a plain matrix, which a "
+        "quantised load cannot run; the from_pretrained kwargs skip them "
+        "(llm_int8_skip_modules)"
+    )
+    return skips, take_inventory(meta, skips)
+
+
+def _lora_exclusions(meta: Any, workload: Workload, notes: list[str]) -> tuple[str, ...]:
+    """What ``all-linear`` leaves out because peft refuses it for this architecture."""
+    if not workload.is_lora or workload.target_modules != "all-linear":
+        return ()
+    from qplan.planner.training_setup import peft_refused_targets
+
+    refused = peft_refused_targets(meta)
+    if refused:
+        notes.append(
+            f"LoRA all-linear leaves out {', '.join(refused)}: peft refuses or cannot adapt "
+            f"them on {meta.config.model_type} models (exclude_modules)"
+        )
+    return refused
 
 
 def estimate(
@@ -332,6 +380,15 @@ def estimate(
         workload_options = {**workload_options, "attn": "eager" if picked == "eager" else "sdpa"}
     workload = make_workload(mode, spec.config, **workload_options)
     check_lora_targets(workload, inventory, spec.id)
+    notes = list(spec.notes)
+    if stored is None:
+        # A pre-quantised checkpoint keeps its own skip list; a bnb plan leaves out what the
+        # model cannot run quantised, and the report and kwargs carry that list.
+        skip_modules, inventory = _skip_weights_used_as_matrices(
+            spec, names, meta, inventory, skip_modules, notes
+        )
+        report_skips = skip_modules
+    lora_excluded = _lora_exclusions(meta, workload, notes)
     budget = budget_for(gpu_target, room)
     if budget.headroom_bytes >= gpu_target.memory_bytes:
         raise UsageError(
@@ -477,12 +534,13 @@ def estimate(
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload=workload_dict(workload, compute, quant_storage, target, report_skips),
+        workload=workload_dict(workload, compute, quant_storage, target, report_skips,
+                               lora_excluded),
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=tuple(warnings),
         solutions=tuple(solutions),
-        notes=(*spec.notes, *_stored_notes(stored, gpu_target)),
+        notes=(*notes, *_stored_notes(stored, gpu_target)),
         versions=_versions(),
         devices=strategy.devices if strategy is not None else (),
         strategy=strategy,
@@ -682,7 +740,9 @@ def measure_workload(
             "pass --layers N to keep only the first N decoder layers",
         )
     enter_step(f"measuring {mode} at {precision} on {device}")
-    measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device)
+    skips = report.workload.get("skip_modules")
+    measured = measure(small.config, workload, precision, candidate.compute_dtype, device=device,
+                       skip_modules=list(skips) if skips else None)
     predicted = candidate.peak_allocated_bytes
     block = {
         "device": device,

@@ -102,3 +102,8 @@ def unexpected_summary(exc: BaseException, model: str | None) -> str:
         f"{step}{subject} failed inside {raising_library(exc)} ({what}); this input is not "
         "handled yet - rerun with --debug for the traceback and report it"
     )
+
+
+class ModelCodeError(QplanError):
+    """The model's own code (the installed transformers) fails on the step planned, so a
+    real run would fail the same way: nothing to plan for that workload."""

@@ -461,11 +461,19 @@ def test_unknown_model_type(tmp_path: Path) -> None:
     assert "--trust-remote-code" in message
 
 
-def test_unknown_architecture(tmp_path: Path) -> None:
+def test_unknown_architecture_of_a_known_type_resolves_by_model_type(tmp_path: Path) -> None:
+    """As from_pretrained does: the auto classes go by model_type, not by the name."""
     _write_config(tmp_path / "m", {**TINY_LLAMA, "architectures": ["LlamaForTimeTravel"]})
+    spec = resolve_model(str(tmp_path / "m"))
+    assert any("LlamaForTimeTravel" in note and "LlamaForCausalLM" in note
+               for note in spec.notes)
+
+
+def test_unknown_architecture_of_a_type_without_a_generative_class(tmp_path: Path) -> None:
+    _write_config(tmp_path / "m", {"model_type": "vit", "architectures": ["ViTForTimeTravel"]})
     with pytest.raises(ConfigError) as excinfo:
         resolve_model(str(tmp_path / "m"))
-    assert "'LlamaForTimeTravel'" in _one_line_error(excinfo)
+    assert "'ViTForTimeTravel'" in _one_line_error(excinfo)
 
 
 def test_incomplete_config_uses_transformers_defaults(tmp_path: Path) -> None:

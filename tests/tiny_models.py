@@ -56,6 +56,61 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256,
     ),
+    # State-space and hybrid models: Mamba uses dt_proj's weight as a plain matrix (left
+    # unquantised); falcon-mamba calls it as a module once marked quantised; Nemotron-H
+    # mixes Mamba-2, attention and MLP layers (peft refuses LoRA on its out_proj).
+    "mamba": dict(
+        model_type="mamba", architectures=["MambaForCausalLM"], vocab_size=1000,
+        hidden_size=64, num_hidden_layers=2, state_size=8, intermediate_size=128,
+        time_step_rank=8, tie_word_embeddings=False,
+    ),
+    "falcon_mamba": dict(
+        model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"], vocab_size=1000,
+        hidden_size=64, num_hidden_layers=2, state_size=8, intermediate_size=128,
+        time_step_rank=8,
+    ),
+    "nemotron_h": dict(
+        model_type="nemotron_h", architectures=["NemotronHForCausalLM"], vocab_size=1000,
+        hidden_size=64, layers_block_type=["mamba", "attention", "mlp"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=4,
+        mamba_head_dim=16, ssm_state_size=8, n_groups=1, mamba_chunk_size=16,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    ),
+    # Llama 4 keeps its rotary table as a complex64 buffer.
+    "llama4": dict(
+        model_type="llama4", architectures=["Llama4ForConditionalGeneration"],
+        text_config=dict(
+            vocab_size=1000, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=256,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=56, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+            projector_output_dim=64,
+        ),
+    ),
+    "llava": dict(
+        model_type="llava", architectures=["LlavaForConditionalGeneration"],
+        image_token_index=999,
+        text_config=dict(
+            model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
+            projection_dim=32,
+        ),
+    ),
+    # The Hub config names PhiMoEForCausalLM; transformers calls the class PhimoeForCausalLM.
+    "phimoe": dict(
+        model_type="phimoe", architectures=["PhiMoEForCausalLM"], vocab_size=1000,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -72,10 +127,12 @@ def make_config(arch: str, dtype: str = "bfloat16", **overrides: Any):
 def save_tiny_model(arch: str, folder, dtype: str = "bfloat16", seed: int = 0, **overrides):
     """Build a random model from the tiny config and save it (weights + config.json)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from qplan.planner.inventory import model_class_for
 
     torch.manual_seed(seed)
     config = make_config(arch, dtype, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    factory = model_class_for(config)[0]
+    model = factory.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder

@@ -19,6 +19,7 @@ so the model runs forward and backward on meta through the real bitsandbytes cod
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from math import ceil
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -229,7 +230,7 @@ class BitsAndBytes(QuantMethod):
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:
         skip = (
-            [f"    llm_int8_skip_modules={list(settings.skip_modules)!r},"]
+            [f"    llm_int8_skip_modules={json.dumps(list(settings.skip_modules))},"]
             if settings.skip_modules is not None else []
         )
         if prec.quant_type == "int8":
