@@ -75,6 +75,7 @@ READ_KEYS = frozenset(
         "micro_batch_size",
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
+        "activation_offloading",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -391,10 +392,12 @@ def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]
     type decides and qplan does not know here."""
     gc = raw.get("gradient_checkpointing")
     out: dict[str, Any] = {"gradient_checkpointing": bool(gc) if gc is not None else False}
-    if isinstance(gc, str) and gc.strip().lower() in ("offload", "offload_disk"):
-        not_modelled["gradient_checkpointing"] = (
-            f"{gc}: checkpointed activations in host memory (planned on the GPU)"
-        )
+    offload = _activation_offloading(raw, path, not_modelled)
+    if offload:
+        if not out["gradient_checkpointing"]:
+            raise _bad(path, "activation_offloading needs gradient_checkpointing: true "
+                       "(Axolotl requires it)")
+        out["activation_offloading"] = True
     if not out["gradient_checkpointing"]:
         return out
     gc_kwargs = raw.get("gradient_checkpointing_kwargs")
@@ -408,6 +411,30 @@ def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]
     elif raw.get("unfrozen_parameters") is None and raw.get("rl") is None:
         out["gc_reentrant"] = True
     return out
+
+
+def _activation_offloading(raw: dict[str, Any], path: Path,
+                           not_modelled: dict[str, str]) -> bool:
+    """Axolotl's validation: ``gradient_checkpointing: offload`` is checkpointing plus
+    ``activation_offloading: true`` (TRL's streamed offloading, planner/offload.py);
+    ``offload_disk`` / ``activation_offloading: disk`` write activations to disk and
+    ``legacy`` is Unsloth's offloaded checkpointer, which qplan does not plan."""
+    gc = raw.get("gradient_checkpointing")
+    value = raw.get("activation_offloading")
+    if isinstance(gc, str) and gc.strip().lower() == "offload":
+        return True
+    if isinstance(gc, str) and gc.strip().lower() == "offload_disk":
+        not_modelled["gradient_checkpointing"] = (
+            "offload_disk: checkpointed activations on disk (planned on the GPU)"
+        )
+        return False
+    if isinstance(value, str) and value.strip().lower() in ("legacy", "disk"):
+        where = "on disk" if value.strip().lower() == "disk" else "in host memory (Unsloth's)"
+        not_modelled["activation_offloading"] = (
+            f"{value}: checkpointed activations {where} (planned on the GPU)"
+        )
+        return False
+    return _flag(raw, "activation_offloading", path) is True
 
 
 def _fused_ce(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> str | None:

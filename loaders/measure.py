@@ -44,6 +44,7 @@ class Measurement:
     components: dict[str, int]  # tracker's split of the peak
     reserved_bytes: int | None = None  # CUDA: max_memory_reserved
     nvml_used_bytes: int | None = None  # CUDA: NVML used for the device after the run
+    host_bytes: int = 0  # peak host memory the step held (activation offloading's copies)
 
 
 def shrink(config: Any, layers: int | None) -> Any:
@@ -156,6 +157,7 @@ def measure(
         components=components,
         reserved_bytes=reserved,
         nvml_used_bytes=nvml,
+        host_bytes=seen.host_peak,
     )
     del model
     gc.collect()

@@ -66,6 +66,8 @@ class ComponentPlan:
     # Peak bytes per phase (setup, forward, backward, optimizer): multi-GPU plans re-split
     # the step when sharding moves the peak to another phase.
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    # Host memory the step holds at its own peak (activation offloading's pinned copies).
+    host_bytes: int = 0
 
 
 def load_components(
@@ -176,6 +178,8 @@ class TraceOutcome:
     phase_peaks: dict[str, int]
     # The components at each phase's own peak (same keys as phase_peaks).
     phase_components: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Peak host memory (activation offloading), beside the device's.
+    host_bytes: int = 0
 
 
 def trace_components(
@@ -221,7 +225,8 @@ def trace_components(
     parts["transients"] += max(0, peak - sum(parts.values()))
     phase_components = {key: classify(snap, seen, rounded)
                         for key, snap in phase_snapshots.items()}
-    return TraceOutcome(parts, peak, phase_peaks, phase_components)
+    host = seen.host_peak
+    return TraceOutcome(parts, peak, phase_peaks, phase_components, host)
 
 
 def _new_tensors_on_meta() -> Any:
@@ -298,7 +303,8 @@ def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
         components = dict(phase_components[leader])
         peak = max(lines[leader], sum(components.values()))
     components["transients"] += max(0, peak - sum(components.values()))
-    return TraceOutcome(components, peak, phases, phase_components)
+    host = line(low.host_bytes, high.host_bytes)
+    return TraceOutcome(components, peak, phases, phase_components, host)
 
 
 def workload_components(
@@ -372,7 +378,8 @@ def workload_components(
         churn = sum(components[k] for k in ("activations", "logits", "transients",
                                             "gradients"))
         components["allocator"] = int(churn * FRAGMENTATION_ALLOWANCE)
-    return ComponentPlan(weights, components, peak, traced, dict(outcome.phase_peaks))
+    return ComponentPlan(weights, components, peak, traced, dict(outcome.phase_peaks),
+                         outcome.host_bytes)
 
 
 def _kv_model_dtype(precision: str, compute_dtype: str) -> str:

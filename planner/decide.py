@@ -38,6 +38,8 @@ class Candidate:
     headroom_bytes: int  # device memory left after total_bytes (negative: short by)
     notes: tuple[str, ...] = field(default_factory=tuple)
     strategy: str | None = None  # several GPUs: how this candidate spreads over them
+    # Pinned host memory the step holds beside the GPU (activation offloading), bytes.
+    host_bytes: int = 0
 
 
 @dataclass(frozen=True)

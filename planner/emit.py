@@ -244,6 +244,8 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     if workload.gradient_checkpointing:
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": workload.gc_reentrant}
     out["optimizer"] = AXOLOTL_OPTIMIZERS[workload.optimizer]
+    if workload.activation_offloading:
+        out["activation_offloading"] = True
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
     full_dtype = prec.full_dtype or dtype
@@ -303,6 +305,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
     kwargs["attn"] = workload.attn
     if workload.fused_ce is not None:
         kwargs["fused_ce"] = workload.fused_ce
+    if workload.activation_offloading:
+        kwargs["activation_offloading"] = True
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

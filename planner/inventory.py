@@ -181,8 +181,10 @@ def decoder_layers(model: nn.Module) -> list[str]:
     best: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
+            # Through torch's checkpoint wrapper (activation offloading wraps every layer).
             blocks = [
-                f"{name}.{i}" for i, child in enumerate(module) if type(child).__name__ in no_split
+                f"{name}.{i}" for i, child in enumerate(module)
+                if type(getattr(child, "_checkpoint_wrapped_module", child)).__name__ in no_split
             ]
             if len(blocks) > len(best):
                 best = blocks

@@ -66,6 +66,12 @@ class LiveTensorTracker(TorchDispatchMode):
         self._peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
         self._phase_peak_events: dict[str, int] = {}
+        # Host memory (activation offloading's pinned copies, planner/offload.py): counted
+        # apart, never in the device's peak. ``on_host`` is set while they are made.
+        self.on_host = False
+        self._host_live: dict[int, int] = {}  # id(storage) -> nbytes
+        self.host_current = 0
+        self.host_peak = 0
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -77,7 +83,12 @@ class LiveTensorTracker(TorchDispatchMode):
         known = self._live.get(key)
         if known is not None:
             return known[0]
+        if key in self._host_live:
+            return None
         nbytes = storage.nbytes()
+        if self.on_host:
+            self._add_host(storage, key, nbytes)
+            return None
         serial = next(self._serials)
         self._live[key] = (serial, nbytes)
         tag = self.tagger(tensor) if self.tagger is not None else None
@@ -95,6 +106,17 @@ class LiveTensorTracker(TorchDispatchMode):
         for name in self.segment:
             self._record_phase_peak(f"{self.phase}:{name}")
         return serial
+
+    def _add_host(self, storage: Any, key: int, nbytes: int) -> None:
+        self._host_live[key] = nbytes
+        self.host_current += nbytes
+        self.host_peak = max(self.host_peak, self.host_current)
+        weakref.finalize(storage, self._release_host, key)
+
+    def _release_host(self, key: int) -> None:
+        nbytes = self._host_live.pop(key, None)
+        if nbytes is not None:
+            self.host_current -= nbytes
 
     def _record_phase_peak(self, key: str) -> None:
         if self.current > self.phase_peaks.get(key, 0):

@@ -48,6 +48,8 @@ class StepTensors:
     # Paged optimizers: the states bitsandbytes puts in CUDA managed memory (a subset of
     # optimizer_states), which torch's allocator never counts.
     paged_states: set[int] = field(default_factory=set)
+    # Peak host memory of the step (activation offloading's copies), in bytes.
+    host_peak: int = 0
 
 
 # bitsandbytes' paged optimizers page a state buffer only from this many elements
@@ -282,6 +284,16 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _step_context(model: nn.Module, workload: Workload, tracker: LiveTensorTracker) -> Any:
+    """What the forward and backward run under: Axolotl's activation offloading wraps its
+    training_step (planner/offload.py), nothing otherwise."""
+    if not workload.activation_offloading:
+        return contextlib.nullcontext()
+    from qplan.planner.offload import offload_step
+
+    return offload_step(model, tracker)
+
+
 def run_training(
     model: nn.Module,
     workload: Workload,
@@ -297,17 +309,18 @@ def run_training(
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
     for _ in range(steps):
-        tracker.phase, tracker.segment = "forward", ("embed",)
-        if workload.fused_ce is not None:
-            loss = fused_ce_loss(model, ids, workload.fused_ce, labels)
-        else:
-            out = model(input_ids=ids, labels=labels, use_cache=False)
-            loss = out.loss
-            del out
-        tracker.phase, tracker.segment = "backward", ("head",)
-        loss.backward()
-        tracker.segment = ()
-        del loss
+        with _step_context(model, workload, tracker):
+            tracker.phase, tracker.segment = "forward", ("embed",)
+            if workload.fused_ce is not None:
+                loss = fused_ce_loss(model, ids, workload.fused_ce, labels)
+            else:
+                out = model(input_ids=ids, labels=labels, use_cache=False)
+                loss = out.loss
+                del out
+            tracker.phase, tracker.segment = "backward", ("head",)
+            loss.backward()
+            tracker.segment = ()
+            del loss
         for param in params:
             if param.grad is not None:
                 serial = tracker.serial_of(param.grad)
@@ -349,4 +362,5 @@ def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracke
     finally:
         for handle in handles:
             handle.remove()
+    seen.host_peak = tracker.host_peak
     return seen

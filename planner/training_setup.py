@@ -11,6 +11,10 @@ loads, so what is estimated is what is loaded:
   own ``gradient_checkpointing_enable``, so torch.utils.checkpoint runs as in the real
   step); ``use_cache=False``.
 * Full fine-tuning: every parameter trainable.
+* Activation offloading (Axolotl's ``activation_offloading``, planner/offload.py):
+  transformers' checkpointing left off (still on for a k-bit base, through peft's
+  preparation as Axolotl calls it), every decoder layer wrapped in torch's non-reentrant
+  checkpoint wrapper after the adapters are added.
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
 def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) -> nn.Module:
     """Apply the training patches of ``workload`` to a loaded (or meta) model."""
     gc = workload.gradient_checkpointing
+    # With activation offloading the Trainer's own checkpointing is off: the layers are
+    # wrapped instead (below); peft's k-bit preparation still turns it on, as in Axolotl.
+    hf_gc = gc and not workload.activation_offloading
     kwargs = gc_kwargs(workload)
     if workload.is_lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -101,7 +108,7 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
             )
         else:
             model.requires_grad_(False)
-            if gc:
+            if hf_gc:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         try:
             model = get_peft_model(model, lora_config(workload, model))
@@ -114,8 +121,12 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
             ) from None
     else:
         model.requires_grad_(True)
-        if gc:
+        if hf_gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if workload.activation_offloading:
+        from qplan.planner.offload import wrap_layers_for_checkpointing
+
+        wrap_layers_for_checkpointing(model)
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False

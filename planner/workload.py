@@ -43,6 +43,9 @@ class Workload:
     # Fused linear cross-entropy (training): "cce" (Cut Cross Entropy) or "liger"; the
     # logits are never materialised (planner/fused_ce.py).
     fused_ce: str | None = None
+    # Activation offloading (training, with checkpointing): what autograd saves goes to
+    # pinned host memory (planner/offload.py); the plan reports that host memory apart.
+    activation_offloading: bool = False
 
     @property
     def is_training(self) -> bool:

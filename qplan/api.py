@@ -154,6 +154,7 @@ def make_workload(
     optimizer: str = "adamw",
     attn: str = "sdpa",
     fused_ce: str | None = None,
+    activation_offloading: bool = False,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
     the model's max positions."""
@@ -165,6 +166,12 @@ def make_workload(
     if fused_ce is not None and mode not in TRAINING_MODES:
         raise UsageError(f"--fused-ce is a training loss; use it with --mode lora, qlora or "
                          f"full, not {mode}")
+    if activation_offloading and mode not in TRAINING_MODES:
+        raise UsageError(f"--activation-offloading moves training activations to the host; "
+                         f"use it with --mode lora, qlora or full, not {mode}")
+    if activation_offloading and not gradient_checkpointing:
+        raise UsageError("--activation-offloading checkpoints every layer (as Axolotl "
+                         "requires); drop --no-gradient-checkpointing")
     text = config.get_text_config()
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(
         text, "n_positions", None
@@ -208,6 +215,7 @@ def make_workload(
         optimizer=optimizer,
         attn=attn,
         fused_ce=fused_ce,
+        activation_offloading=activation_offloading,
     )
 
 
@@ -315,7 +323,7 @@ def estimate(
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
-    fused_ce.
+    fused_ce, activation_offloading.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """
@@ -466,6 +474,12 @@ def estimate(
     )
     if stored is not None:
         decision = _stored_decision(decision, stored, gpu_target)
+    if workload.activation_offloading:
+        # Beside the GPU: the pinned host memory the offloaded activations take.
+        decision = replace(decision, candidates=tuple(
+            replace(c, host_bytes=plan_for(c.precision, workload).host_bytes)
+            for c in decision.candidates
+        ))
     strategy = _chosen_strategy(multi, decision)
     if strategy is not None and strategy.device_map and decision.recommendation is not None:
         # The planned split, as from_pretrained takes it: what `qplan load` passes too.
@@ -759,6 +773,9 @@ def measure_workload(
         "nvml_used_bytes": measured.nvml_used_bytes,
         "predicted_total_bytes": candidate.total_bytes,
     }
+    if workload.activation_offloading:
+        block["host_bytes"] = measured.host_bytes
+        block["predicted_host_bytes"] = candidate.host_bytes
     return replace(report, measured=block)
 
 

@@ -182,6 +182,15 @@ FusedCeOpt = Annotated[
         "linear cross-entropy).",
     ),
 ]
+OffloadOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--activation-offloading/--no-activation-offloading",
+        help="Axolotl's activation_offloading (training): every layer checkpointed, what "
+        "autograd saves moved to pinned host memory (TRL's OffloadActivations); the host "
+        "memory is reported beside the GPU's.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -370,6 +379,7 @@ def estimate(
     gc_reentrant: GcReentrantOpt = None,
     lora_target_regex: LoraRegexOpt = None,
     fused_ce: FusedCeOpt = None,
+    activation_offloading: OffloadOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -398,6 +408,7 @@ def estimate(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
+                activation_offloading=activation_offloading,
             ),
         )
         if mode is not None:
@@ -483,6 +494,7 @@ def measure(
     gc_reentrant: GcReentrantOpt = None,
     lora_target_regex: LoraRegexOpt = None,
     fused_ce: FusedCeOpt = None,
+    activation_offloading: OffloadOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -509,6 +521,7 @@ def measure(
                 batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets, lora_dropout,
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
+                activation_offloading=activation_offloading,
             ),
         )
         _emit_report(report, as_json, output)

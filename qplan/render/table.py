@@ -48,6 +48,15 @@ def render_tables(report: Any, out: Console) -> None:
                 style=style,
             )
         out.print(table)
+    _render_host(report, out)
+
+
+def _render_host(report: Any, out: Console) -> None:
+    """Activation offloading: the pinned host memory each candidate needs beside the GPU."""
+    held = [(c.precision, c.host_bytes) for c in report.candidates if c.host_bytes]
+    if held:
+        out.print("host memory (pinned, offloaded activations): " + ", ".join(
+            f"{name} {gib(nbytes)}" for name, nbytes in held), soft_wrap=True)
 
 
 def render_axolotl_keys(keys: dict[str, Any], out: Console) -> None:
@@ -161,6 +170,9 @@ def _render_measured(measured: dict[str, Any], out: Console) -> None:
     for name, value in measured["components"].items():
         table.add_row(name, gib(measured["predicted_components"].get(name, 0)), gib(value))
     out.print(table)
+    if "host_bytes" in measured:
+        out.print(f"host memory: {gib(measured['host_bytes'])} measured, "
+                  f"{gib(measured['predicted_host_bytes'])} predicted")
 
 
 
