@@ -76,6 +76,7 @@ READ_KEYS = frozenset(
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
         "activation_offloading",
+        "sample_packing",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -332,6 +333,9 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["seq_len"] = seq_len
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
     kwargs.update(_checkpointing(raw, path, not_modelled))
+    if _flag(raw, "sample_packing", path) is True:
+        # One row of micro_batch_size x sequence_len tokens (Axolotl's multipack sampler).
+        kwargs["sample_packing"] = True
     fused = _fused_ce(raw, path, not_modelled)
     if fused is not None:
         kwargs["fused_ce"] = fused

@@ -23,7 +23,6 @@ NOT_MODELLED: dict[str, str] = {
     "fsdp_version": "FSDP sharding (the plan is for one GPU without it)",
     "tensor_parallel_size": "tensor parallelism splits every layer across GPUs",
     "context_parallel_size": "context parallelism splits the sequence across GPUs",
-    "sample_packing": "packed sequences with varlen attention",
     "xformers_attention": "xformers attention (planned as sdpa)",
     "flex_attention": "flex attention (planned as sdpa)",
     "sage_attention": "SageAttention (planned as sdpa)",

@@ -19,10 +19,19 @@ kernel) and an attention function with flash-attn 2's documented memory
 * backward: dq, dk, dv; a float32 ``softmax_d`` [batch, heads, seq rounded up to 128];
   a float32 ``dq_accum`` [batch, seq rounded to 128, heads, head_dim rounded to 32 (64 above
   128)]; for GQA, dk and dv expanded to the query heads before they are summed.
+
+Packed sequences (sample packing: position ids restarting in one row) take transformers'
+varlen path (``_prepare_from_posids``: q, k, v made contiguous and flattened to
+[tokens, heads, head_dim], int32 ``cu_seqlens`` of sequences + 1) and flash-attn's
+``mha_varlen_fwd`` / ``mha_varlen_bwd`` (2.7+): an unpadded float32 logsumexp
+[heads, tokens]; in the backward ``softmax_d`` [heads, tokens + 128 x sequences] and
+``dq_accum`` [tokens + 128 x sequences, heads, head_dim rounded], both float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -70,6 +79,65 @@ class _FlashAttention2(torch.autograd.Function):
         return dq, dk, dv
 
 
+class _FlashAttention2Varlen(torch.autograd.Function):
+    """flash_attn_varlen_func's tensors: inputs and outputs [tokens, heads, head_dim]."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sequences: int) -> torch.Tensor:
+        tokens, heads, _ = q.shape
+        out = q.new_empty((tokens, heads, v.shape[-1]))
+        lse = q.new_empty((heads, tokens), dtype=torch.float32)
+        ctx.sequences = sequences
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        q, k, v, _out, _lse = ctx.saved_tensors
+        tokens, heads, head_dim = q.shape
+        padded = tokens + 128 * ctx.sequences
+        dim_rounded = _round_up(head_dim, 32 if head_dim <= 128 else 64)
+        dq = torch.empty_like(q)
+        softmax_d = q.new_empty((heads, padded), dtype=torch.float32)
+        dq_accum = q.new_empty((padded, heads, dim_rounded), dtype=torch.float32)
+        if k.shape[1] != heads:
+            expanded = (k.shape[0], heads, head_dim)
+            dk_expanded, dv_expanded = q.new_empty(expanded), q.new_empty(expanded)
+            dk = dk_expanded.new_empty(k.shape)
+            dv = dv_expanded.new_empty(v.shape)
+            del dk_expanded, dv_expanded
+        else:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        del softmax_d, dq_accum
+        return dq, dk, dv, None
+
+
+# (sequences, tokens each) while a packed step is traced (``packed_flash``).
+_PACKING: list[tuple[int, int]] = []
+
+
+@contextlib.contextmanager
+def packed_flash(sequences: int, length: int) -> Iterator[None]:
+    """Trace flash attention on packed rows through the varlen path."""
+    _PACKING.append((sequences, length))
+    try:
+        yield
+    finally:
+        _PACKING.pop()
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """transformers' ``_prepare_from_posids`` and the varlen kernel, for one packed row."""
+    sequences, _ = _PACKING[-1]
+    batch = q.shape[0]
+    q, k, v = (t.contiguous().view(-1, t.size(-2), t.size(-1)) for t in (q, k, v))
+    cu_seqlens = q.new_empty((sequences + 1,), dtype=torch.int32)
+    out = _FlashAttention2Varlen.apply(q, k, v, sequences)
+    del cu_seqlens
+    return out.view(batch, -1, out.size(-2), out.size(-1))
+
+
 def flash_attention_2_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                               value: torch.Tensor, attention_mask: torch.Tensor | None,
                               **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -85,7 +153,7 @@ def flash_attention_2_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if q.dtype == torch.float32:
         target = _target_dtype(get_target_dtype, q, module)
         q, k, v = (t.to(target) for t in (q, k, v))
-    out = _FlashAttention2.apply(q, k, v)
+    out = _varlen(q, k, v) if _PACKING else _FlashAttention2.apply(q, k, v)
     if v_head_dim != head_dim:
         out = out[..., :v_head_dim]
     return out, None

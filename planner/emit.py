@@ -246,6 +246,8 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     out["optimizer"] = AXOLOTL_OPTIMIZERS[workload.optimizer]
     if workload.activation_offloading:
         out["activation_offloading"] = True
+    if workload.sample_packing:
+        out["sample_packing"] = True
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
     full_dtype = prec.full_dtype or dtype
@@ -307,6 +309,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["fused_ce"] = workload.fused_ce
     if workload.activation_offloading:
         kwargs["activation_offloading"] = True
+    if workload.sample_packing:
+        kwargs["sample_packing"] = True
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

@@ -284,6 +284,21 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def training_shape(workload: Workload) -> tuple[int, int]:
+    """(rows, tokens per row) of a training batch: Axolotl's sample packing puts the
+    micro-batch in one row of ``batch x seq_len`` tokens (MultipackBatchSampler with
+    batch_size 1 and batch_max_len = micro_batch_size x sequence_len), a full row as the
+    most it packs; otherwise ``batch`` rows of ``seq_len``."""
+    if workload.sample_packing:
+        return 1, workload.batch * workload.seq_len
+    return workload.batch, workload.seq_len
+
+
+def packed_position_ids(workload: Workload, device: torch.device) -> torch.Tensor:
+    """Position ids of ``batch`` sequences of ``seq_len`` tokens packed in one row."""
+    return torch.arange(workload.seq_len, device=device).repeat(workload.batch)[None, :]
+
+
 def _step_context(model: nn.Module, workload: Workload, tracker: LiveTensorTracker) -> Any:
     """What the forward and backward run under: Axolotl's activation offloading wraps its
     training_step (planner/offload.py), nothing otherwise."""
@@ -303,8 +318,12 @@ def run_training(
 ) -> None:
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
-    ids = input_ids(workload.batch, workload.seq_len, vocab, device)
+    rows, length = training_shape(workload)
+    ids = input_ids(rows, length, vocab, device)
     labels = ids.clone()
+    # Packed: Axolotl's multipack collator restarts the position ids at every sequence,
+    # which transformers reads as packing (a block-diagonal mask, or varlen flash).
+    position_ids = packed_position_ids(workload, device) if workload.sample_packing else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
@@ -312,9 +331,10 @@ def run_training(
         with _step_context(model, workload, tracker):
             tracker.phase, tracker.segment = "forward", ("embed",)
             if workload.fused_ce is not None:
-                loss = fused_ce_loss(model, ids, workload.fused_ce, labels)
+                loss = fused_ce_loss(model, ids, workload.fused_ce, labels, position_ids)
             else:
-                out = model(input_ids=ids, labels=labels, use_cache=False)
+                out = model(input_ids=ids, labels=labels, position_ids=position_ids,
+                            use_cache=False)
                 loss = out.loss
                 del out
             tracker.phase, tracker.segment = "backward", ("head",)

@@ -14,7 +14,8 @@ data are pinned to what they decide for a dense, unpadded batch:
   attention otherwise), the flash kernel for CPU on CPU. Their meta kernels give the real
   output and logsumexp shapes, and autograd saves what the real kernels save.
 * packed-sequence detection (transformers' ``find_packed_sequence_indices``) reads position
-  ids; for an ordinary batch it finds no packing.
+  ids; for an ordinary batch it finds no packing, for a packed one (sample packing) it
+  returns the sequence index of every token (its ops, without the data-dependent test).
 * MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
   experts path, whose shapes are static: every expert sees its share of the
   ``tokens x top_k`` routed rows, the same rows in total as a real routing.
@@ -124,9 +125,19 @@ def _allow_fused_on_meta() -> Iterator[None]:
         optimizer_module._get_fused_kernels_supported_devices = original
 
 
+def _packed_indices(position_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' ``find_packed_sequence_indices`` without its data-dependent "is
+    anything packed" test (a packed plan is packed): the same ops, so the same tensors."""
+    first_dummy_value = position_ids[:, :1] - 1
+    position_diff = torch.diff(position_ids, prepend=first_dummy_value, dim=-1)
+    return (position_diff != 1).cumsum(-1)
+
+
 @contextlib.contextmanager
-def trace_patches(target: str, attn: str) -> Iterator[None]:
-    """Pin the data-dependent decisions of a real run while tracing on meta."""
+def trace_patches(target: str, attn: str,
+                  packing: tuple[int, int] | None = None) -> Iterator[None]:
+    """Pin the data-dependent decisions of a real run while tracing on meta; ``packing``:
+    (sequences, tokens each) packed into one row (sample packing)."""
     from transformers import masking_utils
 
     from qplan.planner.bnb_import import import_bitsandbytes
@@ -138,11 +149,17 @@ def trace_patches(target: str, attn: str) -> Iterator[None]:
         stack.callback(setattr, torch.nn.functional, "scaled_dot_product_attention",
                        original_sdpa)
         original_packed = masking_utils.find_packed_sequence_indices
-        masking_utils.find_packed_sequence_indices = lambda *a, **k: None
+        masking_utils.find_packed_sequence_indices = (
+            _packed_indices if packing is not None else lambda *a, **k: None
+        )
         stack.callback(setattr, masking_utils, "find_packed_sequence_indices", original_packed)
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
+        if packing is not None:
+            from qplan.planner.attention import packed_flash
+
+            stack.enter_context(packed_flash(*packing))
         # Each quantisation method's own patches (planner/quant/<method>.py).
         stack.enter_context(all_trace_patches(target))
         yield
@@ -220,11 +237,12 @@ def trace(
     use_static_experts(model)
     # bitsandbytes and transformers warn about dtype casts on every layer call; those are
     # facts of the real run, not news to the user of a plan.
+    packing = (workload.batch, workload.seq_len) if workload.sample_packing else None
     bnb_logger = logging.getLogger("bitsandbytes")
     level = bnb_logger.level
     bnb_logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), trace_patches(target, workload.attn):
+        with warnings.catch_warnings(), trace_patches(target, workload.attn, packing):
             warnings.simplefilter("ignore")
             seen = run_workload(model, workload, tracker, pattern)
     finally:

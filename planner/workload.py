@@ -46,6 +46,9 @@ class Workload:
     # Activation offloading (training, with checkpointing): what autograd saves goes to
     # pinned host memory (planner/offload.py); the plan reports that host memory apart.
     activation_offloading: bool = False
+    # Sample packing (training): the micro-batch's ``batch`` sequences packed into one row
+    # of ``batch x seq_len`` tokens, position ids restarting at each (planner/steps.py).
+    sample_packing: bool = False
 
     @property
     def is_training(self) -> bool:

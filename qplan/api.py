@@ -155,6 +155,7 @@ def make_workload(
     attn: str = "sdpa",
     fused_ce: str | None = None,
     activation_offloading: bool = False,
+    sample_packing: bool = False,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
     the model's max positions."""
@@ -172,6 +173,9 @@ def make_workload(
     if activation_offloading and not gradient_checkpointing:
         raise UsageError("--activation-offloading checkpoints every layer (as Axolotl "
                          "requires); drop --no-gradient-checkpointing")
+    if sample_packing and mode not in TRAINING_MODES:
+        raise UsageError(f"--sample-packing packs training sequences; use it with --mode "
+                         f"lora, qlora or full, not {mode}")
     text = config.get_text_config()
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(
         text, "n_positions", None
@@ -216,6 +220,7 @@ def make_workload(
         attn=attn,
         fused_ce=fused_ce,
         activation_offloading=activation_offloading,
+        sample_packing=sample_packing,
     )
 
 
@@ -323,7 +328,7 @@ def estimate(
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
-    fused_ce, activation_offloading.
+    fused_ce, activation_offloading, sample_packing.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """

@@ -191,6 +191,15 @@ OffloadOpt = Annotated[
         "memory is reported beside the GPU's.",
     ),
 ]
+PackingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--sample-packing/--no-sample-packing",
+        help="Axolotl's sample_packing (training): the micro-batch packed into one row of "
+        "batch x seq-len tokens, position ids restarting per sequence (varlen flash "
+        "attention, or a block-diagonal mask with sdpa/eager).",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -380,6 +389,7 @@ def estimate(
     lora_target_regex: LoraRegexOpt = None,
     fused_ce: FusedCeOpt = None,
     activation_offloading: OffloadOpt = None,
+    sample_packing: PackingOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -409,6 +419,7 @@ def estimate(
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
+                sample_packing=sample_packing,
             ),
         )
         if mode is not None:
@@ -495,6 +506,7 @@ def measure(
     lora_target_regex: LoraRegexOpt = None,
     fused_ce: FusedCeOpt = None,
     activation_offloading: OffloadOpt = None,
+    sample_packing: PackingOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -522,6 +534,7 @@ def measure(
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
+                sample_packing=sample_packing,
             ),
         )
         _emit_report(report, as_json, output)
