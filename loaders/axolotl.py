@@ -77,6 +77,7 @@ READ_KEYS = frozenset(
         "gradient_checkpointing_kwargs",
         "activation_offloading",
         "sample_packing",
+        "unfrozen_parameters",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -333,6 +334,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["seq_len"] = seq_len
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
     kwargs.update(_checkpointing(raw, path, not_modelled))
+    kwargs.update(_unfrozen(raw, adapter, path, not_modelled))
     if _flag(raw, "sample_packing", path) is True:
         # One row of micro_batch_size x sequence_len tokens (Axolotl's multipack sampler).
         kwargs["sample_packing"] = True
@@ -415,6 +417,24 @@ def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]
     elif raw.get("unfrozen_parameters") is None and raw.get("rl") is None:
         out["gc_reentrant"] = True
     return out
+
+
+def _unfrozen(raw: dict[str, Any], adapter: str | None, path: Path,
+              not_modelled: dict[str, str]) -> dict[str, Any]:
+    """``unfrozen_parameters``: a pattern or a list of them (Axolotl's freeze_layers_except,
+    planner/unfrozen.py); planned for full fine-tuning, where only they train."""
+    value = raw.get("unfrozen_parameters")
+    if not _is_set(value):
+        return {}
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise _bad(path, "unfrozen_parameters must be a list of parameter-name patterns")
+    if adapter is not None:
+        not_modelled["unfrozen_parameters"] = (
+            "base parameters trained beside the adapter (planned without them)"
+        )
+        return {}
+    return {"unfrozen_parameters": tuple(patterns)}
 
 
 def _activation_offloading(raw: dict[str, Any], path: Path,

@@ -41,7 +41,6 @@ NOT_MODELLED: dict[str, str] = {
     "quantize_moe_experts": "Axolotl's own quantisation of fused MoE experts",
     "lora_target_parameters": "LoRA on parameters (MoE experts): adapters per expert",
     "lora_modules_to_save": "fully trained copies of the named modules",
-    "unfrozen_parameters": "full training of the named parameters",
     "embeddings_skip_upcast": "embeddings left in 16 bits by k-bit preparation",
     "peft_use_dora": "DoRA's magnitude vectors and weight norms",
     "peft_layers_to_transform": "LoRA on some layers only",

@@ -52,6 +52,8 @@ def workload_of(report: Any) -> Workload:
     data = dict(report.workload)
     known = {f.name for f in fields(Workload)}
     values = {k: v for k, v in data.items() if k in known and v is not None}
+    if "unfrozen_parameters" in values:
+        values["unfrozen_parameters"] = tuple(values["unfrozen_parameters"])
     if "lora_targets" in values:
         targets = values["lora_targets"]
         values["lora_targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -248,6 +250,8 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["activation_offloading"] = True
     if workload.sample_packing:
         out["sample_packing"] = True
+    if workload.unfrozen_parameters:
+        out["unfrozen_parameters"] = list(workload.unfrozen_parameters)
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
     full_dtype = prec.full_dtype or dtype
@@ -311,6 +315,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["activation_offloading"] = True
     if workload.sample_packing:
         kwargs["sample_packing"] = True
+    if workload.unfrozen_parameters:
+        kwargs["unfrozen_parameters"] = tuple(workload.unfrozen_parameters)
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

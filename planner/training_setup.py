@@ -10,7 +10,8 @@ loads, so what is estimated is what is loaded:
 * Gradient checkpointing when asked, reentrant or not as the workload says (transformers'
   own ``gradient_checkpointing_enable``, so torch.utils.checkpoint runs as in the real
   step); ``use_cache=False``.
-* Full fine-tuning: every parameter trainable.
+* Full fine-tuning: every parameter trainable, or those Axolotl's ``unfrozen_parameters``
+  patterns name (planner/unfrozen.py).
 * Activation offloading (Axolotl's ``activation_offloading``, planner/offload.py):
   transformers' checkpointing left off (still on for a k-bit base, through peft's
   preparation as Axolotl calls it), every decoder layer wrapped in torch's non-reentrant
@@ -121,6 +122,10 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
             ) from None
     else:
         model.requires_grad_(True)
+        if workload.unfrozen_parameters:
+            from qplan.planner.unfrozen import freeze_except
+
+            freeze_except(model, workload.unfrozen_parameters)
         if hf_gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if workload.activation_offloading:

@@ -49,6 +49,9 @@ class Workload:
     # Sample packing (training): the micro-batch's ``batch`` sequences packed into one row
     # of ``batch x seq_len`` tokens, position ids restarting at each (planner/steps.py).
     sample_packing: bool = False
+    # Full fine-tuning of these parameters only (Axolotl's unfrozen_parameters patterns,
+    # planner/unfrozen.py); empty: every parameter trains.
+    unfrozen_parameters: tuple[str, ...] = ()
 
     @property
     def is_training(self) -> bool:

@@ -156,6 +156,7 @@ def make_workload(
     fused_ce: str | None = None,
     activation_offloading: bool = False,
     sample_packing: bool = False,
+    unfrozen_parameters: Sequence[str] | None = None,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
     the model's max positions."""
@@ -173,6 +174,15 @@ def make_workload(
     if activation_offloading and not gradient_checkpointing:
         raise UsageError("--activation-offloading checkpoints every layer (as Axolotl "
                          "requires); drop --no-gradient-checkpointing")
+    unfrozen = tuple(unfrozen_parameters or ())
+    if unfrozen:
+        if mode != "full":
+            raise UsageError(f"--unfrozen-parameters picks what full fine-tuning trains; use "
+                             f"it with --mode full, not {mode}")
+        from qplan.planner.unfrozen import parse_pattern
+
+        for pattern in unfrozen:
+            parse_pattern(pattern)
     if sample_packing and mode not in TRAINING_MODES:
         raise UsageError(f"--sample-packing packs training sequences; use it with --mode "
                          f"lora, qlora or full, not {mode}")
@@ -221,6 +231,7 @@ def make_workload(
         fused_ce=fused_ce,
         activation_offloading=activation_offloading,
         sample_packing=sample_packing,
+        unfrozen_parameters=unfrozen,
     )
 
 
@@ -328,7 +339,7 @@ def estimate(
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
-    fused_ce, activation_offloading, sample_packing.
+    fused_ce, activation_offloading, sample_packing, unfrozen_parameters.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """

@@ -200,6 +200,15 @@ PackingOpt = Annotated[
         "attention, or a block-diagonal mask with sdpa/eager).",
     ),
 ]
+UnfrozenOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--unfrozen-parameters",
+        help="Full fine-tuning of the matching parameters only (Axolotl's "
+        "unfrozen_parameters: a regex with literal periods matched from the start of each "
+        "name, optional [start:end] rows); repeat for several.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -390,6 +399,7 @@ def estimate(
     fused_ce: FusedCeOpt = None,
     activation_offloading: OffloadOpt = None,
     sample_packing: PackingOpt = None,
+    unfrozen_parameters: UnfrozenOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -419,7 +429,7 @@ def estimate(
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
-                sample_packing=sample_packing,
+                sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
             ),
         )
         if mode is not None:
@@ -507,6 +517,7 @@ def measure(
     fused_ce: FusedCeOpt = None,
     activation_offloading: OffloadOpt = None,
     sample_packing: PackingOpt = None,
+    unfrozen_parameters: UnfrozenOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -534,7 +545,7 @@ def measure(
                 gradient_checkpointing, optimizer, attn, gc_reentrant=gc_reentrant,
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
-                sample_packing=sample_packing,
+                sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
             ),
         )
         _emit_report(report, as_json, output)
