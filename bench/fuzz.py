@@ -35,7 +35,12 @@ def main() -> int:
                         help="CPU seconds per input (the hang bound on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=Path("fuzz-log.jsonl"))
+    parser.add_argument("--replay", type=Path, metavar="LOG",
+                        help="re-check every finding of an earlier run's log (its config and "
+                             "command line) on the code as it is now, instead of fuzzing")
     options = parser.parse_args()
+    if options.replay is not None:
+        return replay(options.replay, options.bound, options.cpu_bound)
 
     from fuzz_inputs import check, command, config_text, seed_files
     from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -81,6 +86,32 @@ def main() -> int:
     }
     print(json.dumps(summary, indent=2))
     return 1 if findings else 0
+
+
+def replay(log_path: Path, bound_s: float, cpu_bound_s: float) -> int:
+    """Run each distinct finding of ``log_path`` again; print what each gives now."""
+    from fuzz_inputs import check
+
+    folder = Path(tempfile.mkdtemp(prefix="qplan-replay-"))
+    seen: set[str] = set()
+    still = 0
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if not record.get("problems") or "config" not in record:
+            continue
+        key = json.dumps([record["config"], record["args"]])
+        if key in seen:
+            continue
+        seen.add(key)
+        outcome = check(record["config"], record["args"], folder, bound_s, cpu_bound_s)
+        still += bool(outcome.problems)
+        print(json.dumps({"n": record["n"], "seed": record["seed"], "args": record["args"],
+                          "then": record["problems"][0][:160], "now_exit": outcome.exit_code,
+                          "now_problems": outcome.problems,
+                          "now_message": outcome.message[:200],
+                          "seconds": round(outcome.seconds, 2)}))
+    print(json.dumps({"replayed": len(seen), "still_failing": still}))
+    return 1 if still else 0
 
 
 if __name__ == "__main__":
