@@ -1,7 +1,8 @@
 """Candidates per precision, whether each fits, and the recommendation.
 
 The recommendation is the least aggressive precision that fits, in the precision table's
-order of preference: bf16 (fp16 on GPUs without bf16) -> int8 -> nf4 -> nf4-dq by default.
+order of preference: bf16 (fp16 on GPUs without bf16) -> fp8 (compute capability 8.9+)
+-> int8 -> nf4 -> nf4-dq by default.
 Rows that are not a default choice (fp32, the fp4 variants) are reported but only chosen
 when the user names them with ``--precisions``.
 """
@@ -14,12 +15,14 @@ from typing import Any
 
 from qplan.planner.budget import Budget
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISIONS
+from qplan.planner.precision import PRECISIONS, default_choice
 from qplan.planner.quant import QuantSettings
 from qplan.planner.weights import WeightBytes
 
 # Least to most aggressive, for choosing among what the user allowed.
 AGGRESSIVENESS = tuple(sorted(PRECISIONS, key=lambda n: PRECISIONS[n].preference))
+# What the recommendation may pick unasked on any GPU; rows the table marks
+# ``where_supported`` (fp8) join them on GPUs that run them (``precision.default_choice``).
 DEFAULT_CHOICES = tuple(n for n in AGGRESSIVENESS if PRECISIONS[n].default_choice)
 
 
@@ -85,7 +88,8 @@ def choosable(
     ``stored_first``: the row a pre-quantised checkpoint is stored as; it comes first (it is
     what loads by default) unless the GPU cannot run its kernels.
     """
-    allowed = set(precisions) if explicit else set(DEFAULT_CHOICES) & set(precisions)
+    allowed = set(precisions) if explicit else {
+        p for p in precisions if default_choice(p, gpu.compute_capability)}
     if stored_first is not None:
         allowed = set(precisions)
         if not _kernels_run(stored_first, gpu):

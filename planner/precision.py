@@ -61,6 +61,9 @@ class Precision:
     stored_only: bool = False  # only for checkpoints already stored in this format
     on_request: bool = False  # planned for any checkpoint, but only when named
     min_cc: tuple[int, int] | None = None  # compute capability its kernels need
+    # A candidate (and a default choice) only on GPUs known to meet ``min_cc``: on the
+    # others, and on size-only targets, it is planned only when named.
+    where_supported: bool = False
 
     @property
     def method(self) -> QuantMethod:
@@ -107,20 +110,41 @@ PRECISIONS: dict[str, Precision] = {
                   preference=13, default_choice=True),
         # Formats planned only for checkpoints stored in them (``stored_only``).
         Precision("mxfp4", 4, "mxfp4", preference=20, stored_only=True, min_cc=(7, 5)),
-        # On the fly (FineGrainedFP8Config) when named, or as stored by FP8 checkpoints.
-        Precision("fp8", 8, "fp8", preference=5, on_request=True, min_cc=(8, 9)),
+        # On the fly (FineGrainedFP8Config) on compute capability 8.9+, or as stored by FP8
+        # checkpoints: after bf16, before int8.
+        Precision("fp8", 8, "fp8", preference=5, min_cc=(8, 9), where_supported=True),
         Precision("gptq", 4, "gptq", preference=21, stored_only=True),
         Precision("awq", 4, "awq", preference=22, stored_only=True),
         # compressed-tensors checkpoints: FP8, INT8 W8A8, W4A16, NVFP4 (bits per checkpoint).
         Precision("ct", 4, "compressed-tensors", preference=23, stored_only=True),
     )
 }
-# What any checkpoint can be planned at (quantised on the fly or plain dtypes).
+# What any checkpoint can be planned at on any GPU (quantised on the fly or plain dtypes).
 PRECISION_NAMES: tuple[str, ...] = tuple(
-    n for n, p in PRECISIONS.items() if not (p.stored_only or p.on_request)
+    n for n, p in PRECISIONS.items() if not (p.stored_only or p.on_request or p.where_supported)
 )
 # What --precisions accepts for any checkpoint.
 REQUESTABLE: tuple[str, ...] = tuple(n for n, p in PRECISIONS.items() if not p.stored_only)
+
+
+def default_candidates(compute_capability: str | None) -> tuple[str, ...]:
+    """The rows planned when the user names none, in table order: ``PRECISION_NAMES`` plus
+    the rows the GPU's compute capability runs (``where_supported``; none when unknown)."""
+    from qplan.planner.quant.checkpoint_helpers import cc_tuple
+
+    have = cc_tuple(compute_capability)
+    return tuple(
+        n for n, p in PRECISIONS.items()
+        if n in PRECISION_NAMES or (
+            p.where_supported and have is not None and p.min_cc is not None and have >= p.min_cc)
+    )
+
+
+def default_choice(precision: str, compute_capability: str | None) -> bool:
+    """Whether the recommendation may pick ``precision`` unasked on this GPU."""
+    prec = PRECISIONS[precision]
+    return prec.default_choice or (
+        prec.where_supported and precision in default_candidates(compute_capability))
 
 
 def trace_group(precision: str) -> tuple:

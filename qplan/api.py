@@ -23,7 +23,13 @@ from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
-from qplan.planner.precision import PRECISION_NAMES, PRECISIONS, REQUESTABLE, trace_group
+from qplan.planner.precision import (
+    PRECISION_NAMES,
+    PRECISIONS,
+    REQUESTABLE,
+    default_candidates,
+    trace_group,
+)
 from qplan.planner.quant import QuantSettings
 from qplan.planner.quant import stored as stored_plan
 from qplan.planner.solve import Solution
@@ -98,6 +104,17 @@ def parse_precisions(
             f"--precisions takes a comma list of {', '.join(REQUESTABLE)}"
         )
     return [p for p in known if p in names], True
+
+
+def _with_gpu_rows(names: list[str], mode: str, gpu: GpuTarget) -> list[str]:
+    """The default candidates plus the rows this GPU runs (fp8 on compute capability 8.9+),
+    where the mode can use them, in table order."""
+    extra = {
+        n for n in default_candidates(gpu.compute_capability)
+        if n not in PRECISION_NAMES
+        and (mode not in ("lora", "qlora", "full") or PRECISIONS[n].trainable(mode))
+    }
+    return [n for n in PRECISIONS if n in names or n in extra]
 
 
 def _versions() -> dict[str, str]:
@@ -385,6 +402,8 @@ def estimate(
     room = parse_headroom(headroom)
     enter_step("resolving the GPU")
     gpu_target = resolve_target(gpu, num_gpus)
+    if stored is None and not explicit:
+        names = _with_gpu_rows(names, mode, gpu_target)
     enter_step("building the model on the meta device")
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)

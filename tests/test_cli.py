@@ -23,7 +23,7 @@ from qplan.report import SCHEMA_ID, load_schema
 jsonschema = pytest.importorskip("jsonschema")
 
 CATALOG_MODEL = "meta-llama/Llama-2-7b"
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp4", "nf4", "fp4-dq", "nf4-dq")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp4", "nf4", "fp4-dq", "nf4-dq", "fp8")
 
 
 @pytest.fixture(autouse=True)

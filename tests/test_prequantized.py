@@ -367,3 +367,51 @@ def test_dequantised_candidate_snippet_and_load_kwargs(tmp_path):
     again = report_from_dict(report_dict(report))
     kwargs = load_kwargs(again, again.candidate("bf16"), "cpu")
     assert kwargs["quantization_config"].dequantize is True
+
+
+def _fp8_quantizer_prepared(folder) -> torch.nn.Module:
+    """The model from_pretrained(quantization_config=FineGrainedFP8Config()) builds before
+    the weights arrive (transformers' own FineGrainedFP8HfQuantizer on the meta model),
+    materialised on CPU: the CPU cannot run the real FP8 load (it needs CUDA / XPU)."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    quantizer = FineGrainedFP8HfQuantizer(transformers.FineGrainedFP8Config(),
+                                          pre_quantized=False)
+    quantizer._process_model_before_weight_loading(model)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    return model
+
+
+def test_fp8_is_a_default_candidate_on_compute_capability_8_9(tiny_model_dir):
+    """Unasked, FP8 on the fly is planned on Ada / Hopper (8.9+) and not on an A100 or a
+    size-only target; its weights equal the tensors transformers' FP8 quantiser gives the
+    model, to the byte."""
+    folder = str(tiny_model_dir("llama"))
+    on_ada = estimate(folder, gpu="4090", mode="load")
+    assert "fp8" in [c.precision for c in on_ada.candidates]
+    prepared = _fp8_quantizer_prepared(folder)
+    assert any(type(m).__name__ == "FP8Linear" for m in prepared.modules())
+    assert resident_bytes(prepared).bytes == on_ada.candidate("fp8").weights_bytes
+    for gpu in ("A100-80GB", "24GiB"):
+        assert "fp8" not in [c.precision for c in estimate(folder, gpu=gpu, mode="load")
+                             .candidates]
+    # Training modes leave it out (peft has no LoRA layer for FP8Linear).
+    assert "fp8" not in [c.precision for c in estimate(folder, gpu="4090", mode="lora",
+                                                       seq_len=16).candidates]
+
+
+def test_fp8_recommended_between_bf16_and_int8():
+    """Llama-2-13b does not fit a 24 GB card in bf16: on an L4 / 4090 (8.9) the
+    recommendation is FP8 with FineGrainedFP8Config kwargs; on an A10 (8.6), int8."""
+    for gpu in ("L4", "4090"):
+        rec = estimate("meta-llama/Llama-2-13b-hf", gpu=gpu, mode="load").recommendation
+        assert rec.precision == "fp8"
+        assert rec.load_kwargs == {"dtype": "bfloat16", "quantization_config": {
+            "quant_method": "fp8", "weight_block_size": [128, 128],
+            "activation_scheme": "dynamic"}}
+    assert estimate("meta-llama/Llama-2-13b-hf", gpu="A10", mode="load").recommendation \
+        .precision == "int8"
