@@ -251,7 +251,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "bitsandbytes", "accelerate", "huggingface_hub", "peft"):
+    # transformers' modeling_utils imports every quantiser, torchao's too when it is
+    # installed (for any model, quantised or not), and torchao then reports the kernels it
+    # cannot load for this platform and torch's pytree deprecations: nothing a plan uses.
+    for name in ("transformers", "bitsandbytes", "accelerate", "huggingface_hub", "peft",
+                 "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -81,3 +81,19 @@ def test_report_round_trip_keeps_skip_modules_and_storage(tiny_model_dir):
         assert resident_bytes(model).bytes == report.candidate(precision).weights_bytes
     assert load_kwargs(again, again.candidate("nf4-dq"), "cpu")[
         "quantization_config"].bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_quantised_plan_keeps_stderr_clean(tiny_model_dir):
+    """transformers imports torchao's quantiser (and so torchao) with any model class when
+    torchao is installed; its platform chatter must not reach a plan's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qplan", "estimate", str(tiny_model_dir("llama")), "--gpu",
+         "24GiB", "--mode", "load", "--precisions", "nf4", "--json"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
