@@ -62,7 +62,9 @@ class MultiGpuPlanner:
 
         # A fresh meta model per precision: quantising and the quant-state buffers change it.
         model = build_meta_model(copy.deepcopy(self.config), self.trust_remote_code)
-        inventory = take_inventory(model, self.skip_modules)
+        # The checkpoint's stored format (if any) sizes the layers it replaces.
+        inventory = replace(take_inventory(model, self.skip_modules),
+                            stored=self.inventory.stored)
         model = quantize_meta_model(
             model, inventory, precision, self.compute_dtype, self.quant_storage
         )

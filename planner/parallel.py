@@ -153,13 +153,13 @@ def param_layout(
     """Stored shapes of every parameter of ``inventory`` at ``precision`` (pure)."""
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    settings = QuantSettings(compute_dtype, quant_storage)
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
     params: list[ParamInfo] = []
     replicated = 0
     for t in inventory.tensors:
-        if prec.quantized and t.quantizable:
+        if prec.quantized and prec.method.replaces(t, settings):
             out_f, in_f = t.linear_shape
-            tensors = prec.method.layer_tensors(prec, out_f, in_f, settings)
+            tensors = prec.method.stored_tensors(prec, t, settings)
             stored = prec.method.stored_weight(prec, out_f, in_f, settings)
             params.append(ParamInfo(t.module, stored.shape, stored.itemsize, t.numel))
             replicated += sum(tensors[1:])

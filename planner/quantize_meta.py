@@ -65,11 +65,33 @@ def quantize_meta_model(
             module_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module_name) if module_name else model
             owner._buffers[leaf] = buf.to(target)
-    model = prec.method.quantize_meta(
-        model, inventory, prec, QuantSettings(compute_dtype, quant_storage)
-    )
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    model = prec.method.quantize_meta(model, inventory, prec, settings)
+    if prec.quantized and prec.method.traced_dequantized:
+        model = _stored_placeholders(model, inventory, prec, settings)
     if prec.quantized:
         _mark_quantized(model)
+    return model
+
+
+def _stored_placeholders(
+    model: nn.Module, inventory: Inventory, prec: Any, settings: QuantSettings
+) -> nn.Module:
+    """For methods whose layers cannot be built on meta here (their kernels or packages
+    are missing: GPTQ, AWQ, MXFP4, FP8, compressed-tensors), each weight they replace
+    becomes a uint8 meta parameter of exactly the bytes its replaced layer stores (packed
+    weight, scales, zeros, g_idx...). Only for placing the model over devices: accelerate
+    sizes each module by its tensors, so every module weighs what a real load allocates.
+    """
+    method = prec.method
+    for t in inventory.tensors:
+        if t.kind != "parameter" or not method.replaces(t, settings):
+            continue
+        nbytes = sum(method.stored_tensors(prec, t, settings))
+        owner = model.get_submodule(t.module) if t.module else model
+        leaf = t.name.rpartition(".")[2]
+        owner._parameters[leaf] = nn.Parameter(
+            torch.empty(nbytes, dtype=torch.uint8, device=META), requires_grad=False)
     return model
 
 

@@ -415,3 +415,56 @@ def test_fp8_recommended_between_bf16_and_int8():
             "activation_scheme": "dynamic"}}
     assert estimate("meta-llama/Llama-2-13b-hf", gpu="A10", mode="load").recommendation \
         .precision == "int8"
+
+
+# ----------------------------------------------------------------- several GPUs, as stored
+
+
+def test_stored_format_device_map_equals_accelerate_on_the_real_layers():
+    """Placed over GPUs, a pre-quantised checkpoint weighs what it stores: module by module
+    accelerate sizes the planner's meta model as it sizes the model transformers' own FP8
+    quantiser prepares for the checkpoint (FP8Linear layers), and infer_auto_device_map
+    splits both the same way."""
+    from accelerate.utils import compute_module_sizes, infer_auto_device_map
+    from tiny_models import make_config
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    from qplan.planner.quantize_meta import quantize_meta_model
+
+    qc = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
+    config = make_config("llama", num_hidden_layers=4)
+    config.quantization_config = qc
+    meta = build_meta_model(copy.deepcopy(config))
+    inventory = replace(take_inventory(meta), stored=read_checkpoint(qc))
+    ours = quantize_meta_model(meta, inventory, "fp8", "bfloat16")
+    del config.quantization_config
+    with torch.device("meta"):
+        real = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    FineGrainedFP8HfQuantizer(transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
+                              pre_quantized=True)._process_model_before_weight_loading(real)
+    ours_sizes, real_sizes = compute_module_sizes(ours), compute_module_sizes(real)
+    for name in ("", "model.embed_tokens", "lm_head",
+                 *(f"model.layers.{i}" for i in range(4))):
+        assert ours_sizes[name] == real_sizes[name], name
+    assert ours_sizes[""] == weight_bytes(inventory, "fp8").bytes
+    total = real_sizes[""]
+    for share in (0.7, 0.8, 0.9):  # GPU 0 holds the embeddings and 1, 2 or 3 layers
+        max_memory = {0: int(total * share), 1: total, "cpu": total}
+        split = [infer_auto_device_map(m, max_memory=dict(max_memory),
+                                       no_split_module_classes=["LlamaDecoderLayer"])
+                 for m in (ours, real)]
+        assert split[0] == split[1] and set(split[0].values()) == {0, 1}
+
+
+def test_pre_quantised_checkpoints_placed_over_gpus_as_stored():
+    """Qwen3-32B-AWQ (18.00 GiB stored) on two 4090s: the device map holds the stored
+    bytes, no offload; LoRA on it plans over the two GPUs (GPTQ/AWQ packed weights)."""
+    report = estimate("Qwen/Qwen3-32B-AWQ", gpu="4090", num_gpus=2, mode="inference",
+                      seq_len=512)
+    awq = report.candidate("awq")
+    assert awq.fits and awq.strategy == "device_map"
+    strategy = report_dict(report)["strategy"]
+    placed = sum(d["components"].get("weights", 0) for d in strategy["devices"])
+    assert placed == awq.weights_bytes
+    lora = estimate("Qwen/Qwen3-32B-AWQ", gpu="4090", num_gpus=2, mode="lora", seq_len=128)
+    assert [c.precision for c in lora.candidates] == ["awq"]

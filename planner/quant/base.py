@@ -192,3 +192,30 @@ class QuantMethod:
     def axolotl_keys(self, prec: Precision, settings: QuantSettings, lora: bool) -> dict[str, Any]:
         """The Axolotl keys that load this precision (adapter included)."""
         return {"adapter": "lora"} if lora else {}
+
+
+class StoredFormat(QuantMethod):
+    """A checkpoint format peft has no LoRA layer for, whose kernels do not run on meta
+    (MXFP4, FP8, compressed-tensors): training runs on its dequantised load, the workload
+    is traced on the dequantised model and only the weights are the stored ones.
+
+    Subclasses name the ``quant_method`` values they read (``reads``) and turn such a
+    ``quantization_config`` into a ``StoredQuantization`` in ``read_stored``.
+    """
+
+    quantizes: ClassVar[bool] = True
+    trainable: ClassVar[tuple[str, ...]] = ()
+    traced_dequantized: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ()
+
+    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
+        if quantization_config.get("quant_method") not in self.reads:
+            return None
+        return self.read_stored(quantization_config)
+
+    def read_stored(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
+        raise NotImplementedError(f"{self.name} reads no checkpoints")
+
+    def load_kwargs(self, prec: Precision, settings: QuantSettings) -> dict[str, Any]:
+        # The checkpoint's own quantization_config applies; passing one would replace it.
+        return {"dtype": settings.compute_dtype}

@@ -18,23 +18,19 @@ import copy
 import functools
 from typing import Any, ClassVar
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization
+from qplan.planner.quant.base import QuantSettings, StoredFormat, StoredQuantization
 from qplan.planner.quant.checkpoint_helpers import cc_tuple, names
 
 CT_FP8_MIN_CC = (8, 9)
 
 
-class CompressedTensors(QuantMethod):
+class CompressedTensors(StoredFormat):
     name: ClassVar[str] = "compressed-tensors"
     library: ClassVar[str] = "compressed-tensors"
-    quantizes: ClassVar[bool] = True
     # peft has no LoRA layer for compressed modules: train on the dequantised bf16 load.
-    trainable: ClassVar[tuple[str, ...]] = ()
-    traced_dequantized: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ("compressed-tensors",)
 
-    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
-        if quantization_config.get("quant_method") != "compressed-tensors":
-            return None
+    def read_stored(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
         groups = quantization_config.get("config_groups") or {}
         weights = next((g.get("weights") for g in groups.values() if g.get("weights")), {}) or {}
         return StoredQuantization(
@@ -71,9 +67,6 @@ class CompressedTensors(QuantMethod):
     def layer_tensors(self, prec: Any, out_features: int, in_features: int,
                       settings: QuantSettings) -> tuple[int, ...]:
         raise NotImplementedError("compressed-tensors layouts come from the meta model")
-
-    def load_kwargs(self, prec: Any, settings: QuantSettings) -> dict[str, Any]:
-        return {"dtype": settings.compute_dtype}
 
     def check_available(self) -> None:
         from qplan.errors import QplanError

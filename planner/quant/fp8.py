@@ -21,7 +21,7 @@ from __future__ import annotations
 from math import ceil
 from typing import Any, ClassVar
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization
+from qplan.planner.quant.base import QuantSettings, StoredFormat, StoredQuantization
 from qplan.planner.quant.checkpoint_helpers import cc_tuple, names
 
 FP8_MIN_CC = (8, 9)
@@ -30,15 +30,13 @@ FP8_STORED = "fp8"
 DEFAULT_BLOCK = (128, 128)
 
 
-class Fp8(QuantMethod):
+class Fp8(StoredFormat):
     name: ClassVar[str] = "fp8"
     library: ClassVar[str] = "transformers FP8"
-    quantizes: ClassVar[bool] = True
     # peft has no LoRA layer for FP8Linear: train on the dequantised bf16 load.
-    trainable: ClassVar[tuple[str, ...]] = ()
-    traced_dequantized: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ("fp8", "fbgemm_fp8", "modelopt")
 
-    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
+    def read_stored(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
         method = quantization_config.get("quant_method")
         if method == "fp8":
             block = quantization_config.get("weight_block_size")

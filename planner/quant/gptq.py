@@ -17,7 +17,7 @@ from __future__ import annotations
 from math import ceil
 from typing import Any, ClassVar
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization
+from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization, StoredWeight
 from qplan.planner.quant.checkpoint_helpers import names
 
 
@@ -56,11 +56,25 @@ class Gptq(QuantMethod):
         stored = settings.stored
         bits = stored.bits if stored is not None else 4
         groups = _groups(in_features, stored.group_size if stored is not None else 128)
-        packed = ceil(in_features * bits / 32) * out_features * 4
+        packed = self.packed_bytes(out_features, in_features, bits)
         zeros = groups * ceil(out_features * bits / 32) * 4
         scales = groups * out_features * 2
         g_idx = (in_features * 4,) if self.has_g_idx else ()
         return (packed, zeros, scales, *g_idx)
+
+    def packed_shape(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+        """``qweight``: int32 ``[in * bits / 32, out]`` (packed along the input)."""
+        return ceil(in_features * bits / 32), out_features
+
+    def packed_bytes(self, out_features: int, in_features: int, bits: int) -> int:
+        rows, cols = self.packed_shape(out_features, in_features, bits)
+        return rows * cols * 4
+
+    def stored_weight(
+        self, prec: Any, out_features: int, in_features: int, settings: QuantSettings
+    ) -> StoredWeight:
+        bits = settings.stored.bits if settings.stored is not None else 4
+        return StoredWeight(self.packed_shape(out_features, in_features, bits), 4)
 
     def load_kwargs(self, prec: Any, settings: QuantSettings) -> dict[str, Any]:
         return {"dtype": "float16"}
@@ -81,13 +95,6 @@ class Awq(Gptq):
     name: ClassVar[str] = "awq"
     has_g_idx: ClassVar[bool] = False
 
-    def layer_tensors(
-        self, prec: Any, out_features: int, in_features: int, settings: QuantSettings
-    ) -> tuple[int, ...]:
-        stored = settings.stored
-        bits = stored.bits if stored is not None else 4
-        groups = _groups(in_features, stored.group_size if stored is not None else 128)
-        packed = in_features * ceil(out_features * bits / 32) * 4
-        zeros = groups * ceil(out_features * bits / 32) * 4
-        scales = groups * out_features * 2
-        return (packed, zeros, scales)
+    def packed_shape(self, out_features: int, in_features: int, bits: int) -> tuple[int, int]:
+        """AWQ's GEMM ``qweight``: int32 ``[in, out * bits / 32]`` (packed along the output)."""
+        return in_features, ceil(out_features * bits / 32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from math import ceil
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qplan.planner.quant.base import QuantMethod, QuantSettings, StoredQuantization
+from qplan.planner.quant.base import QuantSettings, StoredFormat, StoredQuantization
 from qplan.planner.quant.checkpoint_helpers import cc_tuple, names
 
 if TYPE_CHECKING:
@@ -33,17 +33,13 @@ EXPERT_MODULES = ("GptOssExperts",)
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
-class Mxfp4(QuantMethod):
+class Mxfp4(StoredFormat):
     name: ClassVar[str] = "mxfp4"
     library: ClassVar[str] = "transformers MXFP4 (triton kernels)"
-    quantizes: ClassVar[bool] = True
     # peft has no LoRA layer for Mxfp4GptOssExperts: train on the dequantised bf16 load.
-    trainable: ClassVar[tuple[str, ...]] = ()
-    traced_dequantized: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ("mxfp4",)
 
-    def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
-        if quantization_config.get("quant_method") != "mxfp4":
-            return None
+    def read_stored(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
         return StoredQuantization(
             quant_method="mxfp4", method=self.name, precision="mxfp4", bits=4,
             group_size=MXFP4_BLOCK,
@@ -82,7 +78,3 @@ class Mxfp4(QuantMethod):
     ) -> tuple[int, ...]:
         groups = ceil(in_features / MXFP4_BLOCK)
         return (out_features * groups * MXFP4_BLOCK // 2, out_features * groups)
-
-    def load_kwargs(self, prec: Precision, settings: QuantSettings) -> dict[str, Any]:
-        # The checkpoint's own quantization_config applies; passing one would replace it.
-        return {"dtype": settings.compute_dtype}
