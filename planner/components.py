@@ -194,10 +194,13 @@ def trace_components(
     trust_remote_code: bool = False,
     layers: int | None = None,
     pattern: LayerPattern = HOMOGENEOUS,
+    stored_method: str | None = None,
 ) -> TraceOutcome:
     """Trace ``workload`` at ``precision`` on a meta model of ``config`` (all its layers,
     or the first ``layers``, whose structure is ``pattern``) and split the peak into
-    components, at the peak and at the peak of every phase and part of a phase."""
+    components, at the peak and at the peak of every phase and part of a phase.
+    ``stored_method``: ``precision`` is the dequantised stand-in of a checkpoint stored in
+    this method (gptq, awq), trained the way peft prepares that checkpoint."""
     from qplan.planner.quantize_meta import quantize_meta_model
     from qplan.planner.trace import trace
     from qplan.planner.training_setup import prepare_for_training
@@ -208,7 +211,11 @@ def trace_components(
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.is_training:
         with _new_tensors_on_meta():
-            model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
+            packed = tuple(t.module for t in inventory.tensors
+                           if stored_method is not None and t.kind == "parameter"
+                           and t.quantizable)
+            model = prepare_for_training(model, workload, PRECISIONS[precision].quantized,
+                                         stored_method=stored_method, packed_modules=packed)
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     try:
@@ -338,6 +345,11 @@ def workload_components(
     )
     plan = depth_plan or trace_plan(layer_signatures(inventory, config), depth)
     traced_as = _traced_as(precision, compute_dtype)
+    stored = inventory.stored
+    if (workload.is_lora and stored is not None and traced_as != precision
+            and PRECISIONS[precision].trainable("lora")):
+        # LoRA on a GPTQ / AWQ checkpoint: peft's k-bit preparation, as for the real model.
+        common["stored_method"] = stored.quant_method
     if plan.depths is None:
         outcome = tracer(config, workload, traced_as, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)

@@ -20,8 +20,11 @@ loads, so what is estimated is what is loaded:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from qplan.errors import UsageError
@@ -93,8 +96,21 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
     )
 
 
-def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) -> nn.Module:
-    """Apply the training patches of ``workload`` to a loaded (or meta) model."""
+def prepare_for_training(
+    model: nn.Module,
+    workload: Workload,
+    quantized: bool,
+    *,
+    stored_method: str | None = None,
+    packed_modules: Sequence[str] = (),
+) -> nn.Module:
+    """Apply the training patches of ``workload`` to a loaded (or meta) model.
+
+    ``stored_method``: the meta model stands in for a checkpoint of this quantisation
+    method (``quant_method``: "gptq", "awq") whose packed layers have no meta kernels; the
+    Linears named in ``packed_modules`` hold their dequantised weights. peft's k-bit
+    preparation is applied as it is to the real model (it reads ``quantization_method``).
+    """
     gc = workload.gradient_checkpointing
     # With activation offloading the Trainer's own checkpointing is off: the layers are
     # wrapped instead (below); peft's k-bit preparation still turns it on, as in Axolotl.
@@ -103,10 +119,16 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
     if workload.is_lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if quantized:
+        if quantized or stored_method is not None:
+            stand_ins = _packed_stand_ins(model, stored_method, packed_modules)
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs
             )
+            stand_ins.restore()
+            if gc and stored_method is not None:
+                # peft enables checkpointing only for the methods it lists (gptq, not awq);
+                # the run's own gradient_checkpointing=True does it for the others.
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             model.requires_grad_(False)
             if hf_gc:
@@ -137,3 +159,44 @@ def prepare_for_training(model: nn.Module, workload: Workload, quantized: bool) 
         config.use_cache = False
     model.train()
     return model
+
+
+@dataclass(frozen=True)
+class _StandIns:
+    """The dequantised Linears standing in for packed layers, with their load dtypes."""
+
+    modules: tuple[tuple[nn.Module, torch.dtype], ...]
+
+    def restore(self) -> None:
+        """Undo peft's float32 cast of the stand-in weights: the real packed layers keep
+        their qweight / scales as buffers, which peft does not cast; and make each one
+        compute as the packed kernels do, in their own dtype, returning the input's dtype
+        (AWQ / GPTQ GEMM wrappers: ``x.half()`` in, ``out.to(input_dtype)`` out)."""
+        for module, dtype in self.modules:
+            module.weight.data = module.weight.data.to(dtype)
+            module.register_forward_pre_hook(_input_to_weight_dtype)
+            module.register_forward_hook(_output_to_input_dtype)
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    module._qplan_input_dtype = x.dtype  # for the output: the hook sees the cast input
+    return (x.to(module.weight.dtype), *args[1:]) if x.dtype != module.weight.dtype else args
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+    dtype = module.__dict__.pop("_qplan_input_dtype", out.dtype)
+    return out.to(dtype) if out.dtype != dtype else out
+
+
+def _packed_stand_ins(model: nn.Module, stored_method: str | None,
+                      packed_modules: Sequence[str]) -> _StandIns:
+    if stored_method is None:
+        return _StandIns(())
+    # What from_pretrained sets on a model loaded from a quantised checkpoint.
+    model.quantization_method = stored_method
+    found = []
+    for name in packed_modules:
+        module = model.get_submodule(name)
+        found.append((module, module.weight.dtype))
+    return _StandIns(tuple(found))

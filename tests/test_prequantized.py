@@ -468,3 +468,61 @@ def test_pre_quantised_checkpoints_placed_over_gpus_as_stored():
     assert placed == awq.weights_bytes
     lora = estimate("Qwen/Qwen3-32B-AWQ", gpu="4090", num_gpus=2, mode="lora", seq_len=128)
     assert [c.precision for c in lora.candidates] == ["awq"]
+
+
+# ----------------------------------------------------------------- training on stored formats
+
+_LORA_SHAPE = dict(batch=1, seq_len=32, lora_r=8)
+
+
+def test_qlora_on_a_stored_bnb_checkpoint_matches_a_real_cpu_run(bnb_checkpoint):
+    """LoRA on the stored nf4 checkpoint: the planned weights (after peft's k-bit
+    preparation) and adapters equal a real CPU load prepared by peft, tensor for tensor."""
+    from qplan.api import make_workload
+    from qplan.planner.training_setup import prepare_for_training
+
+    report = estimate(str(bnb_checkpoint), gpu="80GiB", mode="qlora", target="cpu",
+                      **_LORA_SHAPE)
+    planned = report.candidate("nf4-dq")
+    model = transformers.AutoModelForCausalLM.from_pretrained(bnb_checkpoint, device_map="cpu")
+    workload = make_workload("qlora", model.config, **_LORA_SHAPE)
+    model = prepare_for_training(model, workload, True)
+    assert any(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    assert planned.components["weights"] + planned.components["adapters"] == \
+        resident_bytes(model).bytes
+
+
+@pytest.mark.parametrize(("method", "cast"), [("awq", True), ("gptq", False)])
+def test_lora_on_gptq_awq_follows_peft_kbit_preparation(tiny_model_dir, tmp_path, method, cast):
+    """peft's prepare_model_for_kbit_training casts a quantised model's 16-bit parameters
+    to float32, except for the methods it exempts (GPTQ); the packed layers' tensors are
+    buffers it leaves alone. The planned LoRA weights are the stored layers plus what peft
+    leaves of the rest of a real model loaded in float16 (its real preparation on CPU)."""
+    import shutil
+
+    from peft import prepare_model_for_kbit_training
+
+    folder = tmp_path / method
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    qc = {"quant_method": method, "bits": 4, "group_size": 32, "desc_act": False,
+          "zero_point": True, "version": "gemm"}
+    config.quantization_config = qc
+    config.save_pretrained(folder)
+    report = estimate(str(folder), gpu="80GiB", mode="lora", target="cpu", **_LORA_SHAPE)
+    planned = report.candidate(method).components["weights"]
+
+    real = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir("llama"), dtype=torch.float16, device_map="cpu")
+    real.quantization_method = method
+    real = prepare_model_for_kbit_training(real, use_gradient_checkpointing=False)
+    stored = read_checkpoint(qc)
+    inventory = replace(take_inventory(build_meta_model(copy.deepcopy(config))), stored=stored)
+    packed = {t.name for t in inventory.tensors if t.kind == "parameter" and t.quantizable}
+    assert packed and "lm_head.weight" not in packed
+    rest = sum(p.numel() * p.element_size() for n, p in real.named_parameters()
+               if n not in packed)
+    rest += sum(b.numel() * b.element_size() for b in real.buffers())
+    layers = weight_bytes(inventory, method)
+    assert planned == layers.quantized_bytes + layers.quant_state_bytes + rest
+    assert (real.lm_head.weight.dtype == torch.float32) is cast
