@@ -60,7 +60,7 @@ from qplan.planner.inventory import Inventory
 from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS
 from qplan.planner.quant import QuantSettings
-from qplan.planner.weights import load_dtype_for, param_dtype
+from qplan.planner.weights import load_dtype_for, method_biases, param_dtype
 
 MIB = 1024**2
 NCCL_ALLOWANCE = 512 * MIB
@@ -154,6 +154,7 @@ def param_layout(
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
     settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    biases = method_biases(inventory, prec, settings)
     params: list[ParamInfo] = []
     replicated = 0
     for t in inventory.tensors:
@@ -164,7 +165,7 @@ def param_layout(
             params.append(ParamInfo(t.module, stored.shape, stored.itemsize, t.numel))
             replicated += sum(tensors[1:])
             continue
-        dtype = param_dtype(t, load_dtype)
+        dtype = biases.get(t.name) or param_dtype(t, load_dtype)
         if t.kind == "buffer":
             replicated += t.numel * DTYPE_BYTES[dtype]
         else:

@@ -16,7 +16,7 @@ from torch import nn
 from qplan.planner.inventory import Inventory
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.quant import QuantSettings
-from qplan.planner.weights import load_dtype_for, param_dtype
+from qplan.planner.weights import load_dtype_for, method_biases, param_dtype
 
 META = torch.device("meta")
 
@@ -52,12 +52,15 @@ def quantize_meta_model(
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
     infos = {t.name: t for t in inventory.tensors}
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    biases = method_biases(inventory, prec, settings)
     # Cast what stays unquantised, as the load would (tied weights are one Parameter).
     for name, param in model.named_parameters():
         info = infos.get(name)
         if info is None or (prec.quantized and info.quantizable):
             continue
-        param.data = param.data.to(getattr(torch, param_dtype(info, load_dtype)))
+        dtype = biases.get(name) or param_dtype(info, load_dtype)
+        param.data = param.data.to(getattr(torch, dtype))
     for name, buf in model.named_buffers():
         info = infos.get(name)
         if info is not None and buf.is_floating_point():
@@ -65,7 +68,6 @@ def quantize_meta_model(
             module_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module_name) if module_name else model
             owner._buffers[leaf] = buf.to(target)
-    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
     model = prec.method.quantize_meta(model, inventory, prec, settings)
     if prec.quantized and prec.method.traced_dequantized:
         model = _stored_placeholders(model, inventory, prec, settings)

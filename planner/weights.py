@@ -54,6 +54,17 @@ def param_dtype(t: TensorInfo, load_dtype: str) -> str:
     return load_dtype
 
 
+def method_biases(inventory: Inventory, prec: Precision, settings: QuantSettings
+                  ) -> dict[str, str]:
+    """Biases of replaced layers whose dtype the method sets (name -> dtype)."""
+    dtype = prec.method.bias_dtype(prec, settings) if prec.quantized else None
+    if dtype is None:
+        return {}
+    modules = {t.module for t in inventory.tensors if prec.method.replaces(t, settings)}
+    return {t.name: dtype for t in inventory.tensors
+            if t.kind == "parameter" and t.module in modules and t.name.endswith(".bias")}
+
+
 def tensor_bytes(t: TensorInfo, dtype: str) -> int:
     return t.numel * DTYPE_BYTES[dtype]
 
@@ -85,6 +96,7 @@ def weight_bytes(
     settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
     method = prec.method
 
+    biases = method_biases(inventory, prec, settings)
     quantized = state = unquantized = buffers = 0
     layers = largest = 0
     sizes: list[int] = []
@@ -97,7 +109,7 @@ def weight_bytes(
             layers += 1
             largest = max(largest, t.numel)
             continue
-        size = tensor_bytes(t, param_dtype(t, load_dtype))
+        size = tensor_bytes(t, biases.get(t.name) or param_dtype(t, load_dtype))
         if t.kind == "buffer":
             buffers += size
         else:

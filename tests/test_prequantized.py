@@ -526,3 +526,32 @@ def test_lora_on_gptq_awq_follows_peft_kbit_preparation(tiny_model_dir, tmp_path
     layers = weight_bytes(inventory, method)
     assert planned == layers.quantized_bytes + layers.quant_state_bytes + rest
     assert (real.lm_head.weight.dtype == torch.float32) is cast
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fbgemm_fp8_equals_transformers_fbgemm_layers(monkeypatch, arch):
+    """FBGEMM FP8 checkpoints: the planned weights equal the tensors transformers' own
+    FbgemmFp8HfQuantizer gives the model before the checkpoint's arrive (FbgemmFp8Linear:
+    fp8 weight, float32 [out, 1] scale, float32 input_scale_ub, float32 bias), to the
+    byte. The fbgemm-gpu kernels are CUDA-only; building the layers does not run them."""
+    import transformers.integrations.fbgemm_fp8 as fbgemm
+    from tiny_models import make_config
+    from transformers.quantizers.quantizer_fbgemm_fp8 import FbgemmFp8HfQuantizer
+
+    monkeypatch.setattr(fbgemm, "get_quantize_fp8_per_row", lambda: None)
+    config = make_config(arch)
+    with torch.device("meta"):
+        real = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    FbgemmFp8HfQuantizer(transformers.FbgemmFp8Config(), pre_quantized=True) \
+        ._process_model_before_weight_loading(real)
+    assert any(type(m).__name__ == "FbgemmFp8Linear" for m in real.modules())
+    real = real.to_empty(device="cpu")
+    real.tie_weights()
+    qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+          "modules_to_not_convert": ["lm_head"]}
+    config.quantization_config = qc
+    meta = build_meta_model(copy.deepcopy(config))
+    inventory = replace(take_inventory(meta, ["lm_head"]), stored=read_checkpoint(qc))
+    planned = weight_bytes(inventory, "fp8")
+    measured = resident_bytes(real)
+    assert (planned.bytes, planned.storages) == (measured.bytes, measured.storages)

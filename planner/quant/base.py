@@ -132,6 +132,10 @@ class QuantMethod:
         out_f, in_f = t.linear_shape
         return self.layer_tensors(prec, out_f, in_f, settings)
 
+    def bias_dtype(self, prec: Precision, settings: QuantSettings) -> str | None:
+        """The dtype the replaced layers give their bias (None: the load dtype)."""
+        return None
+
     def load_dtype(self, prec: Precision, compute_dtype: str) -> str:
         """The dtype everything the method leaves alone is loaded in."""
         return prec.full_dtype or compute_dtype

@@ -4,8 +4,9 @@ per-channel FBGEMM FP8, and ModelOpt's per-tensor FP8 (nvidia/*-FP8).
 What transformers' ``FineGrainedFP8HfQuantizer`` builds per Linear (``FP8Linear``):
 ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale_inv`` float32
 ``[ceil(out / b0), ceil(in / b1)]`` for block size ``(b0, b1)`` (a 0-d scale without one),
-plus a 0-d ``activation_scale`` for static activation schemes. FBGEMM FP8 keeps
-``weight_scale`` float32 ``[out, 1]``. ModelOpt FP8 stores ``weight_scale`` and
+plus a 0-d ``activation_scale`` for static activation schemes. FBGEMM FP8
+(``FbgemmFp8Linear``) keeps ``weight_scale`` float32 ``[out, 1]``, an ``input_scale_ub``
+float32 ``[1]`` and a float32 bias. ModelOpt FP8 stores ``weight_scale`` and
 ``input_scale`` 0-d float32 per Linear; transformers has no ModelOpt loader, so that one is
 planned as stored (what vLLM / TensorRT-LLM load).
 
@@ -100,11 +101,17 @@ class Fp8(StoredFormat):
         if block is None:
             scales = (4,)  # 0-d float32 scale
         elif block == (1, 0):
-            scales = (4 * out_features,)
+            # FbgemmFp8Linear: weight_scale [out, 1] and the activation bound input_scale_ub [1].
+            scales = (4 * out_features, 4)
         else:
             scales = (4 * ceil(out_features / block[0]) * ceil(in_features / block[1]),)
         static = (4,) if stored is not None and stored.desc_act else ()
         return (weight, *scales, *static)
+
+    def bias_dtype(self, prec: Any, settings: QuantSettings) -> str | None:
+        # FbgemmFp8Linear creates its bias in float32, and a load keeps a parameter's dtype.
+        stored = settings.stored
+        return "float32" if stored is not None and stored.block_size == (1, 0) else None
 
     def _on_the_fly_fields(self) -> dict[str, Any]:
         return {"quant_method": "fp8", "weight_block_size": list(DEFAULT_BLOCK),
