@@ -228,7 +228,8 @@ PrecisionsOpt = Annotated[
     typer.Option(
         "--precisions",
         "-p",
-        help="Comma list of candidates: fp32,bf16,fp16,int8,fp4,nf4,fp4-dq,nf4-dq.",
+        help=("Comma list of candidates: fp32,bf16,fp16,int8,fp4,nf4,fp4-dq,nf4-dq,fp8 "
+              "(fp8 is a default candidate on compute capability 8.9+)."),
     ),
 ]
 HeadroomOpt = Annotated[
