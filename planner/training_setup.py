@@ -125,7 +125,7 @@ def prepare_for_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs
             )
             stand_ins.restore()
-            if gc and stored_method is not None:
+            if hf_gc and stored_method is not None:
                 # peft enables checkpointing only for the methods it lists (gptq, not awq);
                 # the run's own gradient_checkpointing=True does it for the others.
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
