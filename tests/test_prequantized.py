@@ -198,8 +198,9 @@ def _transformers_fp8_bytes(config) -> int:
 
 def test_fp8_layers_equal_transformers_fp8_modules():
     """Qwen/Qwen3-32B-FP8: its weights are transformers' FP8Linear tensors (fp8 weight and
-    float32 128x128 block scales) plus the bf16 rest. No published total_size was found, so
-    the layout transformers implies is the reference; ~34.3 GB for 32.8B parameters."""
+    float32 128x128 block scales) plus the bf16 rest, to the byte, on two of its layers.
+    (No published safetensors total_size of an FP8 checkpoint whose config qplan has was
+    found; per-tensor FP8 is also checked against a checkpoint ModelOpt wrote, below.)"""
     config = transformers.AutoConfig.from_pretrained(_catalog_path("Qwen__Qwen3-32B-FP8.json"))
     config.num_hidden_layers = 2
     inventory, _ = _fp8_inventory(config)
@@ -208,7 +209,6 @@ def test_fp8_layers_equal_transformers_fp8_modules():
     report = estimate("Qwen/Qwen3-32B-FP8", gpu="H100", mode="load")
     assert [c.precision for c in report.candidates] == ["fp8", "bf16"]
     assert report.recommendation.precision == "fp8"
-    assert _within(report.candidate("fp8").weights_bytes, 34.33e9)
 
 
 def test_fp8_moe_experts_follow_transformers(tiny_model_dir):
@@ -555,3 +555,80 @@ def test_fbgemm_fp8_equals_transformers_fbgemm_layers(monkeypatch, arch):
     planned = weight_bytes(inventory, "fp8")
     measured = resident_bytes(real)
     assert (planned.bytes, planned.storages) == (measured.bytes, measured.storages)
+
+
+# ----------------------------------------------------------------- checkpoints their packers wrote
+
+_DATA = __import__("pathlib").Path(__file__).parent / "data"
+_SAFETENSORS_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "U8": 1}
+
+
+def test_modelopt_fp8_equals_the_checkpoint_modelopt_wrote(tmp_path):
+    """ModelOpt FP8 (nvidia/*-FP8): transformers has no loader, so the reference is a
+    checkpoint NVIDIA ModelOpt 0.47's own exporter wrote for a tiny llama
+    (tests/data/modelopt-fp8-tiny-llama/make.py; its safetensors header kept). Every
+    replaced Linear stores what the header lists (fp8 weight, 0-d float32 weight_scale and
+    input_scale), and the plan is the header's bytes plus the model's non-persistent
+    buffers (rotary tables), which a checkpoint does not hold."""
+    import json
+    import math
+    import shutil
+
+    folder = _DATA / "modelopt-fp8-tiny-llama"
+    for name in ("config.json", "hf_quant_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    header = json.loads((folder / "model.safetensors.header.json").read_text())
+    header.pop("__metadata__")
+    sizes = {k: math.prod(v["shape"]) * _SAFETENSORS_BYTES[v["dtype"]]
+             for k, v in header.items()}
+    report = estimate(str(tmp_path), gpu="H100", mode="load")
+    assert [c.precision for c in report.candidates] == ["fp8"]
+    quant = report_dict(report)["model"]["quantization"]
+    assert quant["method"] == "modelopt" and quant["transformers_loads_it"] is False
+
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    stored = read_checkpoint(config.quantization_config)
+    assert stored is not None and stored.not_converted == ("lm_head", "model.embed_tokens")
+    meta = build_meta_model(copy.deepcopy(config))
+    inventory = replace(take_inventory(meta, list(stored.not_converted)), stored=stored)
+    from qplan.planner.precision import PRECISIONS
+    from qplan.planner.quant import QuantSettings
+
+    prec, settings = PRECISIONS["fp8"], QuantSettings(stored=stored)
+    replaced = [t for t in inventory.tensors if prec.method.replaces(t, settings)]
+    assert len(replaced) == sum(v["dtype"] == "F8_E4M3" for v in header.values())
+    for t in replaced:
+        layer = t.module
+        expected = [sizes[f"{layer}.weight"], sizes[f"{layer}.weight_scale"],
+                    sizes[f"{layer}.input_scale"]]
+        assert list(prec.method.stored_tensors(prec, t, settings)) == expected, layer
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    persistent = plain.state_dict()
+    non_persistent = sum(b.numel() * b.element_size() for n, b in plain.named_buffers()
+                         if n not in persistent)
+    assert report.candidate("fp8").weights_bytes == sum(sizes.values()) + non_persistent
+
+
+@pytest.mark.parametrize(("group_size", "desc_act", "published_gb"), [
+    (128, False, 3.90),  # branch main
+    (64, True, 4.02),  # gptq-4bit-64g-actorder_True
+    (32, True, 4.28),  # gptq-4bit-32g-actorder_True
+])
+def test_gptq_size_matches_published_checkpoints(tmp_path, group_size, desc_act, published_gb):
+    """Published: TheBloke/Llama-2-7B-GPTQ's "Provided files" table (its model card,
+    https://huggingface.co/TheBloke/Llama-2-7B-GPTQ; copied in YinanWusoymilk/hf-readme
+    training_and_application/readme_files/TheBloke_Llama-2-7B-GPTQ.md @ 1ab39f24f8f9):
+    4-bit, group size 128 without act order 3.90 GB; 64g with act order 4.02 GB; 32g with
+    act order 4.28 GB, made with AutoGPTQ from meta-llama/Llama-2-7b-hf (config in the
+    catalog). GPTQ's own packer (qweight, qzeros, scales, g_idx) within 0.5% of each."""
+    import json
+    from pathlib import Path
+
+    config = json.loads(Path(_catalog_path("meta-llama__Llama-2-7b-hf.json")).read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4,
+                                     "group_size": group_size, "desc_act": desc_act,
+                                     "sym": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report = estimate(str(tmp_path), gpu="H100", mode="load")
+    assert [c.precision for c in report.candidates] == ["gptq"]
+    assert _within(report.candidate("gptq").weights_bytes, published_gb * 1e9)

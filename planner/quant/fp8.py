@@ -58,7 +58,9 @@ class Fp8(StoredFormat):
         if method == "modelopt" and str(quantization_config.get("quant_algo")).upper() == "FP8":
             return StoredQuantization(
                 quant_method="modelopt", method=self.name, precision=FP8_STORED, bits=8,
-                not_converted=names(quantization_config.get("exclude_modules")),
+                # hf_quant_config.json says exclude_modules; config.json (ModelOpt 0.4x) ignore.
+                not_converted=names(quantization_config.get("exclude_modules")
+                                    or quantization_config.get("ignore")),
                 dequantized=None, desc_act=True, source="hf_quant_config.json", loadable=False,
             )
         return None

@@ -1,0 +1,56 @@
+"""How this folder was made: NVIDIA ModelOpt's own packer writes a tiny FP8 checkpoint.
+
+Run once, on CPU, with nvidia-modelopt 0.47.0 (pip install nvidia-modelopt; not a qplan
+dependency), torch 2.13 and transformers 5.24, from the repository root:
+``python tests/data/modelopt-fp8-tiny-llama/make.py``. It quantises the tiny random llama
+of tests/tiny_models.py with ``mtq.FP8_DEFAULT_CFG`` (two calibration batches), exports it
+with ``export_hf_checkpoint`` (config.json, hf_quant_config.json, model.safetensors) and
+keeps the safetensors header (names, dtypes, shapes; no tensor data) as
+model.safetensors.header.json. The weights themselves are not kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent.parent))  # tests/: tiny_models
+
+
+def main() -> None:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from tiny_models import make_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config("llama"),
+                                                          dtype=torch.bfloat16)
+
+    def calibrate(m: torch.nn.Module) -> None:
+        for _ in range(2):
+            m(torch.randint(0, 1000, (1, 16)))
+
+    model = mtq.quantize(model, mtq.FP8_DEFAULT_CFG, calibrate)
+    with tempfile.TemporaryDirectory() as out:
+        export_hf_checkpoint(model, export_dir=out)
+        for name in ("config.json", "hf_quant_config.json"):
+            shutil.copy(Path(out, name), HERE / name)
+        with open(Path(out, "model.safetensors"), "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+    meta = header.pop("__metadata__", None)
+    kept = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in sorted(header.items())}
+    (HERE / "model.safetensors.header.json").write_text(
+        json.dumps({"__metadata__": meta, **kept}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
