@@ -563,50 +563,76 @@ _DATA = __import__("pathlib").Path(__file__).parent / "data"
 _SAFETENSORS_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "U8": 1}
 
 
-def test_modelopt_fp8_equals_the_checkpoint_modelopt_wrote(tmp_path):
-    """ModelOpt FP8 (nvidia/*-FP8): transformers has no loader, so the reference is a
-    checkpoint NVIDIA ModelOpt 0.47's own exporter wrote for a tiny llama
-    (tests/data/modelopt-fp8-tiny-llama/make.py; its safetensors header kept). Every
-    replaced Linear stores what the header lists (fp8 weight, 0-d float32 weight_scale and
-    input_scale), and the plan is the header's bytes plus the model's non-persistent
-    buffers (rotary tables), which a checkpoint does not hold."""
+def _packer_checkpoint(name: str, tmp_path):
+    """A checkpoint folder a format's own packer wrote (tests/data/<name>/make.py), without
+    its weights: the configs copied to ``tmp_path``, and per tensor of the packer's
+    safetensors header its byte size."""
     import json
     import math
     import shutil
 
-    folder = _DATA / "modelopt-fp8-tiny-llama"
-    for name in ("config.json", "hf_quant_config.json"):
-        shutil.copy(folder / name, tmp_path / name)
+    folder = _DATA / name
+    for path in folder.glob("*.json"):
+        if path.name != "model.safetensors.header.json":
+            shutil.copy(path, tmp_path / path.name)
     header = json.loads((folder / "model.safetensors.header.json").read_text())
     header.pop("__metadata__")
-    sizes = {k: math.prod(v["shape"]) * _SAFETENSORS_BYTES[v["dtype"]]
-             for k, v in header.items()}
-    report = estimate(str(tmp_path), gpu="H100", mode="load")
-    assert [c.precision for c in report.candidates] == ["fp8"]
-    quant = report_dict(report)["model"]["quantization"]
-    assert quant["method"] == "modelopt" and quant["transformers_loads_it"] is False
+    return {k: math.prod(v["shape"]) * _SAFETENSORS_BYTES[v["dtype"]] for k, v in header.items()}
 
-    config = transformers.AutoConfig.from_pretrained(tmp_path)
-    stored = read_checkpoint(config.quantization_config)
-    assert stored is not None and stored.not_converted == ("lm_head", "model.embed_tokens")
-    meta = build_meta_model(copy.deepcopy(config))
-    inventory = replace(take_inventory(meta, list(stored.not_converted)), stored=stored)
+
+def _check_against_packer(tmp_path, sizes, precision, leaves):
+    """Every layer the method replaces stores what the packer's header lists for it
+    (``leaves`` in the method's order), and the plan is the header's bytes plus the model's
+    non-persistent buffers (rotary tables), which a checkpoint does not hold."""
     from qplan.planner.precision import PRECISIONS
     from qplan.planner.quant import QuantSettings
 
-    prec, settings = PRECISIONS["fp8"], QuantSettings(stored=stored)
+    report = estimate(str(tmp_path), gpu="H100", mode="load")
+    assert report.candidates[0].precision == precision
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    stored = read_checkpoint(config.quantization_config)
+    meta = build_meta_model(copy.deepcopy(config))
+    skips = list(stored.not_converted) if stored.not_converted is not None else None
+    inventory = replace(take_inventory(meta, skips), stored=stored)
+    prec, settings = PRECISIONS[precision], QuantSettings(stored=stored)
     replaced = [t for t in inventory.tensors if prec.method.replaces(t, settings)]
-    assert len(replaced) == sum(v["dtype"] == "F8_E4M3" for v in header.values())
+    assert len(replaced) == sum(k.endswith("." + leaves[1]) for k in sizes)
     for t in replaced:
-        layer = t.module
-        expected = [sizes[f"{layer}.weight"], sizes[f"{layer}.weight_scale"],
-                    sizes[f"{layer}.input_scale"]]
-        assert list(prec.method.stored_tensors(prec, t, settings)) == expected, layer
-    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        expected = [sizes[f"{t.module}.{leaf}"] for leaf in leaves]
+        assert list(prec.method.stored_tensors(prec, t, settings)) == expected, t.module
+    del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config)
     persistent = plain.state_dict()
     non_persistent = sum(b.numel() * b.element_size() for n, b in plain.named_buffers()
                          if n not in persistent)
-    assert report.candidate("fp8").weights_bytes == sum(sizes.values()) + non_persistent
+    assert report.candidate(precision).weights_bytes == sum(sizes.values()) + non_persistent
+    return report
+
+
+def test_modelopt_fp8_equals_the_checkpoint_modelopt_wrote(tmp_path):
+    """ModelOpt FP8 (nvidia/*-FP8): transformers has no loader, so the reference is a
+    checkpoint NVIDIA ModelOpt 0.47's own exporter wrote for a tiny llama
+    (tests/data/modelopt-fp8-tiny-llama): fp8 weight, 0-d float32 weight_scale and
+    input_scale per Linear, embeddings and lm_head in bf16."""
+    sizes = _packer_checkpoint("modelopt-fp8-tiny-llama", tmp_path)
+    report = _check_against_packer(tmp_path, sizes, "fp8",
+                                   ("weight", "weight_scale", "input_scale"))
+    assert [c.precision for c in report.candidates] == ["fp8"]
+    quant = report_dict(report)["model"]["quantization"]
+    assert quant["method"] == "modelopt" and quant["transformers_loads_it"] is False
+    assert quant["unquantized_modules"] == ["lm_head", "model.embed_tokens"]
+
+
+def test_gptq_equals_the_checkpoint_gptqmodel_wrote(tmp_path):
+    """GPTQ: a checkpoint GPTQModel 7.7's own packer wrote for a tiny float16 llama (4-bit,
+    group size 32; tests/data/gptq-tiny-llama, by tests/data/make_gptqmodel_checkpoint.py):
+    qweight, qzeros, scales and g_idx of every Linear, byte for byte (gptqmodel's kernels
+    do not install in CI, so no real load)."""
+    sizes = _packer_checkpoint("gptq-tiny-llama", tmp_path)
+    report = _check_against_packer(tmp_path, sizes, "gptq",
+                                   ("qweight", "qzeros", "scales", "g_idx"))
+    assert [c.precision for c in report.candidates] == ["gptq"]
+    assert not [w for w in report.warnings if "safetensors" in w]
 
 
 @pytest.mark.parametrize(("group_size", "desc_act", "published_gb"), [
@@ -632,3 +658,12 @@ def test_gptq_size_matches_published_checkpoints(tmp_path, group_size, desc_act,
     report = estimate(str(tmp_path), gpu="H100", mode="load")
     assert [c.precision for c in report.candidates] == ["gptq"]
     assert _within(report.candidate("gptq").weights_bytes, published_gb * 1e9)
+
+
+def test_awq_equals_the_checkpoint_gptqmodel_wrote(tmp_path):
+    """AWQ (GEMM): a checkpoint GPTQModel 7.7's own AWQ packer wrote for a tiny llama
+    (tests/data/awq-tiny-llama): qweight packed along the output, qzeros and scales of
+    every Linear, byte for byte."""
+    sizes = _packer_checkpoint("awq-tiny-llama", tmp_path)
+    report = _check_against_packer(tmp_path, sizes, "awq", ("qweight", "qzeros", "scales"))
+    assert [c.precision for c in report.candidates] == ["awq"]
