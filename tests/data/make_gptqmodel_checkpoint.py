@@ -13,9 +13,6 @@ calibration rows; a word-level tokenizer because GPTQModel loads one), saves it 
 
 from __future__ import annotations
 
-import json
-import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -42,10 +39,10 @@ def _word_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def main(method: str) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import AWQConfig
+    from packer_checkpoint import keep
     from tiny_models import make_config
 
     target = HERE / f"{method}-tiny-llama"
-    target.mkdir(exist_ok=True)
     settings = (AWQConfig(bits=4, group_size=32) if method == "awq"
                 else QuantizeConfig(bits=4, group_size=32, desc_act=False))
 
@@ -60,15 +57,7 @@ def main(method: str) -> None:
                  "attention_mask": torch.ones(1, 64, dtype=torch.long)} for _ in range(8)]
         model.quantize(rows, batch_size=1)
         model.save(out)
-        for name in ("config.json", "quantize_config.json"):
-            shutil.copy(Path(out, name), target / name)
-        with open(Path(out, "model.safetensors"), "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
-    meta = header.pop("__metadata__", None)
-    kept = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in sorted(header.items())}
-    (target / "model.safetensors.header.json").write_text(
-        json.dumps({"__metadata__": meta, **kept}, indent=1))
+        keep(Path(out), target, ("config.json", "quantize_config.json"))
 
 
 if __name__ == "__main__":

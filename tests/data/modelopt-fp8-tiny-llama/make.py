@@ -11,9 +11,6 @@ model.safetensors.header.json. The weights themselves are not kept.
 
 from __future__ import annotations
 
-import json
-import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +20,13 @@ import transformers
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent))  # tests/: tiny_models
+sys.path.insert(0, str(HERE.parent))  # tests/data: packer_checkpoint
 
 
 def main() -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
+    from packer_checkpoint import keep
     from tiny_models import make_config
 
     torch.manual_seed(0)
@@ -41,15 +40,7 @@ def main() -> None:
     model = mtq.quantize(model, mtq.FP8_DEFAULT_CFG, calibrate)
     with tempfile.TemporaryDirectory() as out:
         export_hf_checkpoint(model, export_dir=out)
-        for name in ("config.json", "hf_quant_config.json"):
-            shutil.copy(Path(out, name), HERE / name)
-        with open(Path(out, "model.safetensors"), "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
-    meta = header.pop("__metadata__", None)
-    kept = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in sorted(header.items())}
-    (HERE / "model.safetensors.header.json").write_text(
-        json.dumps({"__metadata__": meta, **kept}, indent=1))
+        keep(Path(out), HERE, ("config.json", "hf_quant_config.json"))
 
 
 if __name__ == "__main__":
