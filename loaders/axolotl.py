@@ -78,6 +78,8 @@ READ_KEYS = frozenset(
         "activation_offloading",
         "sample_packing",
         "unfrozen_parameters",
+        "liger_rms_norm",
+        "liger_glu_activation",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -335,6 +337,11 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
     kwargs.update(_checkpointing(raw, path, not_modelled))
     kwargs.update(_unfrozen(raw, adapter, path, not_modelled))
+    # Liger's kernels (its plugin swaps the model's RMSNorm and SwiGLU MLP classes).
+    if _flag(raw, "liger_rms_norm", path) is True:
+        kwargs["liger_rms_norm"] = True
+    if _flag(raw, "liger_glu_activation", path) is True:
+        kwargs["liger_glu"] = True
     if _flag(raw, "sample_packing", path) is True:
         # One row of micro_batch_size x sequence_len tokens (Axolotl's multipack sampler).
         kwargs["sample_packing"] = True

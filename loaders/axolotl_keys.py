@@ -27,8 +27,6 @@ NOT_MODELLED: dict[str, str] = {
     "flex_attention": "flex attention (planned as sdpa)",
     "sage_attention": "SageAttention (planned as sdpa)",
     "s2_attention": "shifted-sparse attention (planned as sdpa)",
-    "liger_rms_norm": "Liger's fused RMSNorm kernel",
-    "liger_glu_activation": "Liger's fused SwiGLU/GeGLU kernel",
     "liger_layer_norm": "Liger's fused LayerNorm kernel",
     "liger_rope": "Liger's fused RoPE kernel",
     "liger_cross_entropy": "Liger's cross-entropy kernel",
@@ -41,7 +39,10 @@ NOT_MODELLED: dict[str, str] = {
     "quantize_moe_experts": "Axolotl's own quantisation of fused MoE experts",
     "lora_target_parameters": "LoRA on parameters (MoE experts): adapters per expert",
     "lora_modules_to_save": "fully trained copies of the named modules",
-    "embeddings_skip_upcast": "embeddings left in 16 bits by k-bit preparation",
+    "embeddings_skip_upcast": (
+        "embeddings left in 16 bits by k-bit preparation (runs only under the bf16 "
+        "autocast Axolotl trains with, which qplan does not plan)"
+    ),
     "peft_use_dora": "DoRA's magnitude vectors and weight norms",
     "peft_layers_to_transform": "LoRA on some layers only",
     "rl": "preference training (a reference model, chosen and rejected sequences)",

@@ -452,7 +452,8 @@ def load_planned(
                 predicted_adapters = LORA_PARAM_BYTES * lora_parameter_count(spec, workload)
             from qplan.planner.training_setup import prepare_for_training
 
-            model = prepare_for_training(model, workload, prec.quantized)
+            model = prepare_for_training(model, workload, prec.quantized,
+                                         target=where)
             resident = resident_bytes(model)
             measured["resident_bytes"] = resident.bytes
             planned = _planned_resident(report, candidate)

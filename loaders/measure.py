@@ -134,7 +134,8 @@ def measure(
     model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn,
                          skip_modules)
     if workload.is_training:
-        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized)
+        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized,
+                                     target=device)
     vocab = config.get_text_config().vocab_size
     tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
     if device == "cuda":

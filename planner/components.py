@@ -215,7 +215,8 @@ def trace_components(
                            if stored_method is not None and t.kind == "parameter"
                            and t.quantizable)
             model = prepare_for_training(model, workload, PRECISIONS[precision].quantized,
-                                         stored_method=stored_method, packed_modules=packed)
+                                         stored_method=stored_method, packed_modules=packed,
+                                         target=target)
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     try:

@@ -28,6 +28,7 @@ AXOLOTL_OPTIMIZERS = {
     "adafactor": "adafactor",
 }
 # Fused linear cross-entropy -> the Axolotl plugin and key that turn it on.
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 AXOLOTL_FUSED_CE: dict[str, dict[str, Any]] = {
     "cce": {
         "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
@@ -254,6 +255,14 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["unfrozen_parameters"] = list(workload.unfrozen_parameters)
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
+    if workload.liger_rms_norm or workload.liger_glu:
+        plugins = out.setdefault("plugins", [])
+        if LIGER_PLUGIN not in plugins:
+            out["plugins"] = [*plugins, LIGER_PLUGIN]
+        if workload.liger_rms_norm:
+            out["liger_rms_norm"] = True
+        if workload.liger_glu:
+            out["liger_glu_activation"] = True
     full_dtype = prec.full_dtype or dtype
     out["bf16"] = full_dtype == "bfloat16"
     out["fp16"] = full_dtype == "float16"
@@ -317,6 +326,10 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["sample_packing"] = True
     if workload.unfrozen_parameters:
         kwargs["unfrozen_parameters"] = tuple(workload.unfrozen_parameters)
+    if workload.liger_rms_norm:
+        kwargs["liger_rms_norm"] = True
+    if workload.liger_glu:
+        kwargs["liger_glu"] = True
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

@@ -96,6 +96,11 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
     )
 
 
+# Streaming multiprocessors a CUDA plan assumes for Liger's RMSNorm backward (one float32
+# row of partial weight gradients each): H100/H200 SXM.
+PLANNED_SMS = 132
+
+
 def prepare_for_training(
     model: nn.Module,
     workload: Workload,
@@ -103,6 +108,7 @@ def prepare_for_training(
     *,
     stored_method: str | None = None,
     packed_modules: Sequence[str] = (),
+    target: str = "cpu",
 ) -> nn.Module:
     """Apply the training patches of ``workload`` to a loaded (or meta) model.
 
@@ -110,7 +116,14 @@ def prepare_for_training(
     method (``quant_method``: "gptq", "awq") whose packed layers have no meta kernels; the
     Linears named in ``packed_modules`` hold their dequantised weights. peft's k-bit
     preparation is applied as it is to the real model (it reads ``quantization_method``).
+    ``target``: the device the step runs on (cuda, cpu), where a kernel's buffers depend
+    on it (Liger's RMSNorm backward).
     """
+    if workload.liger_rms_norm or workload.liger_glu:
+        from qplan.planner.liger_kernels import DEFAULT_SMS, apply_liger_kernels
+
+        apply_liger_kernels(model, workload.liger_rms_norm, workload.liger_glu,
+                            sms=PLANNED_SMS if target == "cuda" else DEFAULT_SMS)
     gc = workload.gradient_checkpointing
     # With activation offloading the Trainer's own checkpointing is off: the layers are
     # wrapped instead (below); peft's k-bit preparation still turns it on, as in Axolotl.

@@ -52,6 +52,9 @@ class Workload:
     # Full fine-tuning of these parameters only (Axolotl's unfrozen_parameters patterns,
     # planner/unfrozen.py); empty: every parameter trains.
     unfrozen_parameters: tuple[str, ...] = ()
+    # Liger's RMSNorm / SwiGLU kernels in place of the model's (planner/liger_kernels.py).
+    liger_rms_norm: bool = False
+    liger_glu: bool = False
 
     @property
     def is_training(self) -> bool:

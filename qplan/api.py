@@ -174,6 +174,8 @@ def make_workload(
     activation_offloading: bool = False,
     sample_packing: bool = False,
     unfrozen_parameters: Sequence[str] | None = None,
+    liger_rms_norm: bool = False,
+    liger_glu: bool = False,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
     the model's max positions."""
@@ -191,6 +193,9 @@ def make_workload(
     if activation_offloading and not gradient_checkpointing:
         raise UsageError("--activation-offloading checkpoints every layer (as Axolotl "
                          "requires); drop --no-gradient-checkpointing")
+    if (liger_rms_norm or liger_glu) and mode not in TRAINING_MODES:
+        raise UsageError(f"--liger-rms-norm / --liger-glu are Axolotl's training kernels; use "
+                         f"them with --mode lora, qlora or full, not {mode}")
     unfrozen = tuple(unfrozen_parameters or ())
     if unfrozen:
         if mode != "full":
@@ -249,6 +254,8 @@ def make_workload(
         activation_offloading=activation_offloading,
         sample_packing=sample_packing,
         unfrozen_parameters=unfrozen,
+        liger_rms_norm=liger_rms_norm,
+        liger_glu=liger_glu,
     )
 
 
@@ -356,7 +363,8 @@ def estimate(
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
-    fused_ce, activation_offloading, sample_packing, unfrozen_parameters.
+    fused_ce, activation_offloading, sample_packing, unfrozen_parameters, liger_rms_norm,
+    liger_glu.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """

@@ -209,6 +209,22 @@ UnfrozenOpt = Annotated[
         "name, optional [start:end] rows); repeat for several.",
     ),
 ]
+LigerNormOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--liger-rms-norm/--no-liger-rms-norm",
+        help="Liger's RMSNorm kernel (Axolotl's liger_rms_norm): float32 inverse RMS per "
+        "row, backward in place.",
+    ),
+]
+LigerGluOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--liger-glu/--no-liger-glu",
+        help="Liger's SwiGLU kernel (Axolotl's liger_glu_activation): the MLP keeps only "
+        "the gate and up projections, backward in place.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -405,6 +421,8 @@ def estimate(
     activation_offloading: OffloadOpt = None,
     sample_packing: PackingOpt = None,
     unfrozen_parameters: UnfrozenOpt = None,
+    liger_rms_norm: LigerNormOpt = None,
+    liger_glu: LigerGluOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     solve: SolveOpt = None,
@@ -435,6 +453,7 @@ def estimate(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
             ),
         )
         if mode is not None:
@@ -523,6 +542,8 @@ def measure(
     activation_offloading: OffloadOpt = None,
     sample_packing: PackingOpt = None,
     unfrozen_parameters: UnfrozenOpt = None,
+    liger_rms_norm: LigerNormOpt = None,
+    liger_glu: LigerGluOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     revision: RevisionOpt = None,
@@ -551,6 +572,7 @@ def measure(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
             ),
         )
         _emit_report(report, as_json, output)

@@ -32,7 +32,7 @@ gradient_checkpointing: true
 attn_implementation: flash_attention_3
 sample_packing: false
 deepspeed: zero2.json
-liger_rms_norm: true
+tiled_mlp: true
 learning_rate: 0.0002
 datasets:
   - path: some/data
@@ -59,7 +59,7 @@ def test_every_key_is_read_not_modelled_ignored_or_unknown(tmp_path):
                               "attn_implementation", "gradient_checkpointing"}
     # false or left empty asks for nothing: planned without it, as the file says
     assert {"sample_packing", "fsdp"} <= set(keys.read)
-    assert set(keys.not_modelled) == {"deepspeed", "liger_rms_norm"}
+    assert set(keys.not_modelled) == {"deepspeed", "tiled_mlp"}
     assert {"learning_rate", "datasets"} <= set(keys.ignored)
     assert keys.unknown == ("a_key_nobody_knows",)
     every = (*keys.read, *keys.not_modelled, *keys.ignored, *keys.unknown)
@@ -98,9 +98,9 @@ def test_report_and_table_list_the_keys(tiny_model_dir, tmp_path):
     report = json.loads(result.stdout)
     jsonschema.validate(report, load_schema())
     block = report["axolotl"]
-    assert [k["key"] for k in block["not_modelled"]] == ["deepspeed", "liger_rms_norm"]
+    assert [k["key"] for k in block["not_modelled"]] == ["deepspeed", "tiled_mlp"]
     assert block["unknown"] == ["a_key_nobody_knows"]
-    assert any("liger_rms_norm" in w for w in report["warnings"])
+    assert any("tiled_mlp" in w for w in report["warnings"])
     assert report["workload"]["attn"] == "flash_attention_2"
     table = runner.invoke(app, ["estimate", "--axolotl", str(config), "--gpu", "4090"])
     assert table.exit_code == 0, table.output
