@@ -100,6 +100,8 @@ READ_KEYS = frozenset(
         "gpu_memory_limit",
         "trust_remote_code",
         "revision_of_model",
+        "rl",
+        "precompute_ref_log_probs",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -324,6 +326,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     not_modelled: dict[str, str] = {}
 
     kwargs: dict[str, Any] = {"mode": mode, "precisions": precisions}
+    kwargs.update(_rl(raw, adapter, not_modelled))
     if PRECISIONS[precisions.split(",")[0]].is_4bit:
         kwargs["quant_storage"] = _quant_storage(raw)
     skips = (raw.get("bnb_config_kwargs") or {}).get("llm_int8_skip_modules")
@@ -395,6 +398,25 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         notes=tuple(notes),
         keys=keys,
     )
+
+
+def _rl(raw: dict[str, Any], adapter: str | None, not_modelled: dict[str, str]) -> dict:
+    """``rl:`` picks a preference workload (planner/workloads/: TRL's trainer), trained
+    with the file's adapter; an ``rl`` value no workload plans is planned as supervised
+    fine-tuning, with a warning."""
+    from qplan.planner.workloads import AXOLOTL_RL, WORKLOADS
+
+    value = raw.get("rl")
+    if not _is_set(value) or value is False:
+        return {}
+    name = AXOLOTL_RL.get(str(value))
+    if name is None:
+        not_modelled["rl"] = (f"rl: {value} training (planned as supervised fine-tuning; "
+                              f"qplan plans rl: {', '.join(AXOLOTL_RL)})")
+        return {}
+    kind = WORKLOADS[name]
+    options = kind.from_axolotl(raw, adapter) if kind.from_axolotl is not None else {}
+    return {"mode": name, **options}
 
 
 def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> dict:

@@ -407,7 +407,7 @@ def load_planned(
         )
     candidate = report.candidate(precision)
     prec = PRECISIONS[precision]
-    if workload.mode == "full" and not prec.trainable("full"):
+    if workload.tuning == "full" and not prec.trainable("full"):
         raise UsageError(
             f"full fine-tuning cannot train {precision} ({prec.method.library}) weights; "
             "use --mode qlora, or an unquantised precision (bf16, fp16, fp32)"
@@ -450,10 +450,7 @@ def load_planned(
             predicted_adapters = 0
             if workload.is_lora:
                 predicted_adapters = LORA_PARAM_BYTES * lora_parameter_count(spec, workload)
-            from qplan.planner.training_setup import prepare_for_training
-
-            model = prepare_for_training(model, workload, prec.quantized,
-                                         target=where)
+            model = workload.kind.prepare(model, workload, prec.quantized, target=where)
             resident = resident_bytes(model)
             measured["resident_bytes"] = resident.bytes
             planned = _planned_resident(report, candidate)

@@ -30,7 +30,6 @@ from qplan.planner.precision import PRECISIONS
 from qplan.planner.quantize_meta import bnb_config
 from qplan.planner.steps import run_workload
 from qplan.planner.trace import vocab_tagger
-from qplan.planner.training_setup import prepare_for_training
 from qplan.planner.weights import load_dtype_for
 from qplan.planner.workload import Workload
 
@@ -133,9 +132,9 @@ def measure(
     config = shrink(config, layers)
     model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn,
                          skip_modules)
-    if workload.is_training:
-        model = prepare_for_training(model, workload, PRECISIONS[precision].quantized,
-                                     target=device)
+    if workload.kind.prepare is not None:
+        model = workload.kind.prepare(model, workload, PRECISIONS[precision].quantized,
+                                      target=device)
     vocab = config.get_text_config().vocab_size
     tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
     if device == "cuda":

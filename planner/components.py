@@ -100,7 +100,10 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
     if seen.paged_states:
         # Counted apart until the end (workload_components): outside torch's counters.
         parts[PAGED] = 0
+    for role in seen.roles:
+        parts.setdefault(role, 0)
     roles = (
+        *seen.roles.items(),
         (PAGED, seen.paged_states),
         ("weights", seen.weights),
         ("adapters", seen.adapters),
@@ -203,20 +206,19 @@ def trace_components(
     this method (gptq, awq), trained the way peft prepares that checkpoint."""
     from qplan.planner.quantize_meta import quantize_meta_model
     from qplan.planner.trace import trace
-    from qplan.planner.training_setup import prepare_for_training
 
     cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
     model = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
     inventory = take_inventory(model, skip_modules)
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
-    if workload.is_training:
+    if workload.kind.prepare is not None:
         with _new_tensors_on_meta():
             packed = tuple(t.module for t in inventory.tensors
                            if stored_method is not None and t.kind == "parameter"
                            and t.quantizable)
-            model = prepare_for_training(model, workload, PRECISIONS[precision].quantized,
-                                         stored_method=stored_method, packed_modules=packed,
-                                         target=target)
+            model = workload.kind.prepare(model, workload, PRECISIONS[precision].quantized,
+                                          stored_method=stored_method, packed_modules=packed,
+                                          target=target)
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     try:

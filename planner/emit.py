@@ -55,6 +55,14 @@ def workload_of(report: Any) -> Workload:
     values = {k: v for k, v in data.items() if k in known and v is not None}
     if "unfrozen_parameters" in values:
         values["unfrozen_parameters"] = tuple(values["unfrozen_parameters"])
+    mode = str(values.get("mode", "inference"))
+    from qplan.planner.workloads import WORKLOADS
+
+    kind = WORKLOADS.get(mode)
+    if kind is not None and kind.options:
+        # The mode's own options sit beside the common ones in the report.
+        values["extra"] = kind.parse_options(
+            {o.name: data[o.name] for o in kind.options if data.get(o.name) is not None})
     if "lora_targets" in values:
         targets = values["lora_targets"]
         values["lora_targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -223,11 +231,13 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         )
     precision = chosen_precision(report, precision)
     prec = PRECISIONS[precision]
-    if workload.mode == "full" and not prec.trainable("full"):
+    if workload.tuning == "full" and not prec.trainable("full"):
         raise UsageError(f"full fine-tuning cannot train {precision} weights; pick bf16 or fp16")
     dtype = _compute_dtype(report, precision)
     out: dict[str, Any] = {"base_model": report.model.id}
     out.update(prec.method.axolotl_keys(prec, settings_of(report, precision), workload.is_lora))
+    if workload.kind.to_axolotl is not None:
+        out.update(workload.kind.to_axolotl(workload))
     if workload.is_lora:
         out["lora_r"] = workload.lora_r
         out["lora_alpha"] = workload.alpha
@@ -306,6 +316,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         # LoRA on a 4-bit base is QLoRA: the same patches, and Axolotl's name for it.
         mode = "qlora"
     kwargs: dict[str, Any] = {"mode": mode, "precisions": precision}
+    if workload.kind.replan is not None:
+        kwargs.update(workload.kind.replan(workload, PRECISIONS[precision].is_4bit))
     if PRECISIONS[precision].is_4bit:
         kwargs["quant_storage"] = str(report.workload.get("quant_storage") or "uint8")
     if report.workload.get("skip_modules") is not None:

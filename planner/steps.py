@@ -19,7 +19,7 @@ What they run is the loops users run (tests/test_user_loops.py runs those for re
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,9 @@ class StepTensors:
     paged_states: set[int] = field(default_factory=set)
     # Peak host memory of the step (activation offloading's copies), in bytes.
     host_peak: int = 0
+    # Roles a workload's own module declares (planner/workloads/): e.g. a frozen reference
+    # model's weights, reported as a component of that name.
+    roles: dict[str, set[int]] = field(default_factory=dict)
 
 
 # bitsandbytes' paged optimizers page a state buffer only from this many elements
@@ -315,22 +318,28 @@ def run_training(
     tracker: LiveTensorTracker,
     seen: StepTensors,
     steps: int = 2,
+    loss_of: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> None:
+    """Trainer's loop; ``loss_of(model)``: the forward and loss of a workload whose loss is
+    not the causal-LM one (a preference trainer's ``compute_loss``), on its own inputs."""
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
-    rows, length = training_shape(workload)
-    ids = input_ids(rows, length, vocab, device)
-    labels = ids.clone()
-    # Packed: Axolotl's multipack collator restarts the position ids at every sequence,
-    # which transformers reads as packing (a block-diagonal mask, or varlen flash).
-    position_ids = packed_position_ids(workload, device) if workload.sample_packing else None
+    if loss_of is None:
+        rows, length = training_shape(workload)
+        ids = input_ids(rows, length, vocab, device)
+        labels = ids.clone()
+        # Packed: Axolotl's multipack collator restarts the position ids at every sequence,
+        # which transformers reads as packing (a block-diagonal mask, or varlen flash).
+        position_ids = packed_position_ids(workload, device) if workload.sample_packing else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
     for _ in range(steps):
         with _step_context(model, workload, tracker):
             tracker.phase, tracker.segment = "forward", ("embed",)
-            if workload.fused_ce is not None:
+            if loss_of is not None:
+                loss = loss_of(model)
+            elif workload.fused_ce is not None:
                 loss = fused_ce_loss(model, ids, workload.fused_ce, labels, position_ids)
             else:
                 out = model(input_ids=ids, labels=labels, position_ids=position_ids,
@@ -375,10 +384,7 @@ def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracke
     handles = segment_by_layer(model, tracker, pattern)
     try:
         with tracker:
-            if workload.is_training:
-                run_training(model, workload, tracker, seen)
-            else:
-                run_inference(model, workload, tracker, seen)
+            workload.kind.step(model, workload, tracker, seen)
     finally:
         for handle in handles:
             handle.remove()

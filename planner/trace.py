@@ -16,6 +16,8 @@ data are pinned to what they decide for a dense, unpadded batch:
 * packed-sequence detection (transformers' ``find_packed_sequence_indices``) reads position
   ids; for an ordinary batch it finds no packing, for a packed one (sample packing) it
   returns the sequence index of every token (its ops, without the data-dependent test).
+  An attention mask (preference trainers' collators pass one) is all ones for an unpadded
+  batch (``fast_all``).
 * MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
   experts path, whose shapes are static: every expert sees its share of the
   ``tokens x top_k`` routed rows, the same rows in total as a real routing.
@@ -153,6 +155,16 @@ def trace_patches(target: str, attn: str,
             _packed_indices if packing is not None else lambda *a, **k: None
         )
         stack.callback(setattr, masking_utils, "find_packed_sequence_indices", original_packed)
+        # An attention mask on meta (TRL's collators pass one) has no values: the batch is
+        # unpadded, all ones, so the causal mask is skipped as in a real run.
+        original_all = masking_utils.fast_all
+        masking_utils.fast_all = lambda t: True if t.device.type == "meta" else original_all(t)
+        stack.callback(setattr, masking_utils, "fast_all", original_all)
+        # Boolean indexing on meta (TRL's metrics select the completion tokens) needs a
+        # count of true values: take every element (a few bytes per token, logged only).
+        from torch.fx.experimental import _config as fx_config
+
+        stack.enter_context(fx_config.patch(meta_nonzero_assume_all_nonzero=True))
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
@@ -197,11 +209,22 @@ def _meta_autocast_off() -> Iterator[None]:
                 return contextlib.nullcontext()
             return original(device_type, *args, **kwargs)
 
+    # Kernels that ask whether autocast is on for their input's device (TRL's chunked
+    # log-prob head): never on meta.
+    original_enabled = torch.is_autocast_enabled
+
+    def enabled(*args: Any) -> bool:
+        if args and args[0] == "meta":
+            return False
+        return original_enabled(*args)
+
     torch.autocast = _Autocast  # type: ignore[misc]
+    torch.is_autocast_enabled = enabled  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.autocast = original  # type: ignore[misc]
+        torch.is_autocast_enabled = original_enabled
 
 
 def use_static_experts(model: Any) -> None:

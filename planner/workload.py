@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-MODES = ("load", "inference", "lora", "qlora", "full")
-TRAINING_MODES = ("lora", "qlora", "full")
 OPTIMIZERS = (
     "adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "sgd",
     "adafactor",
 )
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 KV_DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_INFERENCE_SEQ = 4096
-DEFAULT_TRAINING_SEQ = 2048
+
+
+def __getattr__(name: str) -> Any:
+    """MODES and TRAINING_MODES come from the workload registry (planner/workloads/),
+    which imports this module: read lazily."""
+    if name in ("MODES", "TRAINING_MODES"):
+        from qplan.planner import workloads
+
+        return getattr(workloads, name)
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -55,14 +62,32 @@ class Workload:
     # Liger's RMSNorm / SwiGLU kernels in place of the model's (planner/liger_kernels.py).
     liger_rms_norm: bool = False
     liger_glu: bool = False
+    # The options of the mode's own module (planner/workloads/), every one with its value:
+    # (name, value) pairs in the module's order, e.g. (("adapter", "lora"), ...) for dpo.
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kind(self) -> Any:
+        from qplan.planner.workloads import kind_of
+
+        return kind_of(self.mode)
+
+    def option(self, name: str) -> Any:
+        return dict(self.extra)[name]
 
     @property
     def is_training(self) -> bool:
-        return self.mode in TRAINING_MODES
+        return bool(self.kind.training)
+
+    @property
+    def tuning(self) -> str | None:
+        """How the weights train: None, lora, qlora or full (a preference mode trains
+        by its adapter option)."""
+        return self.kind.tuning(dict(self.extra))
 
     @property
     def is_lora(self) -> bool:
-        return self.mode in ("lora", "qlora")
+        return self.tuning in ("lora", "qlora")
 
     @property
     def alpha(self) -> int:
@@ -78,6 +103,9 @@ class Workload:
 
 
 def default_seq_len(mode: str, max_positions: int | None) -> int:
-    """min(4096, max positions) for inference, min(2048, max positions) for training."""
-    base = DEFAULT_INFERENCE_SEQ if mode in ("inference", "load") else DEFAULT_TRAINING_SEQ
+    """The mode's default (4096 for inference, 2048 for training), capped by the model's
+    max positions."""
+    from qplan.planner.workloads import kind_of
+
+    base = kind_of(mode).default_seq_len
     return min(base, max_positions) if max_positions else base

@@ -43,6 +43,7 @@ from qplan.planner.workload import (
     Workload,
     default_seq_len,
 )
+from qplan.planner.workloads import kind_of
 from qplan.report import GpuInfo, ModelInfo, Report
 
 # Candidates each mode plans, from the precision table: full fine-tuning only on weights
@@ -176,20 +177,26 @@ def make_workload(
     unfrozen_parameters: Sequence[str] | None = None,
     liger_rms_norm: bool = False,
     liger_glu: bool = False,
+    **mode_options: Any,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
-    the model's max positions."""
+    the model's max positions. ``mode_options``: the options of the mode's own module
+    (planner/workloads/), e.g. adapter and ref_model for dpo."""
     _choice(mode, MODES, "mode")
+    kind = kind_of(mode)
+    extra = kind.parse_options(mode_options)
+    for package in kind.needs:
+        _needs(package, mode)
     _choice(optimizer, OPTIMIZERS, "optimizer")
     _choice(attn, ATTENTIONS, "attention implementation")
     _choice(kv_dtype, KV_DTYPES, "KV cache dtype")
     _choice(fused_ce, FUSED_CE, "--fused-ce")
     if fused_ce is not None and mode not in TRAINING_MODES:
-        raise UsageError(f"--fused-ce is a training loss; use it with --mode lora, qlora or "
-                         f"full, not {mode}")
+        raise UsageError(f"--fused-ce is a training loss; use it with --mode "
+                         f"{', '.join(TRAINING_MODES)}, not {mode}")
     if activation_offloading and mode not in TRAINING_MODES:
         raise UsageError(f"--activation-offloading moves training activations to the host; "
-                         f"use it with --mode lora, qlora or full, not {mode}")
+                         f"use it with --mode {', '.join(TRAINING_MODES)}, not {mode}")
     if activation_offloading and not gradient_checkpointing:
         raise UsageError("--activation-offloading checkpoints every layer (as Axolotl "
                          "requires); drop --no-gradient-checkpointing")
@@ -207,7 +214,11 @@ def make_workload(
             parse_pattern(pattern)
     if sample_packing and mode not in TRAINING_MODES:
         raise UsageError(f"--sample-packing packs training sequences; use it with --mode "
-                         f"lora, qlora or full, not {mode}")
+                         f"{', '.join(TRAINING_MODES)}, not {mode}")
+    for lever, on in (("--fused-ce", fused_ce is not None), ("--sample-packing", sample_packing)):
+        if on and not kind.causal_lm_step:
+            raise UsageError(f"{lever} is a lever of the causal-LM training step; --mode {mode} "
+                             f"runs its trainer's own (TRL's); leave {lever} out")
     text = config.get_text_config()
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(
         text, "n_positions", None
@@ -256,7 +267,25 @@ def make_workload(
         unfrozen_parameters=unfrozen,
         liger_rms_norm=liger_rms_norm,
         liger_glu=liger_glu,
+        extra=extra,
     )
+
+
+def _mode_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that are not make_workload's own: the mode's module takes them."""
+    import inspect
+
+    common = inspect.signature(make_workload).parameters
+    return {k: v for k, v in options.items() if k not in common}
+
+
+def _needs(package: str, mode: str) -> None:
+    """A workload whose step runs a library (TRL) is planned only where it is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"--mode {mode} runs {package}'s trainer; pip install {package} "
+                         f"(or qplan[{package}])")
 
 
 def check_lora_targets(workload: Workload, inventory: Any, model_id: str) -> None:
@@ -285,6 +314,8 @@ def workload_dict(
     lora_excluded: Sequence[str] = (),
 ) -> dict:
     data = asdict(workload)
+    data.pop("extra")
+    data.update(workload.extra)
     if workload.mode == "load":
         data = {"mode": "load"}
     data.update(compute_dtype=compute, quant_storage=quant_storage, target=target)
@@ -372,17 +403,21 @@ def estimate(
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
     _choice(mode, MODES, "mode")
+    # The mode's own options, checked before anything is resolved; how the weights train
+    # decides the precisions (a preference mode trains by its adapter option).
+    kind_of(mode).parse_options(_mode_options(workload_options))
+    tuning = kind_of(mode).tuning_of(workload_options)
     if solve is not None:
         solve = solve.replace("-", "_")
         _choice(solve, ("batch", "seq_len"), "--solve variable")
     names, explicit = parse_precisions(precisions, stored_ok=True)
-    allowed = MODE_PRECISIONS.get(mode)
+    allowed = MODE_PRECISIONS.get(tuning) if tuning is not None else None
     enter_step("resolving the model")
     spec = resolve(model, revision, trust_remote_code)
     check_config(spec.config, spec.config_path or spec.id)
     stored = stored_quantization(spec)
     if stored is not None:
-        names = stored_plan.candidates(stored, spec.id, mode, names, explicit)
+        names = stored_plan.candidates(stored, spec.id, tuning or mode, names, explicit)
         allowed = None
         quant_storage = stored.quant_storage or quant_storage
     elif explicit and any(PRECISIONS[n].stored_only for n in names):
@@ -391,8 +426,8 @@ def estimate(
             f"checkpoints stored in that format; {spec.id} is not; choose from "
             f"{', '.join(REQUESTABLE)}"
         )
-    if stored is None and mode == "lora":  # full and qlora: MODE_PRECISIONS below
-        untrainable = [n for n in names if not PRECISIONS[n].trainable(mode)]
+    if stored is None and tuning == "lora":  # full and qlora: MODE_PRECISIONS below
+        untrainable = [n for n in names if not PRECISIONS[n].trainable(tuning)]
         if explicit and untrainable:
             raise UsageError(
                 f"--mode {mode} cannot train on {', '.join(untrainable)} weights (peft has no "

@@ -37,6 +37,7 @@ from qplan.errors import (
     reset_step,
     unexpected_summary,
 )
+from qplan.planner.workloads import WORKLOADS, modes_help
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
 from qplan.render.table import render_listing, render_loaded
@@ -121,13 +122,33 @@ NumGpusOpt = Annotated[
 ]
 ModeOpt = Annotated[
     str,
-    typer.Option(
-        "--mode",
-        "-m",
-        help="Workload: inference (KV cache + prefill), lora, qlora (LoRA on 4-bit), full "
-        "(full fine-tuning), or load (weights only).",
-    ),
+    typer.Option("--mode", "-m", help=f"Workload: {modes_help()}."),
 ]
+
+
+def _options_help() -> str:
+    parts = [f"{kind.name}: " + "; ".join(
+        f"{o.name} ({o.help})" for o in kind.options)
+        for kind in WORKLOADS.values() if kind.options]
+    return "A workload's own option, NAME=VALUE (repeatable). " + " | ".join(parts)
+
+
+WorkloadOpt = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-O", help=_options_help()),
+]
+
+
+def _mode_options(pairs: list[str] | None) -> dict[str, str]:
+    """``--option adapter=full --option ref_model=precomputed`` -> keyword arguments (the
+    mode's module checks names and values)."""
+    options: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--option {pair!r}: write NAME=VALUE, e.g. --option adapter=full")
+        options[name.strip().replace("-", "_")] = value.strip()
+    return options
 BatchOpt = Annotated[
     int | None, typer.Option("--batch", "-b", help="Batch (micro-batch for training); 1.")
 ]
@@ -402,8 +423,7 @@ def estimate(
         typer.Option(
             "--mode",
             "-m",
-            help="Workload: inference (default: KV cache + prefill), lora, qlora (LoRA on "
-            "4-bit), full (full fine-tuning), or load (weights only).",
+            help=f"Workload (default inference): {modes_help()}.",
         ),
     ] = None,
     precisions: PrecisionsOpt = None,
@@ -425,6 +445,7 @@ def estimate(
     liger_glu: LigerGluOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
+    option: WorkloadOpt = None,
     solve: SolveOpt = None,
     headroom: HeadroomOpt = None,
     revision: RevisionOpt = None,
@@ -454,6 +475,7 @@ def estimate(
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
                 liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
+                **_mode_options(option),
             ),
         )
         if mode is not None:
@@ -546,6 +568,7 @@ def measure(
     liger_glu: LigerGluOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
+    option: WorkloadOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
@@ -573,6 +596,7 @@ def measure(
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
                 liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
+                **_mode_options(option),
             ),
         )
         _emit_report(report, as_json, output)

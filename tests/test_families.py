@@ -18,7 +18,6 @@ import pytest
 from qplan.api import estimate, resolve
 from qplan.errors import ModelCodeError
 from qplan.planner.components import _with_layers, num_layers
-from qplan.planner.workload import MODES
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs"
 FAMILIES = sorted(p.stem for p in CONFIGS.glob("*.json"))
@@ -29,6 +28,9 @@ PRECISIONS = {
     "qlora": "nf4",
     "full": "bf16",
 }
+# The supervised modes; the preference modes (planner/workloads/dpo.py, ...) are tested
+# against TRL's trainers in tests/test_preference.py.
+MODES = tuple(PRECISIONS)
 
 
 def _depth(config) -> int:

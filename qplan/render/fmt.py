@@ -36,6 +36,8 @@ class ComponentStyle:
 # readers; glyphs: distinct ASCII for terminals without colour.
 COMPONENTS: dict[str, ComponentStyle] = {
     "weights": ComponentStyle("weights", "#4e79a7", "#"),
+    # A preference workload's frozen reference model (planner/workloads/preference.py).
+    "reference_model": ComponentStyle("reference model", "#76b7b2", "r"),
     "adapters": ComponentStyle("adapters", "#a0cbe8", "a"),
     "gradients": ComponentStyle("gradients", "#f28e2b", "g"),
     "optimizer_states": ComponentStyle("optimizer states", "#ffbe7d", "o"),

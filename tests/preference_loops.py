@@ -1,0 +1,74 @@
+"""TRL's own preference trainers on CPU under qplan's live-storage tracker.
+
+Nothing here is qplan's step code: ``trl.DPOTrainer`` / ``trl.KTOTrainer`` (and the
+experimental ORPO/CPO trainers) built the way their docs show, on a dataset of text
+examples and a word-level tokenizer made here (no Hub), trained for two steps. Every
+row has the same length (prompt, completion and EOS), so nothing is padded and the plan's
+``seq_len`` is the row length.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from user_loops import LoopPeak, _quiet
+
+from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.steps import StepTensors, track_model
+
+
+def word_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer over the words w0 .. w{vocab-3}, plus <pad> and </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 2)}
+    words["<pad>"] = vocab - 2
+    words["</s>"] = vocab - 1
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+
+
+def _words(start: int, count: int, vocab: int) -> str:
+    return " ".join(f"w{(start + i) % (vocab - 2)}" for i in range(count))
+
+
+def preference_rows(rows: int, prompt: int, completion: int, vocab: int) -> list[dict]:
+    """``rows`` pairs: a prompt of ``prompt`` words, chosen and rejected completions of
+    ``completion`` words each (the trainer adds EOS to both)."""
+    return [
+        {"prompt": _words(7 * r, prompt, vocab),
+         "chosen": " " + _words(7 * r + prompt, completion, vocab),
+         "rejected": " " + _words(7 * r + prompt + 3, completion, vocab)}
+        for r in range(rows)
+    ]
+
+
+def dpo_peak(model: Any, batch: int, prompt: int, completion: int, *, loss_type: str = "sigmoid",
+             ref_model: Any = None, precompute: bool = False, gradient_checkpointing: bool,
+             steps: int = 2) -> LoopPeak:
+    """``DPOTrainer.train()`` for ``steps`` steps of ``batch`` pairs."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    vocab = model.config.get_text_config().vocab_size
+    data = Dataset.from_list(preference_rows(batch * steps, prompt, completion, vocab))
+    with tempfile.TemporaryDirectory(prefix="qplan-dpo-") as out, _quiet():
+        args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+            bf16=False, gradient_checkpointing=gradient_checkpointing, use_cpu=True,
+            save_strategy="no", report_to=[], logging_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True, loss_type=[loss_type],
+            precompute_ref_log_probs=precompute, max_length=None,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=data, processing_class=word_tokenizer(vocab))
+        tracker = LiveTensorTracker()
+        track_model(trainer.model, tracker, StepTensors())
+        if trainer.ref_model is not None:
+            track_model(trainer.ref_model, tracker, StepTensors())
+        with tracker:
+            trainer.train()
+    return LoopPeak(tracker.peak)

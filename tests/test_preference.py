@@ -1,0 +1,138 @@
+"""Preference workloads (planner/workloads/dpo.py, preference.py) against TRL's own
+trainers run for real on CPU with a tiny llama (tests/preference_loops.py), each peak
+within 2% of the plan for ``target="cpu"``; the registry the CLI, the Axolotl reader, the
+emitter and the schema derive from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoConfig
+from user_loops import lora_model
+
+from qplan.api import estimate
+from qplan.errors import UsageError
+from qplan.loaders.axolotl import read_axolotl
+from qplan.loaders.measure import random_model
+from qplan.planner.emit import emit_axolotl, estimate_kwargs_of, workload_of
+from qplan.planner.workloads import AXOLOTL_RL, MODES, WORKLOADS, option_names
+
+trl = pytest.importorskip("trl")
+from preference_loops import dpo_peak  # noqa: E402  (needs trl)
+
+TOLERANCE = 0.02
+PAIRS, PROMPT, COMPLETION = 2, 40, 55
+SEQ = PROMPT + COMPLETION + 1  # TRL appends EOS to each completion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def plan(folder, mode, precision, **options):
+    report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                      target="cpu", batch=PAIRS, seq_len=SEQ, lora_r=8, **options)
+    return report.candidate(precision)
+
+
+def assert_close(predicted: int, measured: int, what) -> None:
+    error = (predicted - measured) / measured
+    assert abs(error) <= TOLERANCE, (what, predicted, measured, f"{error:+.2%}")
+
+
+# (mode, adapter, ref_model, gradient checkpointing): LoRA's reference is the policy with
+# its adapter disabled; full fine-tuning's a frozen copy (TRL loads the checkpoint again:
+# here the same weights, passed in); precomputed log-probs keep no reference at all.
+CASES = [
+    ("dpo", "lora", "auto", False),
+    ("dpo", "full", "auto", True),
+    ("dpo", "full", "precomputed", True),
+    ("ipo", "lora", "auto", True),
+]
+
+
+@pytest.mark.parametrize(("mode", "adapter", "ref", "gc"), CASES)
+def test_dpo_trainer_peak(tiny_model_dir, mode, adapter, ref, gc):
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, "bf16", adapter=adapter, ref_model=ref,
+                     gradient_checkpointing=gc)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ref_model = None
+    if adapter == "lora":
+        model = lora_model(model, r=8, quantized=False)
+    elif ref == "auto":
+        ref_model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    loss = {"dpo": "sigmoid", "ipo": "ipo"}[mode]
+    measured = dpo_peak(model, PAIRS, PROMPT, COMPLETION, loss_type=loss, ref_model=ref_model,
+                        precompute=ref == "precomputed", gradient_checkpointing=gc)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, adapter, ref))
+    # The frozen copy is resident beside the policy, exactly its weights.
+    reference = predicted.components.get("reference_model", 0)
+    if adapter == "full" and ref == "auto":
+        assert reference == predicted.components["weights"]
+    else:
+        assert reference == 0
+
+
+def test_schema_and_cli_follow_the_registry():
+    from typer.testing import CliRunner
+
+    from qplan.cli import app
+
+    schema = json.loads((Path(__file__).parents[1] / "qplan/schema/report.v1.json").read_text())
+    workload = schema["properties"]["workload"]["properties"]
+    assert tuple(workload["mode"]["enum"]) == MODES
+    for name in option_names():
+        assert name in workload
+    for kind in WORKLOADS.values():
+        for option in kind.options:
+            if option.choices:
+                assert tuple(workload[option.name]["enum"]) == option.choices
+    assert AXOLOTL_RL == {"dpo": "dpo", "ipo": "ipo"}
+    text = CliRunner().invoke(app, ["estimate", "--help"], env={"COLUMNS": "400"}).output
+    for mode in MODES:
+        assert mode in text
+
+
+def test_bad_workload_options_are_one_line(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    with pytest.raises(UsageError, match="adapter 'dora': choose one of lora, qlora, full"):
+        estimate(folder, gpu="80GiB", mode="dpo", adapter="dora")
+    with pytest.raises(UsageError, match="--mode lora takes no workload options, not ref_model"):
+        estimate(folder, gpu="80GiB", mode="lora", ref_model="copy")
+    with pytest.raises(UsageError, match="--mode dpo plans only fp32, bf16, fp16"):
+        estimate(folder, gpu="80GiB", mode="dpo", adapter="full", precisions="nf4")
+
+
+@pytest.mark.parametrize("options", [
+    dict(mode="dpo", precisions="nf4", adapter="lora"),
+    dict(mode="ipo", precisions="bf16", adapter="full", ref_model="precomputed"),
+])
+def test_axolotl_rl_round_trip(tiny_model_dir, tmp_path, options):
+    folder = str(tiny_model_dir("llama"))
+    report = estimate(folder, gpu="A100-80GB", seq_len=64, **options)
+    text = emit_axolotl(report)
+    settings = yaml.safe_load(text)
+    assert settings["rl"] == options["mode"]
+    path = tmp_path / "axolotl.yml"
+    path.write_text(text)
+    plan_file = read_axolotl(path)
+    assert plan_file.estimate_kwargs == estimate_kwargs_of(report)
+    assert "rl" in plan_file.keys.read
+    again = estimate(plan_file.model, gpu="A100-80GB", **plan_file.estimate_kwargs)
+    precision = report.recommendation.precision
+    # LoRA on a 4-bit base reads back as Axolotl's qlora: the same step and plan.
+    replanned = dict(workload_of(again).extra)
+    assert replanned == {k: plan_file.estimate_kwargs[k] for k in replanned}
+    assert replanned["ref_model"] == options.get("ref_model", "auto")
+    assert again.candidate(precision) == report.candidate(precision)
+
+
+def test_axolotl_rl_not_planned_is_a_warning(tiny_model_dir, tmp_path):
+    path = tmp_path / "grpo.yml"
+    path.write_text(f"base_model: {tiny_model_dir('llama')}\nrl: grpo\nadapter: lora\n")
+    plan_file = read_axolotl(path)
+    assert plan_file.estimate_kwargs["mode"] == "lora"
+    assert "rl" in plan_file.keys.not_modelled
