@@ -72,3 +72,35 @@ def dpo_peak(model: Any, batch: int, prompt: int, completion: int, *, loss_type:
         with tracker:
             trainer.train()
     return LoopPeak(tracker.peak)
+
+
+def kto_peak(model: Any, batch: int, prompt: int, completion: int, *, ref_model: Any = None,
+             precompute: bool = False, gradient_checkpointing: bool, steps: int = 2) -> LoopPeak:
+    """``KTOTrainer.train()`` for ``steps`` steps of ``batch`` unpaired examples
+    (alternately desirable and not), with its KL rows (``loss_type="kto"``)."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    vocab = model.config.get_text_config().vocab_size
+    rows = [
+        {"prompt": pair["prompt"], "completion": pair["chosen"], "label": r % 2 == 0}
+        for r, pair in enumerate(preference_rows(batch * steps, prompt, completion, vocab))
+    ]
+    with tempfile.TemporaryDirectory(prefix="qplan-kto-") as out, _quiet():
+        args = KTOConfig(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+            bf16=False, gradient_checkpointing=gradient_checkpointing, use_cpu=True,
+            save_strategy="no", report_to=[], logging_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True,
+            precompute_ref_log_probs=precompute, max_length=None,
+        )
+        trainer = KTOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=Dataset.from_list(rows),
+                             processing_class=word_tokenizer(vocab))
+        tracker = LiveTensorTracker()
+        track_model(trainer.model, tracker, StepTensors())
+        if trainer.ref_model is not None:
+            track_model(trainer.ref_model, tracker, StepTensors())
+        with tracker:
+            trainer.train()
+    return LoopPeak(tracker.peak)

@@ -21,7 +21,7 @@ from qplan.planner.emit import emit_axolotl, estimate_kwargs_of, workload_of
 from qplan.planner.workloads import AXOLOTL_RL, MODES, WORKLOADS, option_names
 
 trl = pytest.importorskip("trl")
-from preference_loops import dpo_peak  # noqa: E402  (needs trl)
+from preference_loops import dpo_peak, kto_peak  # noqa: E402  (needs trl)
 
 TOLERANCE = 0.02
 PAIRS, PROMPT, COMPLETION = 2, 40, 55
@@ -76,6 +76,24 @@ def test_dpo_trainer_peak(tiny_model_dir, mode, adapter, ref, gc):
         assert reference == 0
 
 
+@pytest.mark.parametrize(("adapter", "gc"), [("lora", False), ("full", True)])
+def test_kto_trainer_peak(tiny_model_dir, adapter, gc):
+    """KTO: ``--batch`` unpaired examples, each with its KL row scored without gradients
+    by the policy and by the reference (a frozen copy under full fine-tuning)."""
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "kto", "bf16", adapter=adapter, gradient_checkpointing=gc)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ref_model = None
+    if adapter == "lora":
+        model = lora_model(model, r=8, quantized=False)
+    else:
+        ref_model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = kto_peak(model, PAIRS, PROMPT, COMPLETION, ref_model=ref_model,
+                        gradient_checkpointing=gc)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, ("kto", adapter))
+
+
 def test_schema_and_cli_follow_the_registry():
     from typer.testing import CliRunner
 
@@ -90,7 +108,7 @@ def test_schema_and_cli_follow_the_registry():
         for option in kind.options:
             if option.choices:
                 assert tuple(workload[option.name]["enum"]) == option.choices
-    assert AXOLOTL_RL == {"dpo": "dpo", "ipo": "ipo"}
+    assert AXOLOTL_RL == {"dpo": "dpo", "ipo": "ipo", "kto": "kto"}
     text = CliRunner().invoke(app, ["estimate", "--help"], env={"COLUMNS": "400"}).output
     for mode in MODES:
         assert mode in text
@@ -109,6 +127,7 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
 @pytest.mark.parametrize("options", [
     dict(mode="dpo", precisions="nf4", adapter="lora"),
     dict(mode="ipo", precisions="bf16", adapter="full", ref_model="precomputed"),
+    dict(mode="kto", precisions="bf16", adapter="lora"),
 ])
 def test_axolotl_rl_round_trip(tiny_model_dir, tmp_path, options):
     folder = str(tiny_model_dir("llama"))

@@ -4,11 +4,11 @@ module declares). Everything that depends on the workload asks here."""
 from __future__ import annotations
 
 from qplan.errors import UsageError
-from qplan.planner.workloads import dpo, finetune, inference
+from qplan.planner.workloads import dpo, finetune, inference, kto
 from qplan.planner.workloads.kind import WorkloadKind, WorkloadOption
 
 WORKLOADS: dict[str, WorkloadKind] = {
-    kind.name: kind for module in (inference, finetune, dpo) for kind in module.KINDS
+    kind.name: kind for module in (inference, finetune, dpo, kto) for kind in module.KINDS
 }
 MODES = tuple(WORKLOADS)
 TRAINING_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.training)
