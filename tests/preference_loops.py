@@ -104,3 +104,39 @@ def kto_peak(model: Any, batch: int, prompt: int, completion: int, *, ref_model:
         with tracker:
             trainer.train()
     return LoopPeak(tracker.peak)
+
+
+def concatenated_peak(kind: str, model: Any, batch: int, prompt: int, completion: int, *,
+                      gradient_checkpointing: bool, steps: int = 2) -> LoopPeak:
+    """TRL's experimental ``ORPOTrainer`` (``kind="orpo"``) or ``CPOTrainer`` with
+    ``loss_type="simpo"`` (``kind="simpo"``, as Axolotl runs SimPO) for ``steps`` steps of
+    ``batch`` pairs."""
+    from datasets import Dataset
+
+    with _quiet():
+        if kind == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as Trainer
+
+            extra: dict[str, Any] = {}
+        else:
+            from trl.experimental.cpo import CPOConfig as Config
+            from trl.experimental.cpo import CPOTrainer as Trainer
+
+            extra = {"loss_type": "simpo"}
+    vocab = model.config.get_text_config().vocab_size
+    data = Dataset.from_list(preference_rows(batch * steps, prompt, completion, vocab))
+    with tempfile.TemporaryDirectory(prefix=f"qplan-{kind}-") as out, _quiet():
+        args = Config(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+            bf16=False, gradient_checkpointing=gradient_checkpointing, use_cpu=True,
+            save_strategy="no", report_to=[], logging_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True, **extra,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          processing_class=word_tokenizer(vocab))
+        tracker = LiveTensorTracker()
+        track_model(trainer.model, tracker, StepTensors())
+        with tracker:
+            trainer.train()
+    return LoopPeak(tracker.peak)

@@ -21,7 +21,7 @@ from qplan.planner.emit import emit_axolotl, estimate_kwargs_of, workload_of
 from qplan.planner.workloads import AXOLOTL_RL, MODES, WORKLOADS, option_names
 
 trl = pytest.importorskip("trl")
-from preference_loops import dpo_peak, kto_peak  # noqa: E402  (needs trl)
+from preference_loops import concatenated_peak, dpo_peak, kto_peak  # noqa: E402  (needs trl)
 
 TOLERANCE = 0.02
 PAIRS, PROMPT, COMPLETION = 2, 40, 55
@@ -94,6 +94,24 @@ def test_kto_trainer_peak(tiny_model_dir, adapter, gc):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, ("kto", adapter))
 
 
+@pytest.mark.parametrize(("mode", "adapter", "gc"), [
+    ("orpo", "lora", False), ("orpo", "full", True), ("simpo", "lora", True),
+])
+def test_concatenated_forward_trainer_peak(tiny_model_dir, mode, adapter, gc):
+    """ORPO and SimPO (TRL's CPO trainer): chosen and rejected rows in one forward with the
+    full logits, no reference model."""
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, "bf16", adapter=adapter, gradient_checkpointing=gc)
+    assert "reference_model" not in predicted.components
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    if adapter == "lora":
+        model = lora_model(model, r=8, quantized=False)
+    measured = concatenated_peak(mode, model, PAIRS, PROMPT, COMPLETION,
+                                 gradient_checkpointing=gc)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, adapter))
+
+
 def test_schema_and_cli_follow_the_registry():
     from typer.testing import CliRunner
 
@@ -108,7 +126,7 @@ def test_schema_and_cli_follow_the_registry():
         for option in kind.options:
             if option.choices:
                 assert tuple(workload[option.name]["enum"]) == option.choices
-    assert AXOLOTL_RL == {"dpo": "dpo", "ipo": "ipo", "kto": "kto"}
+    assert set(AXOLOTL_RL) == {"dpo", "ipo", "kto", "orpo", "simpo"}
     text = CliRunner().invoke(app, ["estimate", "--help"], env={"COLUMNS": "400"}).output
     for mode in MODES:
         assert mode in text
@@ -120,6 +138,8 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
         estimate(folder, gpu="80GiB", mode="dpo", adapter="dora")
     with pytest.raises(UsageError, match="--mode lora takes no workload options, not ref_model"):
         estimate(folder, gpu="80GiB", mode="lora", ref_model="copy")
+    with pytest.raises(UsageError, match="--mode orpo takes adapter, not ref_model"):
+        estimate(folder, gpu="80GiB", mode="orpo", ref_model="precomputed")
     with pytest.raises(UsageError, match="--mode dpo plans only fp32, bf16, fp16"):
         estimate(folder, gpu="80GiB", mode="dpo", adapter="full", precisions="nf4")
 
@@ -128,6 +148,7 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
     dict(mode="dpo", precisions="nf4", adapter="lora"),
     dict(mode="ipo", precisions="bf16", adapter="full", ref_model="precomputed"),
     dict(mode="kto", precisions="bf16", adapter="lora"),
+    dict(mode="orpo", precisions="nf4-dq", adapter="qlora"),
 ])
 def test_axolotl_rl_round_trip(tiny_model_dir, tmp_path, options):
     folder = str(tiny_model_dir("llama"))
@@ -145,7 +166,8 @@ def test_axolotl_rl_round_trip(tiny_model_dir, tmp_path, options):
     # LoRA on a 4-bit base reads back as Axolotl's qlora: the same step and plan.
     replanned = dict(workload_of(again).extra)
     assert replanned == {k: plan_file.estimate_kwargs[k] for k in replanned}
-    assert replanned["ref_model"] == options.get("ref_model", "auto")
+    if "ref_model" in replanned:
+        assert replanned["ref_model"] == options.get("ref_model", "auto")
     assert again.candidate(precision) == report.candidate(precision)
 
 

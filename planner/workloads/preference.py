@@ -54,9 +54,14 @@ def from_axolotl(raw: Mapping[str, Any], adapter: str | None) -> dict[str, Any]:
     return {"adapter": adapter or "full", "ref_model": ref}
 
 
+def from_axolotl_no_reference(raw: Mapping[str, Any], adapter: str | None) -> dict[str, Any]:
+    """Axolotl's ``adapter`` (none: full fine-tuning), for a workload without reference."""
+    return {"adapter": adapter or "full"}
+
+
 def to_axolotl(workload: Any) -> dict[str, Any]:
     """The ``rl:`` key and the reference's; the adapter keys are the LoRA ones."""
-    ref = workload.option("ref_model")
+    ref = dict(workload.extra).get("ref_model", "auto")
     if ref == "copy" and workload.is_lora:
         raise UsageError("Axolotl has no key for a separate reference copy under LoRA (it "
                          "disables the adapter); plan with ref_model=auto or precomputed")
@@ -72,7 +77,10 @@ def replan(workload: Any, four_bit: bool) -> dict[str, Any]:
     adapter = workload.option("adapter")
     if adapter == "lora" and four_bit:
         adapter = "qlora"
-    ref = workload.option("ref_model")
+    options = dict(workload.extra)
+    if "ref_model" not in options:
+        return {"adapter": adapter}
+    ref = options["ref_model"]
     return {"adapter": adapter, "ref_model": "auto" if ref == "copy" else ref}
 
 
@@ -197,3 +205,56 @@ def scratch_dir() -> str:
     import tempfile
 
     return tempfile.gettempdir()
+
+
+class _ArgsOnDevice:
+    """The trainer's config, on the model's device: the concatenated-forward trainers
+    (ORPO, CPO) move the loss to ``args.device``, which on meta is meta."""
+
+    def __init__(self, args: Any, device: Any) -> None:
+        self._args = args
+        self.device = device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._args, name)
+
+
+def concatenated_shell(cls: type, args: Any, model: Any) -> Any:
+    """A TRL ORPO/CPO trainer (``concatenated_forward``: chosen and rejected rows padded
+    together and run in one forward, with the full logits) with what its
+    ``compute_loss`` reads, as its ``__init__`` sets it."""
+    trainer = trainer_shell(cls, _ArgsOnDevice(args, _device(model)), model, None)
+    trainer.is_encoder_decoder = False
+    trainer.padding_value = trainer.pad_token_id = 0  # ORPO's name, CPO's name
+    trainer.label_pad_token_id = -100
+    trainer.beta = args.beta
+    trainer.aux_loss_enabled = getattr(model.config, "output_router_logits", False)
+    trainer.aux_loss_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    trainer._peft_has_been_casted_to_bf16 = False
+    trainer._stored_metrics = defaultdict(lambda: defaultdict(list))
+    return trainer
+
+
+def chosen_rejected_inputs(workload: Any, model: Any) -> dict[str, Any]:
+    """The DPO-style collator's batch the ORPO/CPO trainers take: ``batch`` chosen and
+    ``batch`` rejected rows of ``seq_len`` tokens, their masks, and labels that leave the
+    prompt out (-100)."""
+    import torch
+
+    from qplan.planner.steps import input_ids
+
+    device = _device(model)
+    rows, seq = workload.batch, workload.seq_len
+    vocab = model.config.get_text_config().vocab_size
+    prompt = int(seq * PROMPT_SHARE)
+    inputs: dict[str, Any] = {}
+    for side in ("chosen", "rejected"):
+        ids = input_ids(rows, seq, vocab, device)
+        labels = ids.clone()
+        if device.type != "meta":
+            labels[:, :prompt] = -100
+        inputs[f"{side}_input_ids"] = ids
+        inputs[f"{side}_attention_mask"] = torch.ones((rows, seq), dtype=torch.long,
+                                                      device=device)
+        inputs[f"{side}_labels"] = labels
+    return inputs
