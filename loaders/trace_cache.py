@@ -31,7 +31,8 @@ from qplan.planner.components import TraceOutcome, trace_components
 from qplan.planner.workload import Workload
 
 FORMAT = 1
-LIBRARIES = ("torch", "transformers", "bitsandbytes", "peft", "accelerate")
+# trl: the preference workloads trace its trainers (planner/workloads/).
+LIBRARIES = ("torch", "transformers", "bitsandbytes", "peft", "accelerate", "trl")
 
 
 def cache_dir() -> Path | None:

@@ -177,3 +177,25 @@ def test_axolotl_rl_not_planned_is_a_warning(tiny_model_dir, tmp_path):
     plan_file = read_axolotl(path)
     assert plan_file.estimate_kwargs["mode"] == "lora"
     assert "rl" in plan_file.keys.not_modelled
+
+
+def test_cli_plans_a_preference_mode_as_json(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from qplan.cli import app
+
+    folder = str(tiny_model_dir("llama"))
+    result = CliRunner().invoke(app, [
+        "estimate", folder, "--mode", "dpo", "-O", "adapter=full", "--gpu", "24GiB",
+        "--seq-len", "64", "--precisions", "bf16", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["workload"]["mode"] == "dpo"
+    assert report["workload"]["adapter"] == "full"
+    assert report["workload"]["ref_model"] == "auto"
+    candidate = report["candidates"][0]
+    assert candidate["components"]["reference_model"] == candidate["components"]["weights"]
+    bad = CliRunner().invoke(app, ["estimate", folder, "--mode", "dpo", "-O", "adapter"])
+    assert bad.exit_code == 2
+    assert "write NAME=VALUE" in bad.output

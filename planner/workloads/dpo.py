@@ -20,8 +20,9 @@ FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
 def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.utils import add_fused_lm_head
+    with preference.trace_quiet():
+        from trl import DPOConfig, DPOTrainer
+        from trl.trainer.utils import add_fused_lm_head
 
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs

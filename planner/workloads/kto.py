@@ -49,8 +49,9 @@ def _inputs(workload: Any, model: Any, precomputed: bool) -> dict[str, Any]:
 
 
 def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
-    from trl import KTOConfig, KTOTrainer
-    from trl.trainer.utils import add_fused_lm_head
+    with preference.trace_quiet():
+        from trl import KTOConfig, KTOTrainer
+        from trl.trainer.utils import add_fused_lm_head
 
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs

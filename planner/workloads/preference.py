@@ -192,11 +192,18 @@ def pair_inputs(workload: Any, model: Any, precomputed: bool) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def trace_quiet() -> Iterator[None]:
-    """TRL warns about experimental trainers and deprecated arguments on construction."""
+    """TRL warns about experimental trainers and deprecated arguments on construction.
+    Its trainers import DeepSpeed where installed, whose logger is a handler on the stdout
+    of its first import: imported here, while stdout is stderr, ``--json`` stays clean."""
+    import importlib.util
+    import sys
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
+        if importlib.util.find_spec("deepspeed") is not None:
+            # accelerate's is_peft_model, which TRL's compute_loss calls, imports it.
+            import deepspeed  # noqa: F401
         yield
 
 
