@@ -138,6 +138,8 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
         estimate(folder, gpu="80GiB", mode="dpo", adapter="dora")
     with pytest.raises(UsageError, match="--mode lora takes no workload options, not ref_model"):
         estimate(folder, gpu="80GiB", mode="lora", ref_model="copy")
+    with pytest.raises(UsageError, match="--fused-ce is a lever of the causal-LM training step"):
+        estimate(folder, gpu="80GiB", mode="dpo", fused_ce="cce")
     with pytest.raises(UsageError, match="--mode orpo takes adapter, not ref_model"):
         estimate(folder, gpu="80GiB", mode="orpo", ref_model="precomputed")
     with pytest.raises(UsageError, match="--mode dpo plans only fp32, bf16, fp16"):

@@ -88,6 +88,7 @@ KINDS = (
         tuning=preference.adapter_tuning, step=step, default_seq_len=DEFAULT_TRAINING_SEQ,
         prepare=prepare, options=(preference.ADAPTER, preference.REF_MODEL),
         roles=(preference.REFERENCE_ROLE,), axolotl_rl=("kto",), needs=("trl",),
+        causal_lm_step=False,
         from_axolotl=preference.from_axolotl, to_axolotl=preference.to_axolotl,
         replan=preference.replan,
     ),

@@ -31,6 +31,7 @@ KINDS = (
         name="orpo", summary="ORPO (TRL), chosen + rejected, full logits, no reference",
         tuning=preference.adapter_tuning, step=step, default_seq_len=DEFAULT_TRAINING_SEQ,
         prepare=prepare, options=(preference.ADAPTER,), axolotl_rl=("orpo",), needs=("trl",),
+        causal_lm_step=False,
         from_axolotl=preference.from_axolotl_no_reference,
         to_axolotl=preference.to_axolotl, replan=preference.replan,
     ),

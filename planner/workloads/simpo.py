@@ -39,7 +39,8 @@ KINDS = (
         name="simpo", summary="SimPO (TRL's CPO trainer), chosen + rejected, no reference",
         tuning=preference.adapter_tuning, step=step, default_seq_len=DEFAULT_TRAINING_SEQ,
         prepare=prepare, options=(preference.ADAPTER,), axolotl_rl=("simpo",),
-        needs=("trl",), from_axolotl=preference.from_axolotl_no_reference,
+        needs=("trl",),
+        causal_lm_step=False, from_axolotl=preference.from_axolotl_no_reference,
         to_axolotl=preference.to_axolotl, replan=preference.replan,
     ),
 )
