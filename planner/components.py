@@ -374,6 +374,11 @@ def workload_components(
                  else weights.bytes - proxy.bytes)
         components["weights"] = max(0, components["weights"] + delta)
         peak = max(0, peak + delta)
+        for role in workload.kind.weight_copies:
+            # A second load of the same checkpoint (a frozen reference model): stored too.
+            if components.get(role):
+                components[role] = max(0, components[role] + delta)
+                peak = max(0, peak + delta)
     if workload.kv_dtype and components.get("kv_cache"):
         model_kv = DTYPE_BYTES[_kv_model_dtype(precision, compute_dtype)]
         delta = components["kv_cache"] * DTYPE_BYTES[workload.kv_dtype] // model_kv - \

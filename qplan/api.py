@@ -446,7 +446,7 @@ def estimate(
     enter_step("resolving the GPU")
     gpu_target = resolve_target(gpu, num_gpus)
     if stored is None and not explicit:
-        names = _with_gpu_rows(names, mode, gpu_target)
+        names = _with_gpu_rows(names, tuning or mode, gpu_target)
     enter_step("building the model on the meta device")
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)

@@ -142,6 +142,9 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
         estimate(folder, gpu="80GiB", mode="dpo", fused_ce="cce")
     with pytest.raises(UsageError, match="--mode orpo takes adapter, not ref_model"):
         estimate(folder, gpu="80GiB", mode="orpo", ref_model="precomputed")
+    # The candidates follow the adapter, the GPU's own rows (fp8 on an RTX 4090) too.
+    report = estimate(folder, gpu="4090", mode="dpo", adapter="qlora", seq_len=32)
+    assert [c.precision for c in report.candidates] == ["fp4", "nf4", "fp4-dq", "nf4-dq"]
     with pytest.raises(UsageError, match="--mode dpo plans only fp32, bf16, fp16"):
         estimate(folder, gpu="80GiB", mode="dpo", adapter="full", precisions="nf4")
 

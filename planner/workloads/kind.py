@@ -71,6 +71,8 @@ class WorkloadKind:
     ``step``: the workload's step under the live-tensor tracker (planner/steps.py).
     ``roles``: components the step's own storages are counted as, beyond the common ones
     (weights, adapters, gradients, ...), e.g. a frozen reference model.
+    ``weight_copies``: those roles that are a second load of the checkpoint (stored like
+    the weights: a plan traced on the dequantised model swaps their bytes as the weights').
     ``check(options)``: cross-option validation, raising UsageError.
     ``axolotl_rl``: the Axolotl ``rl:`` values that mean this workload;
     ``from_axolotl(raw, adapter)``: its options from the YAML (adapter: lora, qlora or
@@ -89,6 +91,7 @@ class WorkloadKind:
     prepare: Prepare | None = None
     options: tuple[WorkloadOption, ...] = ()
     roles: tuple[str, ...] = ()
+    weight_copies: tuple[str, ...] = ()
     check: Callable[[str, Mapping[str, Any]], None] | None = None
     axolotl_rl: tuple[str, ...] = ()
     from_axolotl: Callable[[Mapping[str, Any], str | None], dict[str, Any]] | None = None
