@@ -73,6 +73,15 @@ NOT_MODELLED: dict[str, str] = {
 # Keys that do not change GPU memory: data, prompts, schedules, logging, saving, hub.
 IRRELEVANT: frozenset[str] = frozenset(
     {
+        # Preference losses' coefficients (rl: dpo|ipo|kto|orpo|simpo): the loss's value,
+        # not its tensors.
+        "rl_beta",
+        "orpo_alpha",
+        "simpo_gamma",
+        "cpo_alpha",
+        "kto_desirable_weight",
+        "kto_undesirable_weight",
+        "dpo_label_smoothing",
         "base_model_config",
         "base_model_ignore_patterns",
         "model_type",

@@ -49,6 +49,7 @@ CASES = [
     ("dpo", "full", "auto", True),
     ("dpo", "full", "precomputed", True),
     ("ipo", "lora", "auto", True),
+    ("dpo", "qlora", "auto", True),  # nf4 base: bitsandbytes runs 4-bit on CPU
 ]
 
 
@@ -56,12 +57,13 @@ CASES = [
 def test_dpo_trainer_peak(tiny_model_dir, mode, adapter, ref, gc):
     folder = tiny_model_dir("llama")
     config = AutoConfig.from_pretrained(folder)
-    predicted = plan(folder, mode, "bf16", adapter=adapter, ref_model=ref,
+    precision = "nf4" if adapter == "qlora" else "bf16"
+    predicted = plan(folder, mode, precision, adapter=adapter, ref_model=ref,
                      gradient_checkpointing=gc)
-    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    model = random_model(config, precision, "bfloat16", "cpu", str(folder))
     ref_model = None
-    if adapter == "lora":
-        model = lora_model(model, r=8, quantized=False)
+    if adapter != "full":
+        model = lora_model(model, r=8, quantized=adapter == "qlora")
     elif ref == "auto":
         ref_model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
     loss = {"dpo": "sigmoid", "ipo": "ipo"}[mode]
@@ -174,6 +176,19 @@ def test_axolotl_rl_round_trip(tiny_model_dir, tmp_path, options):
     if "ref_model" in replanned:
         assert replanned["ref_model"] == options.get("ref_model", "auto")
     assert again.candidate(precision) == report.candidate(precision)
+
+
+def test_axolotl_dpo_yaml(tiny_model_dir, tmp_path):
+    """An Axolotl DPO config: rl, its coefficient (no memory), the reference's key."""
+    path = tmp_path / "dpo.yml"
+    path.write_text(f"base_model: {tiny_model_dir('llama')}\nrl: dpo\nrl_beta: 0.1\n"
+                    "precompute_ref_log_probs: true\nsequence_len: 64\nbf16: true\n")
+    plan_file = read_axolotl(path)
+    assert plan_file.estimate_kwargs["mode"] == "dpo"
+    assert plan_file.estimate_kwargs["adapter"] == "full"
+    assert plan_file.estimate_kwargs["ref_model"] == "precomputed"
+    assert {"rl", "precompute_ref_log_probs"} <= set(plan_file.keys.read)
+    assert "rl_beta" in plan_file.keys.ignored
 
 
 def test_axolotl_rl_not_planned_is_a_warning(tiny_model_dir, tmp_path):
