@@ -78,6 +78,18 @@ def test_dpo_trainer_peak(tiny_model_dir, mode, adapter, ref, gc):
         assert reference == 0
 
 
+def test_dpo_trainer_peak_moe(tiny_model_dir):
+    """Mixtral: TRL's DPO adds the router's load-balancing loss (router_aux_loss_coef);
+    the trace routes statically, a real run by the data."""
+    folder = tiny_model_dir("mixtral")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "dpo", "bf16", adapter="lora", gradient_checkpointing=False)
+    model = lora_model(random_model(config, "bf16", "bfloat16", "cpu", str(folder)), r=8,
+                       quantized=False)
+    measured = dpo_peak(model, PAIRS, PROMPT, COMPLETION, gradient_checkpointing=False)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "mixtral")
+
+
 @pytest.mark.parametrize(("adapter", "gc"), [("lora", False), ("full", True)])
 def test_kto_trainer_peak(tiny_model_dir, adapter, gc):
     """KTO: ``--batch`` unpaired examples, each with its KL row scored without gradients
