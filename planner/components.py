@@ -32,6 +32,8 @@ from qplan.planner.depths import (
     LayerPattern,
     TracePlan,
     layer_signatures,
+    num_layers,
+    set_depth,
     trace_plan,
 )
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
@@ -166,12 +168,8 @@ def _with_layers(config: Any, layers: int) -> Any:
     # Some configs derive the depth from a per-layer list (Nemotron-H ignores a new
     # num_hidden_layers); the list cut above already set it there.
     if num_layers(truncated) != layers:
-        text.num_hidden_layers = layers
+        set_depth(text, layers)
     return truncated
-
-
-def num_layers(config: Any) -> int:
-    return int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ block. A model with no such structure short of its full depth is traced at full 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,40 @@ from qplan.planner.inventory import Inventory
 MIN_LOW_DEPTH = 2
 MIN_BLOCK_LAYERS = 2
 
+# Fields that give the decoder's depth where ``num_hidden_layers`` is something else, looked
+# up in this order: the encoder's depth (BART, Whisper, ... alias num_hidden_layers to
+# encoder_layers, T5-style configs to num_layers; their causal-LM classes build the decoder
+# alone), or a count derived from the depth (HRM's num_hidden_layers is one cache slot per
+# attention call of its recurrent forward).
+DECODER_DEPTH_FIELDS = ("decoder_layers", "num_decoder_layers", "num_layers_per_stack")
+# num_hidden_layers as a config derives it from its depth field (HrmTextConfig.__post_init__).
+DERIVED_LAYER_COUNTS: dict[str, Callable[[Any], int]] = {
+    "num_layers_per_stack": lambda t: t.num_layers_per_stack * t.H_cycles * (t.L_cycles + 1),
+}
+
+
+def depth_field(text: Any) -> str:
+    """The field of text config ``text`` that sets the depth of the decoder a plan builds."""
+    for name in DECODER_DEPTH_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return name
+    return "num_hidden_layers"
+
+
+def set_depth(text: Any, layers: int) -> None:
+    """Give text config ``text`` a decoder of ``layers`` layers, and what it derives from it."""
+    name = depth_field(text)
+    setattr(text, name, layers)
+    if name in DERIVED_LAYER_COUNTS:
+        text.num_hidden_layers = DERIVED_LAYER_COUNTS[name](text)
+
+
+def num_layers(config: Any) -> int:
+    text = config.get_text_config()
+    return int(getattr(text, depth_field(text), 0) or 0)
+
+
 @dataclass(frozen=True)
 class LayerPattern:
     prefix_layers: int  # s: leading layers that do not repeat
@@ -42,9 +76,9 @@ class LayerPattern:
 
 def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
     """One hashable signature per decoder layer, or None when the inventory's decoder
-    layers (``Inventory.layers``) are not the config's ``num_hidden_layers``."""
+    layers (``Inventory.layers``) are not the config's depth (``num_layers``)."""
     text = config.get_text_config()
-    depth = int(getattr(text, "num_hidden_layers", 0) or 0)
+    depth = num_layers(config)
     if depth <= 0 or len(inventory.layers) != depth:
         return None
     index = {name: i for i, name in enumerate(inventory.layers)}

@@ -98,10 +98,52 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
-    for layer in getattr(cache, "layers", []):
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                yield value
+    """The tensors a generation cache holds: a Cache's layers (keys and values, or a linear
+    attention layer's conv and recurrent states), both halves of an encoder-decoder cache,
+    or the plain list of state tensors of models that keep their own (RWKV's ``state``)."""
+    if isinstance(cache, torch.Tensor):
+        yield cache
+    elif isinstance(cache, (list, tuple)):
+        for item in cache:
+            yield from _cache_tensors(item)
+    elif cache is not None:
+        for half in ("self_attention_cache", "cross_attention_cache"):
+            yield from _cache_tensors(getattr(cache, half, None))
+        for layer in getattr(cache, "layers", []):
+            for value in vars(layer).values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+
+
+# Where a model's output carries the generation state: the Cache (``cache``, formerly
+# ``past_key_values``) or, for models that keep their own, ``state`` (RWKV).
+_OUTPUT_STATE_KEYS = ("cache", "past_key_values", "state")
+
+
+def generation_cache(model: nn.Module) -> Any:
+    """The cache ``generate`` makes before the prefill, as GenerationMixin's
+    ``_prepare_cache_for_generation`` makes it with the default generation config: a
+    DynamicCache of the decoder's text config, wrapped with a cross-attention one for an
+    encoder-decoder config; None for models that make their own (RWKV, Reformer, ...)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
+    config = model.config.get_text_config(decoder=True)
+    cache = DynamicCache(config=config)
+    if getattr(model.config, "is_encoder_decoder", False):
+        cache = EncoderDecoderCache(cache, DynamicCache(config=config))
+    return cache
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """``cache``, transformers 5's name for the forward's cache argument, or
+    ``past_key_values`` for code written before it (remote code)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def run_inference(
@@ -111,10 +153,8 @@ def run_inference(
     first token, with the inputs generate makes (GenerationMixin, transformers 5.x): an
     all-ones attention mask for position ids from its cumulative sum (so rotary tables are
     per batch row), then dropped because nothing is padded; a contiguous clone of the
-    prompt; the last position's logits only, and their float32 copy for picking the
-    token."""
-    from transformers import DynamicCache
-
+    prompt; the cache generate makes (``generation_cache``); the last position's logits
+    only, and their float32 copy for picking the token."""
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     ids = input_ids(workload.batch, workload.seq_len, vocab, device)
@@ -124,16 +164,18 @@ def run_inference(
         attention_mask = torch.ones_like(ids)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         del attention_mask
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids.clone(), position_ids=position_ids, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        cache = generation_cache(model)
+        kwargs = {} if cache is None else {_cache_argument(model): cache}
+        out = model(input_ids=ids.clone(), position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1, **kwargs)
         tracker.segment = ()
-        for tensor in _cache_tensors(out.past_key_values):
+        states = [out[key] for key in out if key in _OUTPUT_STATE_KEYS]
+        for tensor in _cache_tensors([cache, *states]):
             serial = tracker.serial_of(tensor)
             if serial is not None:
                 seen.kv_cache.add(serial)
         next_logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
-        del out, next_logits, position_ids
+        del out, next_logits, position_ids, states, cache
     tracker.phase = "done"
 
 

@@ -359,6 +359,23 @@ def _skip_weights_used_as_matrices(
     return skips, take_inventory(meta, skips)
 
 
+def _checkpointing_the_model_supports(workload: Workload,
+                                      meta: Any) -> tuple[Workload, list[str]]:
+    """A training workload without activation checkpointing where the model's class has
+    none (transformers' ``supports_gradient_checkpointing`` is False: CTRL, OpenAI GPT,
+    XLM, ...): ``gradient_checkpointing_enable`` raises for it, so a run that fits trains
+    without it. Planned that way, with a warning saying so."""
+    if not (workload.is_training and workload.gradient_checkpointing):
+        return workload, []
+    if getattr(meta, "supports_gradient_checkpointing", True):
+        return workload, []
+    name = type(meta).__name__
+    return replace(workload, gradient_checkpointing=False), [
+        f"{name} does not support activation checkpointing (transformers refuses to turn "
+        "it on): planned without it, as the model trains"
+    ]
+
+
 def _lora_exclusions(meta: Any, workload: Workload, notes: list[str]) -> tuple[str, ...]:
     """What ``all-linear`` leaves out because peft refuses it for this architecture."""
     if not workload.is_lora or workload.target_modules != "all-linear":
@@ -465,6 +482,7 @@ def estimate(
         picked = getattr(meta.config, "_attn_implementation", None)
         workload_options = {**workload_options, "attn": "eager" if picked == "eager" else "sdpa"}
     workload = make_workload(mode, spec.config, **workload_options)
+    workload, plan_warnings = _checkpointing_the_model_supports(workload, meta)
     check_lora_targets(workload, inventory, spec.id)
     notes = list(spec.notes)
     if stored is None:
@@ -570,7 +588,7 @@ def estimate(
                 for k, v in from_pretrained_max_memory(strategy.max_memory, quantized).items()
             }
         decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
-    warnings = list(decision.warnings)
+    warnings = [*plan_warnings, *decision.warnings]
     if stored is None:
         warnings.extend(unquantized_warning(inventory, names))
     on_disk = _stored_bytes(spec)
