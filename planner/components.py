@@ -224,6 +224,7 @@ def trace_components(
             model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None
         )
     except Exception as exc:
+        _raise_if_data_dependent(exc, model, workload)
         _raise_if_model_code(exc, model, workload)
         raise
     rounded = target == "cuda"
@@ -245,6 +246,39 @@ def _new_tensors_on_meta() -> Any:
     import torch
 
     return torch.device("meta") if reuse.enabled() else contextlib.nullcontext()
+
+
+# What torch raises when code reads the values of a meta tensor (``.item()``,
+# ``.tolist()``, ``.cpu()``) or calls an op whose output shape depends on them.
+_META_VALUE_READS = (
+    "cannot be called on meta tensors",
+    "Cannot copy out of meta tensor",
+    "a correct data-independent implementation does not exist",
+)
+
+
+def _raise_if_data_dependent(exc: Exception, model: Any, workload: Workload) -> None:
+    """The model's own code read tensor values (a data-dependent shape or decision): say
+    where, in one line, and refuse; a planner on meta tensors cannot follow it."""
+    import traceback
+
+    from qplan.errors import DataDependentModelError
+
+    if not any(text in str(exc) for text in _META_VALUE_READS):
+        return
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f"transformers{os.sep}" in f.filename]
+    if not frames:
+        return
+    where = frames[-1]
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    code = (where.line or "").strip()[:80]
+    raise DataDependentModelError(
+        f"{name}'s code reads tensor values in the {workload.mode} step "
+        f"({os.path.basename(where.filename)}:{where.lineno}: {code}), so its memory depends "
+        "on the data; qplan traces on the meta device, where tensors have no values, and "
+        "cannot plan this step: plan --mode load"
+    ) from exc
 
 
 def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None:

@@ -133,3 +133,34 @@ def model_class(config: Any) -> ModelClass:
         return classes[0]
     raise ConfigError(refusal(config, known[0] if known else None))
 
+
+
+# Forward arguments a text-only step passes (planner/steps.py), or that a model makes itself.
+_TEXT_STEP_INPUTS = ("self", "input_ids")
+
+
+def inputs_a_text_step_lacks(model: Any) -> tuple[str, ...]:
+    """The arguments ``model.forward`` requires (no default) beyond the token ids: images
+    (BLIP's pixel_values), a Q-Former's prompt (InstructBLIP's qformer_input_ids)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters.values()
+    return tuple(
+        p.name for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in _TEXT_STEP_INPUTS
+    )
+
+
+def check_text_step(model: Any, mode: str) -> None:
+    """Refuse, in one line, a step the model cannot run on text alone."""
+    if mode == "load":
+        return
+    lacking = inputs_a_text_step_lacks(model)
+    if lacking:
+        raise ConfigError(
+            f"{type(model).__name__} needs {', '.join(lacking)} in every forward (it has no "
+            f"text-only step): qplan plans the {mode} step on token ids alone; plan "
+            "--mode load for its weights"
+        )

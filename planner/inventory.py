@@ -167,6 +167,11 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
         ) from exc
     finally:
         tf_logger.setLevel(previous)
+    # Parameters a model makes as bare nn.Parameter(torch.normal(...)) (DiffLlama's
+    # lambdas) escape init_empty_weights and stay on the CPU; a real load puts every
+    # tensor on the device, so move the strays to meta with the rest.
+    if any(t.device.type != "meta" for t in (*model.parameters(), *model.buffers())):
+        model.to("meta")
     # Under init_empty_weights transformers 5.x builds tied weights untied; a real load
     # ties them, so tie here to count them once.
     model.tie_weights()

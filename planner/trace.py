@@ -18,6 +18,8 @@ data are pinned to what they decide for a dense, unpadded batch:
   returns the sequence index of every token (its ops, without the data-dependent test).
   An attention mask (preference trainers' collators pass one) is all ones for an unpadded
   batch (``fast_all``).
+* ``warn_if_padding_and_no_attention_mask`` (BERT-style models) looks for pad tokens to
+  warn about; an unpadded batch has none, and the check changes nothing else.
 * MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
   experts path, whose shapes are static: every expert sees its share of the
   ``tokens x top_k`` routed rows, the same rows in total as a real routing.
@@ -165,6 +167,7 @@ def trace_patches(target: str, attn: str,
         from torch.fx.experimental import _config as fx_config
 
         stack.enter_context(fx_config.patch(meta_nonzero_assume_all_nonzero=True))
+        stack.enter_context(_no_padding_warning_on_meta())
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
@@ -175,6 +178,25 @@ def trace_patches(target: str, attn: str,
         # Each quantisation method's own patches (planner/quant/<method>.py).
         stack.enter_context(all_trace_patches(target))
         yield
+
+
+@contextlib.contextmanager
+def _no_padding_warning_on_meta() -> Iterator[None]:
+    """transformers' pad-token check only warns; on meta ids it would read values."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.warn_if_padding_and_no_attention_mask
+
+    def check(self: Any, input_ids: Any, attention_mask: Any) -> None:
+        if isinstance(input_ids, torch.Tensor) and input_ids.device.type == "meta":
+            return
+        original(self, input_ids, attention_mask)
+
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = check  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from qplan.planner.config_checks import check_config
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
+from qplan.planner.families import check_text_step
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import (
@@ -482,6 +483,7 @@ def estimate(
         picked = getattr(meta.config, "_attn_implementation", None)
         workload_options = {**workload_options, "attn": "eager" if picked == "eager" else "sdpa"}
     workload = make_workload(mode, spec.config, **workload_options)
+    check_text_step(meta, mode)
     workload, plan_warnings = _checkpointing_the_model_supports(workload, meta)
     check_lora_targets(workload, inventory, spec.id)
     notes = list(spec.notes)

@@ -107,3 +107,11 @@ def unexpected_summary(exc: BaseException, model: str | None) -> str:
 class ModelCodeError(QplanError):
     """The model's own code (the installed transformers) fails on the step planned, so a
     real run would fail the same way: nothing to plan for that workload."""
+
+
+class DataDependentModelError(QplanError):
+    """The model's code reads tensor values to decide what it computes (MoE routing done
+    with ``.tolist()``, ``nonzero``, a value read with ``.item()``): a plan traced on the
+    meta device, where tensors have no values, cannot follow it."""
+
+    kind = "data-dependent"
