@@ -281,6 +281,22 @@ def _raise_if_data_dependent(exc: Exception, model: Any, workload: Workload) -> 
     ) from exc
 
 
+# transformers' code that runs a model: its modeling files and its caches (a cache that
+# cannot serve the model's layers fails the same way in generate).
+_MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cache_utils.py")
+
+
+# Frames between a model's code and the op that raised: torch and qplan's tracker.
+_OP_MACHINERY = (f"{os.sep}torch{os.sep}", f"planner{os.sep}live_tensors.py",
+                 f"planner{os.sep}meta_memo.py")
+
+
+def _shape_error(exc: Exception) -> bool:
+    """A torch op refusing its operands' shapes: raised the same on every device (a meta
+    kernel missing is a NotImplementedError, a value read is caught before)."""
+    return isinstance(exc, RuntimeError) and "meta" not in str(exc).lower()
+
+
 def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None:
     """A failure raised by the model's own modeling code (not by the trace or a library
     below it) happens in a real run too: refuse in one line, naming it."""
@@ -291,7 +307,15 @@ def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None
     from qplan.errors import ModelCodeError
 
     frames = traceback.extract_tb(exc.__traceback__)
-    if not frames or f"transformers{os.sep}models{os.sep}" not in frames[-1].filename:
+    if not frames:
+        return
+    raiser = frames[-1]
+    if _shape_error(exc):
+        # A torch op the model's code called refused its shapes (a rotary split that does
+        # not add up to the head size): the op is torch's, the fault the model code's.
+        callers = [f for f in frames if not any(p in f.filename for p in _OP_MACHINERY)]
+        raiser = callers[-1] if callers else raiser
+    if not any(part in raiser.filename for part in _MODEL_CODE):
         return
     name = type(getattr(model, "base_model", model)).__name__
     if hasattr(model, "get_base_model"):
@@ -299,8 +323,9 @@ def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     raise ModelCodeError(
         f"transformers {transformers.__version__}'s {name} fails in its own code in the "
-        f"{workload.mode} step ({type(exc).__name__}: {first}), so a real run would too; "
-        "plan --mode load, or use a transformers version where this model runs"
+        f"{workload.mode} step ({type(exc).__name__}: {first}), so a real run with this "
+        "config would too; fix the config, plan --mode load, or use a transformers version "
+        "where this model runs"
     ) from exc
 
 

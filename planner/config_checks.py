@@ -64,13 +64,26 @@ def check_config(config: Any, origin: str = "the config") -> None:
         checked.append(text)
     for part in checked:
         _check_finite(part.to_dict() if hasattr(part, "to_dict") else {}, origin, "")
-    for spec in SIZE_FIELDS + COUNT_FIELDS:
-        value = getattr(text, spec.name, None)
-        if value is not None:
-            _check_int(value, spec, origin)
-    _check_heads(text, origin)
-    _check_pad_token(text, origin)
-    _check_total(text, origin)
+    for view in _layer_views(text):
+        for spec in SIZE_FIELDS + COUNT_FIELDS:
+            value = getattr(view, spec.name, None)
+            if value is not None:
+                _check_int(value, spec, origin)
+        _check_heads(view, origin)
+        _check_pad_token(view, origin)
+        _check_total(view, origin)
+
+
+def _layer_views(text: Any) -> list[Any]:
+    """The config each layer is built from: the text config itself, or for a heterogeneous
+    config (Gemma 4, dots3: per-layer head sizes, which transformers refuses to read off
+    the global config) each distinct layer's config."""
+    if getattr(text, "_heterogeneity_spec", None) is None:
+        return [text]
+    views: dict[str, Any] = {}
+    for layer in getattr(text, "per_layer_config", None) or []:
+        views.setdefault(repr(sorted(layer.to_dict().items(), key=str)), layer)
+    return list(views.values()) or [text]
 
 
 def _fix(origin: str) -> str:
