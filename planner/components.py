@@ -281,9 +281,10 @@ def _raise_if_data_dependent(exc: Exception, model: Any, workload: Workload) -> 
     ) from exc
 
 
-# transformers' code that runs a model: its modeling files and its caches (a cache that
-# cannot serve the model's layers fails the same way in generate).
-_MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cache_utils.py")
+# transformers' code that runs a model: its modeling files, its caches (a cache that
+# cannot serve the model's layers fails the same way in generate) and its masks.
+_MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cache_utils.py",
+               f"transformers{os.sep}masking_utils.py")
 
 
 # Frames between a model's code and the op that raised: torch and qplan's tracker.

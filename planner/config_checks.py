@@ -59,7 +59,16 @@ MAX_PARAMETERS = 100 * 10**12
 def check_config(config: Any, origin: str = "the config") -> None:
     """Raise ConfigError naming the first impossible or absurd field of ``config``."""
     checked = [config]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError as exc:  # transformers: "Multiple valid text configs were found"
+        names = [k for k in (getattr(config, "sub_configs", None) or {})
+                 if getattr(config, k, None) is not None]
+        raise ConfigError(
+            f"{origin} holds several sub-models ({', '.join(names) or exc}) and no single "
+            f"text decoder ({getattr(config, 'model_type', '?')}): qplan plans causal LMs "
+            "(decoder-only and image-text-to-text models)"
+        ) from None
     if text is not config:
         checked.append(text)
     for part in checked:

@@ -153,10 +153,26 @@ def inputs_a_text_step_lacks(model: Any) -> tuple[str, ...]:
     )
 
 
+# Forward arguments that carry an image into a vision encoder.
+_IMAGE_INPUTS = ("pixel_values", "flattened_patches")
+
+
 def check_text_step(model: Any, mode: str) -> None:
-    """Refuse, in one line, a step the model cannot run on text alone."""
+    """Refuse, in one line, a step the model cannot run on text alone: an encoder-decoder
+    whose encoder reads the image (Pix2Struct, UDOP, T5Gemma 2), or a forward that
+    requires more than token ids."""
+    import inspect
+
     if mode == "load":
         return
+    params = inspect.signature(type(model).forward).parameters
+    images = [name for name in _IMAGE_INPUTS if name in params]
+    if getattr(model.config, "is_encoder_decoder", False) and images:
+        raise ConfigError(
+            f"encoder-decoder vision model ({type(model).__name__}): its encoder reads the "
+            f"image ({images[0]}), and qplan plans the {mode} step of a decoder on token ids "
+            "alone; plan --mode load for its weights"
+        )
     lacking = inputs_a_text_step_lacks(model)
     if lacking:
         raise ConfigError(

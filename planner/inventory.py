@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qplan.errors import ConfigError
+from qplan.errors import ConfigError, MissingPackageError
 
 # Dtype the meta model is built with. Buffers built at the default dtype come out in this
 # dtype, buffers created explicitly in float32 (rotary inv_freq) stay float32: that tells
@@ -164,6 +165,18 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
         raise ConfigError(
             f"transformers could not build {config.model_type!r} from this config ({first}); "
             "check config.json against the model's documented fields"
+        ) from exc
+    except ImportError as exc:
+        # transformers' requires_backends: "X requires the timm library but it was not
+        # found in your environment".
+        found = re.search(r"requires the (\S+) library", str(exc))
+        package = found.group(1) if found else None
+        raise MissingPackageError(
+            f"transformers builds {config.model_type!r} with the package {package}, which is "
+            f"not installed: pip install {package}"
+            if package else
+            f"transformers could not build {config.model_type!r}: "
+            f"{' '.join(str(exc).split())[:160]}"
         ) from exc
     finally:
         tf_logger.setLevel(previous)

@@ -115,3 +115,10 @@ class DataDependentModelError(QplanError):
     meta device, where tensors have no values, cannot follow it."""
 
     kind = "data-dependent"
+
+
+class MissingPackageError(QplanError):
+    """transformers needs a package that is not installed to build this model (timm for
+    a TimmWrapper vision tower)."""
+
+    kind = "missing-package"
