@@ -282,9 +282,9 @@ def _raise_if_data_dependent(exc: Exception, model: Any, workload: Workload) -> 
 
 
 # transformers' code that runs a model: its modeling files, its caches (a cache that
-# cannot serve the model's layers fails the same way in generate) and its masks.
+# cannot serve the model's layers fails the same way in generate), its masks and losses.
 _MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cache_utils.py",
-               f"transformers{os.sep}masking_utils.py")
+               f"transformers{os.sep}masking_utils.py", f"transformers{os.sep}loss{os.sep}")
 
 
 # Frames between a model's code and the op that raised: torch and qplan's tracker.
@@ -295,7 +295,7 @@ _OP_MACHINERY = (f"{os.sep}torch{os.sep}", f"planner{os.sep}live_tensors.py",
 def _shape_error(exc: Exception) -> bool:
     """A torch op refusing its operands' shapes: raised the same on every device (a meta
     kernel missing is a NotImplementedError, a value read is caught before)."""
-    return isinstance(exc, RuntimeError) and "meta" not in str(exc).lower()
+    return isinstance(exc, (RuntimeError, ValueError)) and "meta" not in str(exc).lower()
 
 
 def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None:
@@ -324,9 +324,9 @@ def _raise_if_model_code(exc: Exception, model: Any, workload: Workload) -> None
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     raise ModelCodeError(
         f"transformers {transformers.__version__}'s {name} fails in its own code in the "
-        f"{workload.mode} step ({type(exc).__name__}: {first}), so a real run with this "
-        "config would too; fix the config, plan --mode load, or use a transformers version "
-        "where this model runs"
+        f"{workload.mode} step on token ids ({type(exc).__name__}: {first}), so a real run "
+        "of that step with this config fails the same way; fix the config, plan --mode load, "
+        "or use a transformers version where this model runs"
     ) from exc
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qplan.errors import UsageError
+from qplan.errors import ModelCodeError, UsageError
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.fused_ce import fused_ce_loss
 from qplan.planner.live_tensors import LiveTensorTracker
@@ -131,7 +131,15 @@ def generation_cache(model: nn.Module) -> Any:
     if supports is not None and not supports():
         return None
     config = model.config.get_text_config(decoder=True)
-    cache = DynamicCache(config=config)
+    try:
+        cache = DynamicCache(config=config)
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ModelCodeError(
+            f"transformers cannot make the generation cache of {type(model).__name__} from "
+            f"this config (DynamicCache: {type(exc).__name__}: {first}), so model.generate "
+            "fails the same way; plan --mode load, or a training mode"
+        ) from exc
     if getattr(model.config, "is_encoder_decoder", False):
         cache = EncoderDecoderCache(cache, DynamicCache(config=config))
     return cache

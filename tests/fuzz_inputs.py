@@ -62,14 +62,37 @@ def shrink(raw: dict[str, Any]) -> dict[str, Any]:
         # Token ids of the real vocabulary would lie past the tiny one.
         if isinstance(out.get(key), int) and "vocab_size" in out:
             out[key] = 0
-    if isinstance(depth, int):
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        tiny = tiny_depth(raw, depth)
+        for key in ("num_hidden_layers", "n_layer"):
+            if key in out:
+                out[key] = tiny
         for key, value in raw.items():
-            if isinstance(value, list) and len(value) == depth:
-                out[key] = value[:2]
+            # Per-layer lists and layer-pattern strings (Nemotron-H's hybrid_override_pattern:
+            # one character per layer, from which the model takes its depth).
+            if (isinstance(value, list) and len(value) == depth) or _is_layer_pattern(value, depth):
+                out[key] = value[:tiny]
     for key in NESTED:
         if isinstance(out.get(key), dict):
             out[key] = shrink(out[key])
     return out
+
+
+def _is_layer_pattern(value: Any, depth: int) -> bool:
+    """A string with one character per layer, of a few kinds ("M-M*E")."""
+    return (isinstance(value, str) and len(value) == depth > 1
+            and len(set(value)) <= 8 and not any(c.isspace() for c in value))
+
+
+def tiny_depth(raw: dict[str, Any], depth: int) -> int:
+    """2 layers, or the shortest prefix of every layer-pattern string (one character per
+    layer) that holds each kind of layer it names: Nemotron-H cut before its first
+    attention layer ("M-M-M-M*...") is not a model transformers runs."""
+    tiny = 2
+    for value in raw.values():
+        if _is_layer_pattern(value, depth):
+            tiny = max(tiny, *(value.index(kind) + 1 for kind in set(value)))
+    return min(tiny, depth)
 
 
 @st.composite
