@@ -72,10 +72,38 @@ def shrink(raw: dict[str, Any]) -> dict[str, Any]:
             # one character per layer, from which the model takes its depth).
             if (isinstance(value, list) and len(value) == depth) or _is_layer_pattern(value, depth):
                 out[key] = value[:tiny]
+    _fit_mrope_sections(out)
     for key in NESTED:
         if isinstance(out.get(key), dict):
             out[key] = shrink(out[key])
     return out
+
+
+def _fit_mrope_sections(out: dict[str, Any]) -> None:
+    """Multimodal rotary sections (Qwen2-VL's mrope_section: the temporal, height and width
+    shares of the rotary frequencies) scaled to the tiny head, keeping their proportions:
+    the model splits its head_dim * partial_rotary_factor / 2 frequencies by them."""
+    hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+    head_dim = out.get("head_dim")
+    if not isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int):
+        head_dim = hidden // heads if heads > 0 else None
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = out.get(key)
+        sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if not (isinstance(sections, list) and sections
+                and all(isinstance(x, int) and x > 0 for x in sections)):
+            continue
+        factor = rope.get("partial_rotary_factor", out.get("partial_rotary_factor", 1.0))
+        if not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            continue
+        target = int(head_dim * factor) // 2
+        total = sum(sections)
+        scaled = [max(1, x * target // total) for x in sections]
+        scaled[0] += target - sum(scaled)
+        if scaled[0] >= 1:
+            out[key] = {**rope, "mrope_section": scaled}
 
 
 def _is_layer_pattern(value: Any, depth: int) -> bool:
