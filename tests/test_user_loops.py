@@ -64,6 +64,25 @@ def test_generate_peak(tiny_model_dir, arch):
     assert predicted.components["kv_cache"] == measured.kv_cache_bytes
 
 
+# Caches other than a decoder's DynamicCache: BART's causal decoder (its depth is
+# decoder_layers, not num_hidden_layers) and RWKV's own recurrent state.
+OTHER_CACHES = ("bart", "rwkv")
+
+
+@pytest.mark.parametrize("arch", OTHER_CACHES)
+def test_generate_peak_other_caches(tiny_model_dir, arch):
+    folder = tiny_model_dir(arch)
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "inference", "bf16")
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = generate_peak(model, BATCH, SEQ)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, arch)
+    if measured.kv_cache_bytes:  # RWKV's state is no Cache for generate_peak to read
+        assert predicted.components["kv_cache"] == measured.kv_cache_bytes
+    else:
+        assert predicted.components["kv_cache"] > 0
+
+
 @pytest.mark.parametrize("arch", list(SWA))
 def test_sliding_window_cache_after_the_prefill(tiny_model_dir, arch):
     """The prefill holds every layer's full keys and values (a sliding layer's cache is a

@@ -111,6 +111,21 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256,
     ),
+    # The causal-LM decoder of an encoder-decoder family: num_hidden_layers is the encoder's
+    # depth (4), the class builds decoder_layers (2); generate's cache has one slot per
+    # encoder layer.
+    "bart": dict(
+        model_type="bart", architectures=["BartForCausalLM"], vocab_size=1000, d_model=96,
+        encoder_layers=4, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=200, decoder_ffn_dim=200,
+        max_position_embeddings=256,
+    ),
+    # A model that keeps its own recurrent state (no Cache): generate makes none.
+    "rwkv": dict(
+        model_type="rwkv", architectures=["RwkvForCausalLM"], vocab_size=1000,
+        hidden_size=96, attention_hidden_size=96, intermediate_size=200,
+        num_hidden_layers=2, context_length=256,
+    ),
 }
 
 
