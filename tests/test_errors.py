@@ -84,6 +84,15 @@ def test_qplan_errors_are_json_under_json():
     assert data["kind"] == "usage" and "rtx-4090" in data["error"]
 
 
+def test_every_error_kind_is_in_the_error_schema():
+    from qplan import errors
+
+    kinds = set(load_error_schema()["properties"]["kind"]["enum"])
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.QplanError)]
+    assert {c.kind for c in classes} <= kinds
+
+
 @pytest.mark.parametrize("args", [
     ("estimate", "meta-llama/Llama-2-7b", "--batch", "abc"),
     ("estimate", "meta-llama/Llama-2-7b", "--no-such-option"),
