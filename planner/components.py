@@ -29,6 +29,7 @@ from typing import Any
 from qplan.planner import reuse
 from qplan.planner.depths import (
     HOMOGENEOUS,
+    TRAILING_LAYER_COUNTS,
     LayerPattern,
     TracePlan,
     layer_signatures,
@@ -165,6 +166,11 @@ def _with_layers(config: Any, layers: int) -> Any:
     if layers >= depth:
         return truncated
     _truncate_layer_lists(text, depth, layers)
+    for name in TRAILING_LAYER_COUNTS:
+        count = getattr(text, name, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            # The first ``layers`` hold those of the last ``count`` that they reach.
+            setattr(text, name, max(0, count - (depth - layers)))
     # Some configs derive the depth from a per-layer list (Nemotron-H ignores a new
     # num_hidden_layers); the list cut above already set it there.
     if num_layers(truncated) != layers:

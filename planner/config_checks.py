@@ -76,8 +76,10 @@ def check_config(config: Any, origin: str = "the config") -> None:
     for view in _layer_views(text):
         for spec in SIZE_FIELDS + COUNT_FIELDS:
             value = getattr(view, spec.name, None)
-            if value is not None:
-                _check_int(value, spec, origin)
+            # A per-layer list (Gemma 3n's intermediate_size) holds one size per layer.
+            for item in value if isinstance(value, list) and value else [value]:
+                if item is not None:
+                    _check_int(item, spec, origin)
         _check_heads(view, origin)
         _check_pad_token(view, origin)
         _check_total(view, origin)

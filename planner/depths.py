@@ -46,6 +46,11 @@ DERIVED_LAYER_COUNTS: dict[str, Callable[[Any], int]] = {
 }
 
 
+# Config fields counting the last layers of the stack (Gemma 3n and Gemma 4's layers that
+# reuse an earlier layer's keys and values).
+TRAILING_LAYER_COUNTS = ("num_kv_shared_layers",)
+
+
 def depth_field(text: Any) -> str:
     """The field of text config ``text`` that sets the depth of the decoder a plan builds."""
     for name in DECODER_DEPTH_FIELDS:
@@ -97,6 +102,11 @@ def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
         (name, value) for name, value in sorted(vars(text).items())
         if isinstance(value, (list, tuple)) and len(value) == depth
     ]
+    for name in TRAILING_LAYER_COUNTS:
+        count = getattr(text, name, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            # The last ``count`` layers are of another kind (they keep no cache of their own).
+            per_layer_lists.append((name, [i >= depth - count for i in range(depth)]))
     return [
         (tuple(sorted(layers[i], key=repr)),
          tuple((name, repr(value[i])) for name, value in per_layer_lists))
