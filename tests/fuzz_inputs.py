@@ -63,15 +63,17 @@ def shrink(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), int) and "vocab_size" in out:
             out[key] = 0
     if isinstance(depth, int) and not isinstance(depth, bool):
-        tiny = tiny_depth(raw, depth)
+        kept = tiny_layers(raw, depth)
         for key in ("num_hidden_layers", "n_layer"):
             if key in out:
-                out[key] = tiny
+                out[key] = len(kept)
         for key, value in raw.items():
             # Per-layer lists and layer-pattern strings (Nemotron-H's hybrid_override_pattern:
-            # one character per layer, from which the model takes its depth).
-            if (isinstance(value, list) and len(value) == depth) or _is_layer_pattern(value, depth):
-                out[key] = value[:tiny]
+            # one character per layer, from which the model takes its depth), cut alike.
+            if isinstance(value, list) and len(value) == depth:
+                out[key] = [value[i] for i in kept]
+            elif _is_layer_pattern(value, depth):
+                out[key] = "".join(value[i] for i in kept)
     _fit_mrope_sections(out)
     for key in NESTED:
         if isinstance(out.get(key), dict):
@@ -112,15 +114,18 @@ def _is_layer_pattern(value: Any, depth: int) -> bool:
             and len(set(value)) <= 8 and not any(c.isspace() for c in value))
 
 
-def tiny_depth(raw: dict[str, Any], depth: int) -> int:
-    """2 layers, or the shortest prefix of every layer-pattern string (one character per
-    layer) that holds each kind of layer it names: Nemotron-H cut before its first
-    attention layer ("M-M-M-M*...") is not a model transformers runs."""
-    tiny = 2
-    for value in raw.values():
-        if _is_layer_pattern(value, depth):
-            tiny = max(tiny, *(value.index(kind) + 1 for kind in set(value)))
-    return min(tiny, depth)
+def tiny_layers(raw: dict[str, Any], depth: int) -> list[int]:
+    """The layers a shrunk config keeps: the first 2, or where a layer-pattern string (one
+    character per layer) names several kinds, the first layer of each kind, in order:
+    Nemotron-H's "M-M-M-M*-..." keeps "M-*" (Mamba, MLP, attention). A model cut before
+    its first attention layer is not one transformers runs."""
+    keep = {pattern.index(kind) for pattern in raw.values()
+            if _is_layer_pattern(pattern, depth) for kind in set(pattern)}
+    for index in range(depth):
+        if len(keep) >= 2:
+            break
+        keep.add(index)
+    return sorted(keep)
 
 
 @st.composite
