@@ -18,8 +18,11 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from arch_matrix import MODES, plan_model_type, registry_model_types
 
 # dense, state-space, hybrid Mamba/attention, MoE, multi-head latent attention,
-# vision-language, and an encoder family whose registered causal class is planned.
-SUBSET = ("llama", "mamba2", "zamba2", "qwen3_moe", "deepseek_v2", "paligemma", "bert")
+# vision-language, an encoder family whose registered causal class is planned, the causal
+# decoder of an encoder-decoder family (BART), a class without activation checkpointing
+# (CTRL) and a vision model that has no text-only step (BLIP, refused).
+SUBSET = ("llama", "mamba2", "zamba2", "qwen3_moe", "deepseek_v2", "paligemma", "bert",
+          "bart", "ctrl", "blip")
 
 
 def test_the_registry_is_transformers_own():
