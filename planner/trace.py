@@ -16,8 +16,9 @@ data are pinned to what they decide for a dense, unpadded batch:
 * packed-sequence detection (transformers' ``find_packed_sequence_indices``) reads position
   ids; for an ordinary batch it finds no packing, for a packed one (sample packing) it
   returns the sequence index of every token (its ops, without the data-dependent test).
-  An attention mask (preference trainers' collators pass one) is all ones for an unpadded
-  batch (``fast_all``).
+  An attention mask (preference trainers' collators pass one, BART makes one when none is
+  passed) is all ones for an unpadded batch (``fast_all``, and ``padding_mask.all()`` in
+  the bidirectional mask skip).
 * ``warn_if_padding_and_no_attention_mask`` (BERT-style models) looks for pad tokens to
   warn about; an unpadded batch has none, and the check changes nothing else.
 * MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
@@ -168,6 +169,7 @@ def trace_patches(target: str, attn: str,
 
         stack.enter_context(fx_config.patch(meta_nonzero_assume_all_nonzero=True))
         stack.enter_context(_no_padding_warning_on_meta())
+        stack.enter_context(_unpadded_bidirectional_skip(masking_utils))
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
@@ -178,6 +180,25 @@ def trace_patches(target: str, attn: str,
         # Each quantisation method's own patches (planner/quant/<method>.py).
         stack.enter_context(all_trace_patches(target))
         yield
+
+
+@contextlib.contextmanager
+def _unpadded_bidirectional_skip(masking_utils: Any) -> Iterator[None]:
+    """A meta padding mask is the all-ones mask of an unpadded batch: decide the
+    bidirectional SDPA mask skip (BERT-style decoders such as BigBird's; it calls
+    ``padding_mask.all()``, not ``fast_all``) as transformers does for no padding mask."""
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+
+    def decide(padding_mask: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
+            padding_mask = None
+        return original(padding_mask, *args, **kwargs)
+
+    masking_utils._ignore_bidirectional_mask_sdpa = decide
+    try:
+        yield
+    finally:
+        masking_utils._ignore_bidirectional_mask_sdpa = original
 
 
 @contextlib.contextmanager
