@@ -38,6 +38,7 @@ nothing. Host copies are counted as host memory by the LiveTensorTracker.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,25 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int, torch.dtype]:
     return (id(tensor.untyped_storage()), tensor.storage_offset(), tensor.dtype)
 
 
+class _StorageKeys(dict):
+    """TRL's storage -> tensor id map, keyed by storage identity. A key can outlive its
+    storage (the stash keeps the contiguous copy of an offset view, not the view's
+    storage); TRL's address key then matches whatever the allocator puts there next,
+    which no plan can know, so a key only matches the storage it was made for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[Any, weakref.ref] = {}
+
+    def track(self, key: Any, tensor_id: int, storage: Any) -> None:
+        self[key] = tensor_id
+        self.storages[key] = weakref.ref(storage)
+
+    def holds(self, key: Any, storage: Any) -> bool:
+        ref = self.storages.get(key)
+        return key in self and ref is not None and ref() is storage
+
+
 class HostOffload(saved_tensors_hooks):
     """OffloadActivations(use_pin_memory=True, use_streams=True) as it allocates."""
 
@@ -81,7 +101,7 @@ class HostOffload(saved_tensors_hooks):
         self.tensor_id = 0
         self.first_forward_call = True
         self.first_backward_call = True
-        self.storage_to_id: dict[Any, int] = {}
+        self.storage_to_id = _StorageKeys()
         self.key_of_id: dict[int, Any] = {}
         self.fwd_stash: dict[int, torch.Tensor] = {}
         self.bwd_stash: dict[int, torch.Tensor] = {}
@@ -90,14 +110,15 @@ class HostOffload(saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     # -- helpers -------------------------------------------------------------------------
-    def _track_key(self, key: Any, tensor_id: int) -> None:
-        self.storage_to_id[key] = tensor_id
+    def _track_key(self, key: Any, tensor_id: int, storage: Any) -> None:
+        self.storage_to_id.track(key, tensor_id, storage)
         self.key_of_id[tensor_id] = key
 
     def _release_key(self, tensor_id: int) -> None:
         key = self.key_of_id.pop(tensor_id, None)
         if key is not None and self.storage_to_id.get(key) == tensor_id:
             del self.storage_to_id[key]
+            self.storage_to_id.storages.pop(key, None)
 
     @contextlib.contextmanager
     def _on_host(self) -> Iterator[None]:
@@ -119,14 +140,15 @@ class HostOffload(saved_tensors_hooks):
         if self.first_forward_call:
             self.first_forward_call = False
             self.first_backward_call = True
-            self.storage_to_id, self.key_of_id = {}, {}
+            self.storage_to_id, self.key_of_id = _StorageKeys(), {}
         num_bytes = activation.element_size() * activation.nelement()
         self.tensor_id += 1
         tensor_id = self.tensor_id
         key = _storage_key(activation)
-        if key in self.storage_to_id:  # offloaded already within the stash window
+        storage = activation.untyped_storage()
+        if self.storage_to_id.holds(key, storage):  # offloaded within the stash window
             self._keep(tensor_id, activation)
-            self._track_key(key, tensor_id)
+            self._track_key(key, tensor_id, storage)
             return tensor_id
         if (
             num_bytes < MIN_OFFLOAD_BYTES
@@ -156,7 +178,7 @@ class HostOffload(saved_tensors_hooks):
                 host.copy_(activation)
         self.saved[tensor_id] = (host, True, layout)
         self.fwd_stash[tensor_id] = activation
-        self._track_key(key, tensor_id)
+        self._track_key(key, tensor_id, storage)
         return tensor_id
 
     # -- unpack --------------------------------------------------------------------------

@@ -270,6 +270,15 @@ def _meta_autocast_off() -> Iterator[None]:
         torch.is_autocast_enabled = original_enabled
 
 
+def _reference_path_if(offloading: bool) -> Any:
+    """Activation offloading decides what stays on the device from storage use counts
+    (planner/offload.py, as TRL does), which the meta-op memo's replayed outputs do not
+    reproduce: its steps are traced without the memo."""
+    from qplan.planner import reuse
+
+    return reuse.disabled() if offloading else contextlib.nullcontext()
+
+
 def use_static_experts(model: Any) -> None:
     """Route MoE layers through transformers' grouped_mm experts (static shapes)."""
     setter = getattr(model, "set_experts_implementation", None)
@@ -308,7 +317,8 @@ def trace(
     level = bnb_logger.level
     bnb_logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), trace_patches(target, workload.attn, packing):
+        with warnings.catch_warnings(), trace_patches(target, workload.attn, packing), \
+                _reference_path_if(workload.activation_offloading):
             warnings.simplefilter("ignore")
             seen = run_workload(model, workload, tracker, pattern)
     finally:
