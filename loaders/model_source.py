@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qplan.errors import ConfigError, ModelNotFoundError, UsageError
+from qplan.planner.config_checks import check_raw_sizes
 from qplan.planner.spec import ModelSpec
 from qplan.profiles import data_dir
 
@@ -578,6 +579,7 @@ def _build_config(
     version = transformers.__version__
     known_type = model_type in CONFIG_MAPPING
     has_code = bool(raw.get("auto_map"))
+    check_raw_sizes(raw, origin)
 
     if has_code and trust_remote_code and remote_target is not None:
         return _build_remote_config(remote_target, remote_kwargs, origin=origin)

@@ -56,6 +56,39 @@ COUNT_FIELDS = (
 MAX_PARAMETERS = 100 * 10**12
 
 
+# Names the raw config.json may use for the bounded fields before transformers maps them
+# (GPT-2's n_layer, T5-style num_layers): a config class builds per-layer lists from these
+# while it is constructed.
+RAW_ALIASES = {"n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers",
+               "n_layers": "num_hidden_layers", "n_embd": "hidden_size", "d_model": "hidden_size",
+               "n_head": "num_attention_heads", "n_inner": "intermediate_size"}
+
+
+def check_raw_sizes(raw: Any, origin: str = "the config", path: str = "") -> None:
+    """Refuse an absurdly large bounded field of a parsed config.json *before* transformers
+    builds the config object from it: config classes build per-layer lists in their
+    constructor (Qwen3's layer_types has num_hidden_layers entries), so a config with
+    2**31 layers would allocate for minutes before ``check_config`` could see it."""
+    if isinstance(raw, list):
+        for item in raw:
+            check_raw_sizes(item, origin, path)
+        return
+    if not isinstance(raw, dict):
+        return
+    bounds = {spec.name: spec for spec in SIZE_FIELDS + COUNT_FIELDS}
+    for key, value in raw.items():
+        spec = bounds.get(RAW_ALIASES.get(key, key)) if isinstance(key, str) else None
+        if (spec is not None and isinstance(value, int) and not isinstance(value, bool)
+                and value > spec.high):
+            name = f"{path}.{key}" if path else key
+            raise ConfigError(
+                f"{name} is {value:,} in {origin}; qplan plans {spec.low:,} to {spec.high:,}"
+                f" - {_fix(origin)}"
+            )
+        if isinstance(value, (dict, list)):
+            check_raw_sizes(value, origin, f"{path}.{key}" if path else str(key))
+
+
 def check_config(config: Any, origin: str = "the config") -> None:
     """Raise ConfigError naming the first impossible or absurd field of ``config``."""
     checked = [config]

@@ -129,6 +129,13 @@ ABSURD = [
                 config_text(num_hidden_layers=1024, hidden_size=1 << 17, num_attention_heads=1024,
                             num_key_value_heads=1024, intermediate_size=1 << 20)),
     config_case("huge int", 1, ("vocab_size",), config_text(vocab_size=10**400)),
+    # Qwen3's config class builds a num_hidden_layers-long layer_types list while it is
+    # constructed: refused before transformers is asked (found by the long fuzz, which hung).
+    config_case("2^31 layers, per-layer lists", 1, ("num_hidden_layers", "1,024"),
+                config_text(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                            max_window_layers=36, num_hidden_layers=2**31)),
+    config_case("2^31 layers in text_config", 1, ("text_config.num_hidden_layers",),
+                config_text(text_config={"num_hidden_layers": 2**31})),
 ]
 
 IMPOSSIBLE = [
