@@ -149,6 +149,15 @@ def prepare_for_training(
         try:
             model = get_peft_model(model, lora_config(workload, model))
         except ValueError as exc:  # peft's NoMatchingPeftModuleError and its kin
+            if "ParamWrapper does not work with lora_dropout" in str(exc):
+                # peft adapts fused MoE expert tensors with lora.ParamWrapper, which has no
+                # dropout: the user's own get_peft_model refuses the same config.
+                raise UsageError(
+                    f"peft cannot apply LoRA dropout {workload.lora_dropout} to this model's "
+                    "fused expert parameters (lora.ParamWrapper has no dropout); plan with "
+                    "--lora-dropout 0 (lora_dropout: 0 in the YAML), or name attention "
+                    "targets (--lora-targets q_proj,k_proj,v_proj,o_proj)"
+                ) from None
             if "not found in the base model" not in str(exc) and "matched" not in str(exc):
                 raise
             raise UsageError(

@@ -54,6 +54,12 @@ def config_text(**changes) -> str:
     return json.dumps(raw)
 
 
+def _tiny(family: str) -> dict:
+    from tiny_models import TINY_CONFIGS
+
+    return {**TINY_CONFIGS[family], "dtype": "bfloat16"}
+
+
 def est(*args: str) -> tuple[str, ...]:
     return ("estimate", *args)
 
@@ -174,6 +180,11 @@ MODELS = [
     Bad("offline unknown id", est("nobody/nothing-here", "--gpu", "4090"), 1, ("offline",)),
     Bad("empty model", est("", "--gpu", "4090"), 2, ("no model",)),
     Bad("no model at all", est("--gpu", "4090"), 2, ("no model",)),
+    # peft wraps fused MoE expert tensors with lora.ParamWrapper, which refuses dropout: the
+    # user's own get_peft_model fails the same way (found by the long fuzz).
+    Bad("moe expert lora with dropout",
+        est("{file}", "--gpu", "80GB", "--mode", "lora", "--lora-dropout", "0.1"), 2,
+        ("lora-dropout 0", "expert"), json.dumps(_tiny("mixtral"))),
 ]
 
 # --------------------------------------------------------------------------- GPUs
