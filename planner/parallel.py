@@ -159,9 +159,8 @@ def param_layout(
     replicated = 0
     for t in inventory.tensors:
         if prec.quantized and prec.method.replaces(t, settings):
-            out_f, in_f = t.linear_shape
             tensors = prec.method.stored_tensors(prec, t, settings)
-            stored = prec.method.stored_weight(prec, out_f, in_f, settings)
+            stored = prec.method.stored_weight_of(prec, t, settings)
             params.append(ParamInfo(t.module, stored.shape, stored.itemsize, t.numel))
             replicated += sum(tensors[1:])
             continue

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from qplan.planner.quant import QuantMethod, QuantSettings, method_named
+from qplan.planner.quant import QuantMethod, method_named
 from qplan.planner.quant.bnb import (  # noqa: F401  (re-exported: older imports)
     BNB_4BIT_BLOCKSIZE,
     BNB_NESTED_BLOCKSIZE,
@@ -170,12 +170,3 @@ def alloc_size(nbytes: int) -> int:
         return 0
     return ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND
 
-
-def quantized_layer_tensors(
-    precision: Precision, out_features: int, in_features: int, quant_storage_bytes: int = 1
-) -> tuple[int, ...]:
-    """Byte sizes of every tensor a quantised Linear keeps for ``precision``."""
-    storage = {1: "uint8", 2: "bfloat16", 4: "float32"}[quant_storage_bytes]
-    return precision.method.layer_tensors(
-        precision, out_features, in_features, QuantSettings(quant_storage=storage)
-    )

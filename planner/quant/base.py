@@ -8,6 +8,7 @@ comes in ``QuantSettings``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,13 +144,26 @@ class QuantMethod:
     def layer_tensors(
         self, prec: Precision, out_features: int, in_features: int, settings: QuantSettings
     ) -> tuple[int, ...]:
-        """Byte sizes of the tensors one replaced Linear stores, weight first; bias excluded."""
-        raise NotImplementedError(f"{self.name} replaces no layers")
+        """Byte sizes of the tensors one replaced Linear stores, weight first; bias excluded.
+        The default is a method that replaces nothing: the weight in the load dtype."""
+        return (out_features * in_features * self._load_itemsize(prec, settings),)
 
     def stored_weight(
         self, prec: Precision, out_features: int, in_features: int, settings: QuantSettings
     ) -> StoredWeight:
-        raise NotImplementedError(f"{self.name} replaces no layers")
+        """The tensor FSDP shards in place of a Linear's weight (default: the weight)."""
+        return StoredWeight((out_features, in_features), self._load_itemsize(prec, settings))
+
+    def stored_weight_of(self, prec: Precision, t: TensorInfo,
+                         settings: QuantSettings) -> StoredWeight:
+        """``stored_weight`` for the module weight ``t`` (layouts read off the model)."""
+        out_f, in_f = t.linear_shape
+        return self.stored_weight(prec, out_f, in_f, settings)
+
+    def _load_itemsize(self, prec: Precision, settings: QuantSettings) -> int:
+        from qplan.planner.precision import DTYPE_BYTES
+
+        return DTYPE_BYTES[self.load_dtype(prec, settings.compute_dtype)]
 
     # ----------------------------------------------------------------- loading
     def load_kwargs(self, prec: Precision, settings: QuantSettings) -> dict[str, Any]:
@@ -198,7 +212,7 @@ class QuantMethod:
         return {"adapter": "lora"} if lora else {}
 
 
-class StoredFormat(QuantMethod):
+class StoredFormat(QuantMethod, abc.ABC):
     """A checkpoint format peft has no LoRA layer for, whose kernels do not run on meta
     (MXFP4, FP8, compressed-tensors): training runs on its dequantised load, the workload
     is traced on the dequantised model and only the weights are the stored ones.
@@ -217,8 +231,15 @@ class StoredFormat(QuantMethod):
             return None
         return self.read_stored(quantization_config)
 
+    @abc.abstractmethod
     def read_stored(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
-        raise NotImplementedError(f"{self.name} reads no checkpoints")
+        """The stored format a ``quantization_config`` of one of ``reads`` describes."""
+
+    def stored_weight_of(self, prec: Precision, t: TensorInfo,
+                         settings: QuantSettings) -> StoredWeight:
+        # What sharding needs is the packed weight's size; stored formats know it per
+        # module (compressed-tensors reads it off the meta model), not always by shape.
+        return StoredWeight((self.stored_tensors(prec, t, settings)[0],), 1)
 
     def load_kwargs(self, prec: Precision, settings: QuantSettings) -> dict[str, Any]:
         # The checkpoint's own quantization_config applies; passing one would replace it.

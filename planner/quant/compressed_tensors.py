@@ -64,10 +64,6 @@ class CompressedTensors(StoredFormat):
     def stored_tensors(self, prec: Any, t: Any, settings: QuantSettings) -> tuple[int, ...]:
         return _table(settings.stored)[t.module]
 
-    def layer_tensors(self, prec: Any, out_features: int, in_features: int,
-                      settings: QuantSettings) -> tuple[int, ...]:
-        raise NotImplementedError("compressed-tensors layouts come from the meta model")
-
     def check_available(self) -> None:
         from qplan.errors import QplanError
 
