@@ -56,10 +56,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs
 
-    precomputed = workload.option("ref_model") == "precomputed"
-    ref = None
-    if preference.keeps_reference_copy(workload) and not precomputed:
-        ref = preference.reference_copy(model, tracker, seen)
+    precomputed, ref = preference.reference(workload, model, tracker, seen)
     with preference.trace_quiet():
         args = KTOConfig(
             output_dir=preference.scratch_dir(), precompute_ref_log_probs=precomputed,

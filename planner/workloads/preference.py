@@ -91,6 +91,16 @@ def keeps_reference_copy(workload: Any) -> bool:
     return ref == "copy" or (ref == "auto" and workload.tuning == "full")
 
 
+def reference(workload: Any, model: Any, tracker: Any, seen: Any) -> tuple[bool, Any]:
+    """(reference log-probs precomputed, the frozen reference model or None) for the
+    reference-model workloads (DPO, KTO)."""
+    precomputed = workload.option("ref_model") == "precomputed"
+    ref = None
+    if keeps_reference_copy(workload) and not precomputed:
+        ref = reference_copy(model, tracker, seen)
+    return precomputed, ref
+
+
 def reference_copy(model: Any, tracker: Any, seen: Any) -> Any:
     """A frozen copy of the policy's weights (TRL loads the same checkpoint again), in
     eval mode, counted as the reference model."""
