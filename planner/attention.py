@@ -67,16 +67,22 @@ class _FlashAttention2(torch.autograd.Function):
         dq = torch.empty_like(q)
         softmax_d = q.new_empty((batch, heads, seq_rounded), dtype=torch.float32)
         dq_accum = q.new_empty((batch, seq_rounded, heads, dim_rounded), dtype=torch.float32)
-        if k.shape[2] != heads:
-            expanded = (batch, k.shape[1], heads, head_dim)
-            dk_expanded, dv_expanded = q.new_empty(expanded), q.new_empty(expanded)
-            dk = dk_expanded.new_empty(k.shape)
-            dv = dv_expanded.new_empty(v.shape)
-            del dk_expanded, dv_expanded
-        else:
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk, dv = _kv_grads(q, k, v, (batch, k.shape[1], heads, head_dim), k.shape[2] != heads)
         del softmax_d, dq_accum
         return dq, dk, dv
+
+
+def _kv_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, expanded: tuple[int, ...],
+              grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv as flash-attn's backward allocates them: under grouped-query attention it
+    first writes per-query-head gradients (``expanded``) and then sums them per KV head."""
+    if not grouped:
+        return torch.empty_like(k), torch.empty_like(v)
+    dk_expanded, dv_expanded = q.new_empty(expanded), q.new_empty(expanded)
+    dk = dk_expanded.new_empty(k.shape)
+    dv = dv_expanded.new_empty(v.shape)
+    del dk_expanded, dv_expanded
+    return dk, dv
 
 
 class _FlashAttention2Varlen(torch.autograd.Function):
@@ -101,14 +107,7 @@ class _FlashAttention2Varlen(torch.autograd.Function):
         dq = torch.empty_like(q)
         softmax_d = q.new_empty((heads, padded), dtype=torch.float32)
         dq_accum = q.new_empty((padded, heads, dim_rounded), dtype=torch.float32)
-        if k.shape[1] != heads:
-            expanded = (k.shape[0], heads, head_dim)
-            dk_expanded, dv_expanded = q.new_empty(expanded), q.new_empty(expanded)
-            dk = dk_expanded.new_empty(k.shape)
-            dv = dv_expanded.new_empty(v.shape)
-            del dk_expanded, dv_expanded
-        else:
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk, dv = _kv_grads(q, k, v, (k.shape[0], heads, head_dim), k.shape[1] != heads)
         del softmax_d, dq_accum
         return dq, dk, dv, None
 
