@@ -387,7 +387,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     if raw.get("revision_of_model"):
         kwargs["revision"] = str(raw["revision_of_model"])
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
-    keys = account_keys(raw, path, not_modelled)
+    keys = account_keys(raw, path, not_modelled, _workload_keys(kwargs["mode"]))
     # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.
     unused = tuple(sorted(k for k in raw if k not in READ_KEYS and _is_set(raw[k])))
     return AxolotlPlan(
@@ -416,6 +416,8 @@ def _rl(raw: dict[str, Any], adapter: str | None, not_modelled: dict[str, str]) 
         return {}
     kind = WORKLOADS[name]
     options = kind.from_axolotl(raw, adapter) if kind.from_axolotl is not None else {}
+    if kind.axolotl_not_modelled is not None:
+        not_modelled.update(kind.axolotl_not_modelled(raw))
     return {"mode": name, **options}
 
 
@@ -509,18 +511,28 @@ def _fused_ce(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> 
     return "cce" if cce else "liger" if liger else None
 
 
-def account_keys(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> KeyAccount:
+def _workload_keys(mode: str) -> frozenset[str]:
+    """The YAML keys the planned workload's own module reads (planner/workloads/)."""
+    from qplan.planner.workloads import WORKLOADS
+
+    kind = WORKLOADS.get(mode)
+    return frozenset(kind.axolotl_keys) if kind is not None else frozenset()
+
+
+def account_keys(raw: dict[str, Any], path: Path, not_modelled: dict[str, str],
+                 workload_keys: frozenset[str] = frozenset()) -> KeyAccount:
     """Sort every key of the file into read / not modelled / ignored / unknown.
 
     ``not_modelled`` holds what the reader itself found it could not plan (an attention
     it does not know, ...); keys of ``NOT_MODELLED`` join it when they ask for something.
+    ``workload_keys``: keys the planned workload's module read.
     """
     read, ignored, unknown = [], [], []
     found = dict(not_modelled)
     for key, value in raw.items():
         if key in found:
             continue
-        if key in READ_KEYS:
+        if key in READ_KEYS or key in workload_keys:
             read.append(key)
             continue
         kind = classify_key(key)

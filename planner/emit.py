@@ -252,7 +252,8 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     if workload.seq_len:
         out["sequence_len"] = workload.seq_len
     out["micro_batch_size"] = workload.batch
-    out["gradient_accumulation_steps"] = 1
+    # A workload's own keys may set it (GRPO: its steps per generation).
+    out.setdefault("gradient_accumulation_steps", 1)
     out["gradient_checkpointing"] = workload.gradient_checkpointing
     if workload.gradient_checkpointing:
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": workload.gc_reentrant}

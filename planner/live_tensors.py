@@ -12,9 +12,10 @@ state, KV cache, ...), without copying the live set at every new peak.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._host_live: dict[int, int] = {}  # id(storage) -> nbytes
         self.host_current = 0
         self.host_peak = 0
+        self._untracked = 0
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -140,8 +142,20 @@ class LiveTensorTracker(TorchDispatchMode):
         self.current_allocated -= alloc_size(known[1])
         self._events.append((serial, -known[1], self.phase, None))
 
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Ops inside make storages nobody counts: the caller counts, with ``add``, those
+        it keeps (GRPO's generation makes a long KV cache this way, then counts it)."""
+        self._untracked += 1
+        try:
+            yield
+        finally:
+            self._untracked -= 1
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         out = meta_memo.call(func, args, kwargs or {})
+        if self._untracked:
+            return out
         if isinstance(out, torch.Tensor):
             self.add(out)
         else:

@@ -140,3 +140,53 @@ def concatenated_peak(kind: str, model: Any, batch: int, prompt: int, completion
         with tracker:
             trainer.train()
     return LoopPeak(tracker.peak)
+
+
+def completion_length(completions: list[str], **_: Any) -> list[float]:
+    """A model-free reward (a Python function, as GRPO users write them): the length of
+    each completion in characters."""
+    return [float(len(text)) for text in completions]
+
+
+def grpo_peak(model: Any, batch: int, prompt: int, completion: int, *, num_generations: int,
+              beta: float = 0.0, ref_copy: bool = False, gradient_checkpointing: bool,
+              steps: int = 2) -> tuple[LoopPeak, int]:
+    """``GRPOTrainer.train()`` for ``steps`` steps of ``batch`` completions (``batch //
+    num_generations`` prompts of ``prompt`` words, each sampled ``num_generations`` times
+    for ``completion`` tokens by ``model.generate``), a Python reward function, TRL's
+    defaults otherwise. Returns the whole run's peak and the peak while ``generate`` ran.
+    ``ref_copy``: full fine-tuning with beta > 0, where TRL loads the checkpoint again as
+    the reference (from the model's config path)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    vocab = model.config.get_text_config().vocab_size
+    prompts = batch * steps // num_generations
+    data = Dataset.from_list([{"prompt": _words(11 * r, prompt, vocab)} for r in range(prompts)])
+    with tempfile.TemporaryDirectory(prefix="qplan-grpo-") as out, _quiet():
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+            num_generations=num_generations, max_completion_length=completion, beta=beta,
+            bf16=False, gradient_checkpointing=gradient_checkpointing, use_cpu=True,
+            save_strategy="no", report_to=[], logging_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=completion_length, args=args,
+                              train_dataset=data, processing_class=word_tokenizer(vocab))
+        tracker = LiveTensorTracker()
+        track_model(trainer.model, tracker, StepTensors())
+        if trainer.ref_model is not None:
+            track_model(trainer.ref_model, tracker, StepTensors())
+        generate = trainer.model.generate
+
+        def tracked_generate(*a: Any, **kw: Any) -> Any:
+            phase, tracker.phase = tracker.phase, "generate"
+            try:
+                return generate(*a, **kw)
+            finally:
+                tracker.phase = phase
+
+        trainer.model.generate = tracked_generate
+        with tracker:
+            trainer.train()
+    return LoopPeak(tracker.peak), tracker.phase_peaks.get("generate", 0)

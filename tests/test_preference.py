@@ -140,7 +140,7 @@ def test_schema_and_cli_follow_the_registry():
         for option in kind.options:
             if option.choices:
                 assert tuple(workload[option.name]["enum"]) == option.choices
-    assert set(AXOLOTL_RL) == {"dpo", "ipo", "kto", "orpo", "simpo"}
+    assert set(AXOLOTL_RL) == {"dpo", "ipo", "kto", "orpo", "simpo", "grpo"}
     text = CliRunner().invoke(app, ["estimate", "--help"], env={"COLUMNS": "400"}).output
     for mode in MODES:
         assert mode in text
@@ -204,8 +204,8 @@ def test_axolotl_dpo_yaml(tiny_model_dir, tmp_path):
 
 
 def test_axolotl_rl_not_planned_is_a_warning(tiny_model_dir, tmp_path):
-    path = tmp_path / "grpo.yml"
-    path.write_text(f"base_model: {tiny_model_dir('llama')}\nrl: grpo\nadapter: lora\n")
+    path = tmp_path / "ppo.yml"
+    path.write_text(f"base_model: {tiny_model_dir('llama')}\nrl: ppo\nadapter: lora\n")
     plan_file = read_axolotl(path)
     assert plan_file.estimate_kwargs["mode"] == "lora"
     assert "rl" in plan_file.keys.not_modelled

@@ -4,11 +4,11 @@ module declares). Everything that depends on the workload asks here."""
 from __future__ import annotations
 
 from qplan.errors import UsageError
-from qplan.planner.workloads import dpo, finetune, inference, kto, orpo, simpo
+from qplan.planner.workloads import dpo, finetune, grpo, inference, kto, orpo, simpo
 from qplan.planner.workloads.kind import WorkloadKind, WorkloadOption
 
 # Registry order is --mode's order (and the schema's enum).
-MODULES = (inference, finetune, dpo, kto, orpo, simpo)
+MODULES = (inference, finetune, dpo, kto, orpo, simpo, grpo)
 WORKLOADS: dict[str, WorkloadKind] = {
     kind.name: kind for module in MODULES for kind in module.KINDS
 }

@@ -36,11 +36,11 @@ class WorkloadOption:
     keyword argument of ``qplan.estimate``)."""
 
     name: str
-    default: str | float | bool
+    default: str | float | bool | int
     help: str
     choices: tuple[str, ...] = ()
 
-    def parse(self, value: Any, mode: str) -> str | float | bool:
+    def parse(self, value: Any, mode: str) -> str | float | bool | int:
         """The value, checked; a bad one is a one-line UsageError naming the fix."""
         if isinstance(self.default, bool):
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
@@ -49,6 +49,15 @@ class WorkloadOption:
                 return value
             raise UsageError(f"--mode {mode} option {self.name} takes true or false, not "
                              f"{value!r}")
+        if isinstance(self.default, int):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if not number.is_integer():
+                raise UsageError(f"--mode {mode} option {self.name} takes a whole number, not "
+                                 f"{value!r}")
+            return int(number)
         if isinstance(self.default, float):
             try:
                 return float(value)
@@ -78,6 +87,9 @@ class WorkloadKind:
     ``from_axolotl(raw, adapter)``: its options from the YAML (adapter: lora, qlora or
     None); ``to_axolotl(workload)``: its YAML keys; ``replan(workload, four_bit)``: its
     options as the emitted YAML reads back (``--emit axolotl`` round-trips them).
+    ``axolotl_keys``: the YAML keys ``from_axolotl`` reads beyond the common ones (listed
+    as read); ``axolotl_not_modelled(raw)``: what of the YAML the workload cannot plan,
+    key -> what it changes (the plan warns).
     ``needs``: the Python distributions the step imports (planned only when installed).
     ``causal_lm_step``: the step is transformers' causal-LM training loop, whose levers
     (fused cross-entropy, sample packing) apply; a preference trainer's loss is its own.
@@ -97,6 +109,8 @@ class WorkloadKind:
     from_axolotl: Callable[[Mapping[str, Any], str | None], dict[str, Any]] | None = None
     to_axolotl: Callable[[Workload], dict[str, Any]] | None = None
     replan: Callable[[Workload, bool], dict[str, Any]] | None = None
+    axolotl_keys: tuple[str, ...] = ()
+    axolotl_not_modelled: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
     needs: tuple[str, ...] = ()
     causal_lm_step: bool = True
 
