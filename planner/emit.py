@@ -125,6 +125,10 @@ def _placement(report: Any, quantized: bool | float) -> tuple[list[str], list[st
 
 
 def _exclude_line(report: Any) -> list[str]:
+    # A frozen vision tower: one regular expression (it holds the refused names too).
+    regex = report.workload.get("lora_exclude_regex")
+    if regex:
+        return [f"    exclude_modules={json.dumps(regex)},"]
     excluded = report.workload.get("lora_exclude_modules")
     return [f"    exclude_modules={json.dumps(list(excluded))},"] if excluded else []
 

@@ -166,14 +166,21 @@ def run_inference(
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     ids = input_ids(workload.batch, workload.seq_len, vocab, device)
+    images = _image_inputs(model, workload, ids)
     model.eval()
     with torch.no_grad():
         tracker.phase, tracker.segment = "forward", ("embed",)
         attention_mask = torch.ones_like(ids)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         del attention_mask
+        if images is not None and images.position_ids is not None:
+            # generate's prefill for multimodal rotary positions (Qwen2-VL style): the
+            # text positions stacked on the model's 3-D ones.
+            position_ids = torch.cat([position_ids[None], images.position_ids], dim=0)
         cache = generation_cache(model)
         kwargs = {} if cache is None else {_cache_argument(model): cache}
+        if images is not None:
+            kwargs.update(images.inputs)
         out = model(input_ids=ids.clone(), position_ids=position_ids, use_cache=True,
                     logits_to_keep=1, **kwargs)
         tracker.segment = ()
@@ -183,8 +190,19 @@ def run_inference(
             if serial is not None:
                 seen.kv_cache.add(serial)
         next_logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
-        del out, next_logits, position_ids, states, cache
+        del out, next_logits, position_ids, states, cache, kwargs, images
     tracker.phase = "done"
+
+
+def _image_inputs(model: nn.Module, workload: Workload, ids: torch.Tensor) -> Any:
+    """The images of a vision-language workload (planner/vision.py): their placeholder
+    tokens written into ``ids``, the pixel values and the processor's extras; None
+    without images."""
+    if not workload.images:
+        return None
+    from qplan.planner.vision import image_batch
+
+    return image_batch(model, ids, workload.images, workload.image_size)
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, device: torch.device) -> Any:
@@ -377,10 +395,14 @@ def run_training(
     if loss_of is None:
         rows, length = training_shape(workload)
         ids = input_ids(rows, length, vocab, device)
+        images = _image_inputs(model, workload, ids)
         labels = ids.clone()
+        image_kwargs = {} if images is None else dict(images.inputs)
         # Packed: Axolotl's multipack collator restarts the position ids at every sequence,
         # which transformers reads as packing (a block-diagonal mask, or varlen flash).
         position_ids = packed_position_ids(workload, device) if workload.sample_packing else None
+        if images is not None and images.position_ids is not None:
+            position_ids = images.position_ids
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
@@ -393,7 +415,7 @@ def run_training(
                 loss = fused_ce_loss(model, ids, workload.fused_ce, labels, position_ids)
             else:
                 out = model(input_ids=ids, labels=labels, position_ids=position_ids,
-                            use_cache=False)
+                            use_cache=False, **image_kwargs)
                 loss = out.loss
                 del out
             tracker.phase, tracker.segment = "backward", ("head",)

@@ -173,6 +173,7 @@ def trace_patches(target: str, attn: str,
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
+        stack.enter_context(_image_checks_on_meta())
         if packing is not None:
             from qplan.planner.attention import packed_flash
 
@@ -238,6 +239,47 @@ def _grouped_mm_fallback_off_bf16() -> Iterator[None]:
         yield
     finally:
         moe._can_use_grouped_mm = original
+
+
+@contextlib.contextmanager
+def _image_checks_on_meta() -> Iterator[None]:
+    """Vision-language models (planner/vision.py) check that the image placeholder
+    tokens match the image features (``torch._check_tensor_all_with`` on a count): on
+    meta there is no count, and the step put exactly as many placeholders as the features
+    (the real run's check passes). Qwen2-VL-style towers read their image grid's values
+    for window and sequence bookkeeping: the step passes the grid on the CPU, and the
+    rotary position ids made from it go to meta with the hidden states."""
+    import sys
+
+    from transformers import vision_utils
+
+    original_check = torch._check_tensor_all_with
+
+    def check(error_type: Any, cond: Any, message: Any = None) -> None:
+        if isinstance(cond, torch.Tensor) and cond.device.type == "meta":
+            return
+        original_check(error_type, cond, message)
+
+    original_ids = vision_utils.get_vision_position_ids
+
+    def position_ids(*args: Any, **kwargs: Any) -> Any:
+        result = original_ids(*args, **kwargs)
+        return result.to("meta") if isinstance(result, torch.Tensor) else result
+
+    patched = [(vision_utils, "get_vision_position_ids", original_ids)]
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers.models.") and \
+                getattr(module, "get_vision_position_ids", None) is original_ids:
+            patched.append((module, "get_vision_position_ids", original_ids))
+    torch._check_tensor_all_with = check
+    for module, attr, _ in patched:
+        setattr(module, attr, position_ids)
+    try:
+        yield
+    finally:
+        torch._check_tensor_all_with = original_check
+        for module, attr, original in patched:
+            setattr(module, attr, original)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ loads, so what is estimated is what is loaded:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from qplan.errors import UsageError
+from qplan.planner.vision import vision_module_prefixes
 from qplan.planner.workload import Workload
 
 
@@ -83,9 +85,11 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
     ``model``'s architecture (exclude_modules, which peft applies before its check)."""
     from peft import LoraConfig
 
-    exclude = None
+    exclude: str | list[str] | None = None
     if workload.target_modules == "all-linear" and model is not None:
         exclude = list(peft_refused_targets(model)) or None
+    if model is not None and workload.vision_frozen:
+        exclude = _with_vision_excluded(exclude, vision_module_prefixes(model))
     return LoraConfig(
         r=workload.lora_r,
         lora_alpha=workload.alpha,
@@ -94,6 +98,26 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
         exclude_modules=exclude,
         task_type="CAUSAL_LM",
     )
+
+
+def _with_vision_excluded(exclude: list[str] | None,
+                          prefixes: tuple[str, ...]) -> str | list[str] | None:
+    """peft's exclude_modules with everything under the vision tower and projector added:
+    one regular expression (peft's re.fullmatch on each module's full name) that also
+    keeps the refused leaf names."""
+    if not prefixes:
+        return exclude
+    parts = [rf"{re.escape(prefix)}(\..+)?" for prefix in prefixes]
+    if exclude:
+        parts.append(rf"(.+\.)?({'|'.join(re.escape(name) for name in exclude)})")
+    return "|".join(f"(?:{part})" for part in parts)
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """Full fine-tuning with the vision tower and projector frozen (Axolotl's
+    ``freeze_mm_modules``)."""
+    for prefix in vision_module_prefixes(model):
+        model.get_submodule(prefix).requires_grad_(False)
 
 
 # Streaming multiprocessors a CUDA plan assumes for Liger's RMSNorm backward (one float32
@@ -170,6 +194,8 @@ def prepare_for_training(
             from qplan.planner.unfrozen import freeze_except
 
             freeze_except(model, workload.unfrozen_parameters)
+        if workload.vision_frozen:
+            freeze_vision(model)
         if hf_gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if workload.activation_offloading:

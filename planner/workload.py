@@ -62,6 +62,13 @@ class Workload:
     # Liger's RMSNorm / SwiGLU kernels in place of the model's (planner/liger_kernels.py).
     liger_rms_norm: bool = False
     liger_glu: bool = False
+    # Vision-language models (planner/vision.py): images per sequence (their placeholder
+    # tokens count in seq_len), their size before the processor (height, width; None: the
+    # processor's, or qplan's default for dynamic resolution), and whether the vision tower
+    # and projector train (None: the mode's default, frozen for LoRA, trained for full).
+    images: int = 0
+    image_size: tuple[int, int] | None = None
+    train_vision: bool | None = None
     # The options of the mode's own module (planner/workloads/), every one with its value:
     # (name, value) pairs in the module's order, e.g. (("adapter", "lora"), ...) for dpo.
     extra: tuple[tuple[str, Any], ...] = ()
@@ -88,6 +95,14 @@ class Workload:
     @property
     def is_lora(self) -> bool:
         return self.tuning in ("lora", "qlora")
+
+    @property
+    def vision_frozen(self) -> bool:
+        """The vision tower and projector stay frozen: LoRA's default (Axolotl's advice:
+        adapters on the language model only), or asked (``freeze_mm_modules``)."""
+        if self.train_vision is not None:
+            return not self.train_vision
+        return self.is_lora
 
     @property
     def alpha(self) -> int:

@@ -178,6 +178,9 @@ def make_workload(
     unfrozen_parameters: Sequence[str] | None = None,
     liger_rms_norm: bool = False,
     liger_glu: bool = False,
+    images: int = 0,
+    image_size: int | str | Sequence[int] | None = None,
+    train_vision: bool | None = None,
     **mode_options: Any,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
@@ -244,6 +247,8 @@ def make_workload(
             raise UsageError(
                 f"LoRA target regex {lora_target_regex!r} does not compile ({exc}); fix it"
             ) from None
+    size = _check_images(kind, images, image_size, train_vision, config, seq_len,
+                         sample_packing=sample_packing, fused_ce=fused_ce)
     if lora_alpha is not None and not 1 <= lora_alpha <= 1 << 20:
         raise UsageError(f"--lora-alpha must be between 1 and 1048576, not {lora_alpha}")
     if not 0.0 <= lora_dropout < 1.0:
@@ -268,8 +273,75 @@ def make_workload(
         unfrozen_parameters=unfrozen,
         liger_rms_norm=liger_rms_norm,
         liger_glu=liger_glu,
+        images=images,
+        image_size=size,
+        train_vision=train_vision,
         extra=extra,
     )
+
+
+MAX_IMAGES = 256
+MAX_IMAGE_SIDE = 16384
+
+
+def parse_image_size(value: int | str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``448``, ``"448"``, ``"448x640"`` (height x width) or ``(448, 640)``; a bad one is
+    a one-line UsageError."""
+    if value is None:
+        return None
+    parts: list[Any]
+    if isinstance(value, bool):
+        parts = []
+    elif isinstance(value, int):
+        parts = [value, value]
+    elif isinstance(value, str):
+        parts = value.lower().replace("*", "x").split("x")
+        parts = parts * 2 if len(parts) == 1 else parts
+    else:
+        parts = list(value)
+        parts = parts * 2 if len(parts) == 1 else parts
+    try:
+        sides = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        sides = ()
+    if len(sides) != 2 or not all(1 <= side <= MAX_IMAGE_SIDE for side in sides):
+        raise UsageError(
+            f"--image-size {value!r} is not a size in pixels; write e.g. --image-size 448 "
+            f"or --image-size 448x640 (height x width, each 1 to {MAX_IMAGE_SIDE})"
+        )
+    return (sides[0], sides[1])
+
+
+def _check_images(kind: Any, images: Any, image_size: Any, train_vision: bool | None,
+                  config: Any, seq_len: int, *, sample_packing: bool,
+                  fused_ce: str | None) -> tuple[int, int] | None:
+    """Validate the image options against the mode and the model; returns the size."""
+    from qplan.planner.workloads import IMAGE_MODES, TRAINING_MODES
+
+    if isinstance(images, bool) or not isinstance(images, int) \
+            or not 0 <= images <= MAX_IMAGES:
+        raise UsageError(f"--images must be a whole number of images per sequence between 0 "
+                         f"and {MAX_IMAGES}, not {images!r}")
+    size = parse_image_size(image_size)
+    if train_vision is not None and kind.name not in TRAINING_MODES:
+        raise UsageError(f"--train-vision / --freeze-vision decide what trains; use them with "
+                         f"--mode {', '.join(TRAINING_MODES)}, not {kind.name}")
+    if not images:
+        if size is not None:
+            raise UsageError("--image-size sizes the images of --images N; give --images too")
+        return None
+    if not kind.takes_images:
+        raise UsageError(f"--images feeds images through the step of --mode "
+                         f"{', '.join(IMAGE_MODES)}; --mode {kind.name} plans text only, "
+                         "leave --images out")
+    for lever, on in (("--sample-packing", sample_packing), ("--fused-ce", fused_ce)):
+        if on:
+            raise UsageError(f"{lever} is not planned with --images (Axolotl keeps "
+                             f"multimodal batches unpacked); leave {lever} out")
+    from qplan.planner.vision import check_fits, image_layout
+
+    check_fits(images, image_layout(config, size), seq_len)
+    return size
 
 
 def _mode_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +464,37 @@ def _lora_exclusions(meta: Any, workload: Workload, notes: list[str]) -> tuple[s
     return refused
 
 
+def _image_report(config: Any, meta: Any, workload: Workload,
+                  notes: list[str]) -> dict[str, Any]:
+    """The report's image fields (per sequence) and the note on where the layout comes
+    from; for a training mode on a vision-language model, whether its tower trains."""
+    from qplan.planner.vision import image_layout, vision_module_prefixes
+
+    found: dict[str, Any] = {}
+    tower = vision_module_prefixes(meta)
+    if workload.is_training and tower:
+        found["vision_frozen"] = workload.vision_frozen
+        if workload.is_lora and workload.vision_frozen:
+            from qplan.planner.training_setup import lora_config
+
+            found["lora_exclude_regex"] = lora_config(workload, meta).exclude_modules
+        notes.append(
+            f"vision tower and projector ({', '.join(tower)}) "
+            + ("frozen: no adapters or gradients there (--train-vision to train them)"
+               if workload.vision_frozen else "trained with the language model")
+        )
+    if not workload.images:
+        return found
+    layout = image_layout(config, workload.image_size)
+    notes.append(f"images: {workload.images} per sequence; {layout.note}")
+    return {
+        **found,
+        "image_tokens_per_image": layout.tokens,
+        "image_tokens": workload.images * layout.tokens,
+        "image_pixels": list(layout.size),
+    }
+
+
 def estimate(
     model: str | ModelSpec,
     *,
@@ -495,6 +598,7 @@ def estimate(
         )
         report_skips = skip_modules
     lora_excluded = _lora_exclusions(meta, workload, notes)
+    image_report = _image_report(spec.config, meta, workload, notes)
     budget = budget_for(gpu_target, room)
     if budget.headroom_bytes >= gpu_target.memory_bytes:
         raise UsageError(
@@ -646,8 +750,8 @@ def estimate(
             headroom_bytes=budget.headroom_bytes,
             usable_bytes=budget.usable_bytes,
         ),
-        workload=workload_dict(workload, compute, quant_storage, target, report_skips,
-                               lora_excluded),
+        workload={**workload_dict(workload, compute, quant_storage, target, report_skips,
+                                  lora_excluded), **image_report},
         candidates=decision.candidates,
         recommendation=decision.recommendation,
         warnings=tuple(warnings),

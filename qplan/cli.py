@@ -37,7 +37,7 @@ from qplan.errors import (
     reset_step,
     unexpected_summary,
 )
-from qplan.planner.workloads import WORKLOADS, modes_help
+from qplan.planner.workloads import IMAGE_MODES, WORKLOADS, modes_help
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
 from qplan.render.table import render_listing, render_loaded
@@ -246,6 +246,34 @@ LigerGluOpt = Annotated[
         "the gate and up projections, backward in place.",
     ),
 ]
+ImagesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--images",
+        help="Images per sequence for a vision-language model (--mode "
+        f"{', '.join(IMAGE_MODES)}): each goes through the vision tower and projector, "
+        "and its placeholder tokens (per the model's processor: 576 for llava-1.5, 256 "
+        "for Gemma 3, by size for Qwen2-VL) count in --seq-len. Default 0: text only.",
+    ),
+]
+ImageSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-size",
+        help="Image size before the processor, 448 or HxW (Axolotl's image_size): sets the "
+        "tokens of dynamic-resolution models (Qwen2-VL; default 448x448); fixed-size "
+        "towers resize to their own.",
+    ),
+]
+TrainVisionOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--train-vision/--freeze-vision",
+        help="Train the vision tower and projector, or freeze them (Axolotl's "
+        "freeze_mm_modules). Default: frozen for LoRA/QLoRA (adapters on the language "
+        "model only), trained for full fine-tuning.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -443,6 +471,9 @@ def estimate(
     unfrozen_parameters: UnfrozenOpt = None,
     liger_rms_norm: LigerNormOpt = None,
     liger_glu: LigerGluOpt = None,
+    images: ImagesOpt = None,
+    image_size: ImageSizeOpt = None,
+    train_vision: TrainVisionOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -474,7 +505,8 @@ def estimate(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
-                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
+                image_size=image_size, train_vision=train_vision,
                 **_mode_options(option),
             ),
         )
@@ -566,6 +598,9 @@ def measure(
     unfrozen_parameters: UnfrozenOpt = None,
     liger_rms_norm: LigerNormOpt = None,
     liger_glu: LigerGluOpt = None,
+    images: ImagesOpt = None,
+    image_size: ImageSizeOpt = None,
+    train_vision: TrainVisionOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -595,7 +630,8 @@ def measure(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
-                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
+                image_size=image_size, train_vision=train_vision,
                 **_mode_options(option),
             ),
         )

@@ -104,6 +104,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             projection_dim=32,
         ),
     ),
+    # Dynamic-resolution images: windowed and full attention blocks in the tower, 3-D
+    # multimodal rotary positions (mrope sections sum to half the 16-wide heads).
+    "qwen2_5_vl": dict(
+        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+        image_token_id=999, video_token_id=998, vision_start_token_id=997,
+        vision_end_token_id=996,
+        text_config=dict(
+            vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+    ),
     # The Hub config names PhiMoEForCausalLM; transformers calls the class PhimoeForCausalLM.
     "phimoe": dict(
         model_type="phimoe", architectures=["PhiMoEForCausalLM"], vocab_size=1000,

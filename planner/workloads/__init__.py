@@ -14,6 +14,8 @@ WORKLOADS: dict[str, WorkloadKind] = {
 }
 MODES = tuple(WORKLOADS)
 TRAINING_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.training)
+# The modes whose step feeds images to a vision-language model (--images).
+IMAGE_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.takes_images)
 # Axolotl's ``rl:`` value -> the workload.
 AXOLOTL_RL = {rl: kind.name for kind in WORKLOADS.values() for rl in kind.axolotl_rl}
 
@@ -38,5 +40,5 @@ def modes_help() -> str:
     return ", ".join(f"{name} ({kind.summary})" for name, kind in WORKLOADS.items())
 
 
-__all__ = ["AXOLOTL_RL", "MODES", "TRAINING_MODES", "WORKLOADS", "WorkloadKind",
+__all__ = ["AXOLOTL_RL", "IMAGE_MODES", "MODES", "TRAINING_MODES", "WORKLOADS", "WorkloadKind",
            "WorkloadOption", "kind_of", "modes_help", "option_names"]

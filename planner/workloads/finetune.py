@@ -26,7 +26,7 @@ def _train(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
 
 KINDS = tuple(
     WorkloadKind(name=name, summary=summary, tuning=fixed(name), step=_train,
-                 default_seq_len=DEFAULT_TRAINING_SEQ, prepare=prepare)
+                 default_seq_len=DEFAULT_TRAINING_SEQ, prepare=prepare, takes_images=True)
     for name, summary in (
         ("lora", "LoRA"), ("qlora", "LoRA on 4-bit"), ("full", "full fine-tuning"),
     )

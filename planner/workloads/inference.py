@@ -26,6 +26,6 @@ KINDS = (
     ),
     WorkloadKind(
         name="inference", summary="KV cache + prefill", tuning=fixed(None), step=_prefill,
-        default_seq_len=DEFAULT_INFERENCE_SEQ,
+        default_seq_len=DEFAULT_INFERENCE_SEQ, takes_images=True,
     ),
 )

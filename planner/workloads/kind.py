@@ -93,6 +93,8 @@ class WorkloadKind:
     ``needs``: the Python distributions the step imports (planned only when installed).
     ``causal_lm_step``: the step is transformers' causal-LM training loop, whose levers
     (fused cross-entropy, sample packing) apply; a preference trainer's loss is its own.
+    ``takes_images``: the step feeds a vision-language model's images (``--images``,
+    planner/vision.py) through its vision tower and projector.
     """
 
     name: str
@@ -113,6 +115,7 @@ class WorkloadKind:
     axolotl_not_modelled: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
     needs: tuple[str, ...] = ()
     causal_lm_step: bool = True
+    takes_images: bool = False
 
     @property
     def training(self) -> bool:
