@@ -387,9 +387,12 @@ def run_training(
     seen: StepTensors,
     steps: int = 2,
     loss_of: Callable[[nn.Module], torch.Tensor] | None = None,
+    accumulation: int = 1,
 ) -> None:
     """Trainer's loop; ``loss_of(model)``: the forward and loss of a workload whose loss is
-    not the causal-LM one (a preference trainer's ``compute_loss``), on its own inputs."""
+    not the causal-LM one (a preference trainer's ``compute_loss``), on its own inputs.
+    ``accumulation``: micro-steps per optimizer step (gradient accumulation: the gradients
+    stay between them, clipping and the update run after the last)."""
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     if loss_of is None:
@@ -406,7 +409,7 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
-    for _ in range(steps):
+    for micro in range(steps):
         with _step_context(model, workload, tracker):
             tracker.phase, tracker.segment = "forward", ("embed",)
             if loss_of is not None:
@@ -427,6 +430,8 @@ def run_training(
                 serial = tracker.serial_of(param.grad)
                 if serial is not None:
                     seen.gradients.add(serial)
+        if (micro + 1) % accumulation:
+            continue
         tracker.phase = "optimizer"
         # Trainer's max_grad_norm=1.0 (accelerate's clip_grad_norm_ -> torch's).
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

@@ -149,25 +149,27 @@ def completion_length(completions: list[str], **_: Any) -> list[float]:
 
 
 def grpo_peak(model: Any, batch: int, prompt: int, completion: int, *, num_generations: int,
-              beta: float = 0.0, ref_copy: bool = False, gradient_checkpointing: bool,
+              beta: float = 0.0, gradient_checkpointing: bool, accumulation: int = 1,
               steps: int = 2) -> tuple[LoopPeak, int]:
     """``GRPOTrainer.train()`` for ``steps`` steps of ``batch`` completions (``batch //
     num_generations`` prompts of ``prompt`` words, each sampled ``num_generations`` times
     for ``completion`` tokens by ``model.generate``), a Python reward function, TRL's
-    defaults otherwise. Returns the whole run's peak and the peak while ``generate`` ran.
-    ``ref_copy``: full fine-tuning with beta > 0, where TRL loads the checkpoint again as
-    the reference (from the model's config path)."""
+    defaults otherwise; ``accumulation`` micro-steps per optimizer step (TRL then
+    generates for all of them at once). Returns the whole run's peak and the peak while
+    ``generate`` ran. Full fine-tuning with beta > 0 loads the checkpoint again (the
+    model's config path) as the reference."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     vocab = model.config.get_text_config().vocab_size
-    prompts = batch * steps // num_generations
+    prompts = batch * accumulation * steps // num_generations
     data = Dataset.from_list([{"prompt": _words(11 * r, prompt, vocab)} for r in range(prompts)])
     with tempfile.TemporaryDirectory(prefix="qplan-grpo-") as out, _quiet():
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
             num_generations=num_generations, max_completion_length=completion, beta=beta,
-            bf16=False, gradient_checkpointing=gradient_checkpointing, use_cpu=True,
+            gradient_accumulation_steps=accumulation, bf16=False,
+            gradient_checkpointing=gradient_checkpointing, use_cpu=True,
             save_strategy="no", report_to=[], logging_strategy="no",
             dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
         )

@@ -84,6 +84,25 @@ def test_grpo_trainer_peak(tiny_model_dir, adapter, beta, gc):
         assert_close(outcome.phase_peaks["generate"], generation, "generate")
 
 
+def test_grpo_gradient_accumulation_peak(tiny_model_dir):
+    """Two micro-steps per optimizer step: TRL generates both steps' completions at once
+    (steps_per_generation = gradient_accumulation_steps), and the first micro-step's
+    gradients stay through the second."""
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    report = estimate(str(folder), gpu="80GiB", mode="grpo", precisions="bf16", target="cpu",
+                      batch=BATCH, seq_len=PROMPT, gradient_checkpointing=True,
+                      steps_per_generation=2, **options("full", 0.0))
+    predicted = report.candidate("bf16")
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured, _ = grpo_peak(model, BATCH, PROMPT, COMPLETION, num_generations=GENERATIONS,
+                            gradient_checkpointing=True, accumulation=2)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "accumulation")
+    # Every parameter's gradient (the weights less the rotary buffer) is resident.
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert predicted.components["gradients"] == params
+
+
 def test_grpo_options_are_checked(tiny_model_dir):
     folder = str(tiny_model_dir("llama"))
     with pytest.raises(UsageError, match="must be a multiple of num_generations 8"):

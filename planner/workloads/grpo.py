@@ -350,9 +350,11 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
         done[0] += 1
         return trainer.compute_loss(m, inputs)
 
-    # One step more than a generation covers: the next generation runs beside the
-    # optimizer states the first update made.
-    run_training(model, workload, tracker, seen, steps=steps + 1, loss_of=loss_of)
+    # TRL generates once per optimizer step (steps_per_generation is the gradient
+    # accumulation): two of them, the second generation beside the first update's
+    # optimizer states, the gradients kept between the micro-steps of one.
+    run_training(model, workload, tracker, seen, steps=2 * steps, loss_of=loss_of,
+                 accumulation=steps)
 
 
 def _from_axolotl(raw: Mapping[str, Any], adapter: str | None) -> dict[str, Any]:
