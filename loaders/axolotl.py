@@ -102,6 +102,8 @@ READ_KEYS = frozenset(
         "revision_of_model",
         "rl",
         "precompute_ref_log_probs",
+        "quantize_moe_experts",
+        "lora_target_parameters",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -382,6 +384,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
             if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
                 raise _bad(path, f"lora_dropout must be a number, not {dropout!r}")
             kwargs["lora_dropout"] = float(dropout)
+        kwargs.update(_moe_levers(raw, path))
     if raw.get("trust_remote_code"):
         kwargs["trust_remote_code"] = True
     if raw.get("revision_of_model"):
@@ -398,6 +401,26 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         notes=tuple(notes),
         keys=keys,
     )
+
+
+def _moe_levers(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``quantize_moe_experts`` (Axolotl quantises the fused experts bitsandbytes leaves
+    in 16 bits; it needs load_in_4bit or load_in_8bit) and ``lora_target_parameters``
+    (peft's target_parameters: LoRA on the expert tensors)."""
+    out: dict[str, Any] = {}
+    if _flag(raw, "quantize_moe_experts", path) is True:
+        if not (_flag(raw, "load_in_4bit", path) or _flag(raw, "load_in_8bit", path)):
+            raise _bad(path, "quantize_moe_experts needs load_in_4bit (qlora) or load_in_8bit "
+                       "(lora), as Axolotl requires")
+        out["quantize_moe_experts"] = True
+    params = raw.get("lora_target_parameters")
+    if _is_set(params):
+        names = [params] if isinstance(params, str) else params
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _bad(path, "lora_target_parameters must be a list of parameter names such "
+                       "as mlp.experts.gate_up_proj")
+        out["lora_target_parameters"] = tuple(names)
+    return out
 
 
 def _rl(raw: dict[str, Any], adapter: str | None, not_modelled: dict[str, str]) -> dict:

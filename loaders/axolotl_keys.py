@@ -36,8 +36,6 @@ NOT_MODELLED: dict[str, str] = {
     "lora_qkv_kernel": "Axolotl's fused LoRA QKV kernel",
     "lora_o_kernel": "Axolotl's fused LoRA output-projection kernel",
     "lora_embedding_kernel": "Axolotl's fused LoRA embedding kernel",
-    "quantize_moe_experts": "Axolotl's own quantisation of fused MoE experts",
-    "lora_target_parameters": "LoRA on parameters (MoE experts): adapters per expert",
     "lora_modules_to_save": "fully trained copies of the named modules",
     "embeddings_skip_upcast": (
         "embeddings left in 16 bits by k-bit preparation (runs only under the bf16 "

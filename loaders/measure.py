@@ -69,15 +69,16 @@ def save_random_weights(config: Any, folder: str, dtype: str = "bfloat16") -> st
 
 def random_model(config: Any, precision: str, compute_dtype: str, device: str,
                  weights_dir: str | None = None, attn: str = "sdpa",
-                 skip_modules: list[str] | None = None) -> Any:
+                 skip_modules: list[str] | None = None, moe_experts: bool = False) -> Any:
     """Random weights from ``config`` (or the checkpoint in ``weights_dir``), loaded back
     through from_pretrained at ``precision`` so bitsandbytes quantises them itself, with
-    the attention implementation ``attn``."""
+    the attention implementation ``attn``; ``moe_experts``: the fused experts then
+    quantised by bitsandbytes as Axolotl's quantize_moe_experts does at load."""
     if weights_dir is None:
         with tempfile.TemporaryDirectory(prefix="qplan-random-") as folder:
             save_random_weights(config, folder)
             return random_model(config, precision, compute_dtype, device, folder, attn,
-                                skip_modules)
+                                skip_modules, moe_experts)
     load_dtype = getattr(torch, load_dtype_for(PRECISIONS[precision], compute_dtype))
     quant = bnb_config(precision, compute_dtype, skip_modules=skip_modules)
     device_map: Any = {"": 0} if device == "cuda" else "cpu"
@@ -94,6 +95,11 @@ def random_model(config: Any, precision: str, compute_dtype: str, device: str,
         # inference forward; a GPU never does, so measure the code path the plan is for.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    prec = PRECISIONS[precision]
+    if moe_experts and prec.quantized and prec.method.name == "bitsandbytes":
+        from qplan.planner.moe_experts import quantize_fused_experts
+
+        quantize_fused_experts(model, prec)
     return model
 
 
@@ -131,7 +137,7 @@ def measure(
                           "or pass --attn sdpa")
     config = shrink(config, layers)
     model = random_model(config, precision, compute_dtype, device, weights_dir, workload.attn,
-                         skip_modules)
+                         skip_modules, workload.quantize_moe_experts)
     if workload.kind.prepare is not None:
         model = workload.kind.prepare(model, workload, PRECISIONS[precision].quantized,
                                       target=device)

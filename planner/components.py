@@ -23,7 +23,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qplan.planner import reuse
@@ -213,7 +213,8 @@ def trace_components(
 
     cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
     model = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
-    inventory = take_inventory(model, skip_modules)
+    inventory = replace(take_inventory(model, skip_modules),
+                        moe_experts=workload.quantize_moe_experts)
     model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
     if workload.kind.prepare is not None:
         with _new_tensors_on_meta():

@@ -53,8 +53,9 @@ def workload_of(report: Any) -> Workload:
     data = dict(report.workload)
     known = {f.name for f in fields(Workload)}
     values = {k: v for k, v in data.items() if k in known and v is not None}
-    if "unfrozen_parameters" in values:
-        values["unfrozen_parameters"] = tuple(values["unfrozen_parameters"])
+    for name in ("unfrozen_parameters", "lora_target_parameters"):
+        if name in values:
+            values[name] = tuple(values[name])
     mode = str(values.get("mode", "inference"))
     from qplan.planner.workloads import WORKLOADS
 
@@ -253,6 +254,10 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
             out["lora_target_linear"] = True
         else:
             out["lora_target_modules"] = list(workload.target_modules)
+        if workload.lora_target_parameters:
+            out["lora_target_parameters"] = list(workload.lora_target_parameters)
+        if workload.quantize_moe_experts and prec.quantized:
+            out["quantize_moe_experts"] = True
     if workload.seq_len:
         out["sequence_len"] = workload.seq_len
     out["micro_batch_size"] = workload.batch
@@ -356,4 +361,8 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
             kwargs["lora_target_regex"] = workload.lora_target_regex
         else:
             kwargs["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets)
+        if workload.lora_target_parameters:
+            kwargs["lora_target_parameters"] = tuple(workload.lora_target_parameters)
+        if workload.quantize_moe_experts and PRECISIONS[precision].quantized:
+            kwargs["quantize_moe_experts"] = True
     return kwargs

@@ -69,6 +69,8 @@ class Inventory:
     layers: tuple[str, ...] = ()  # the decoder layers' module names, in order
     # The checkpoint's own quantisation (planner.quant), when it is stored quantised.
     stored: Any = None
+    # Axolotl's quantize_moe_experts: the fused expert parameters are quantised too.
+    moe_experts: bool = False
 
     @property
     def parameters(self) -> tuple[TensorInfo, ...]:
@@ -91,9 +93,12 @@ class Inventory:
         """Parameters in weight matrices bitsandbytes will not quantise, beyond embeddings
         and the output layer: e.g. MoE experts that transformers 5.x fuses into 3-D
         parameters. Returns (count, owning module types)."""
+        from qplan.planner.moe_experts import is_fused_expert
+
         skipped = [
             t for t in self.parameters
             if not t.quantizable and len(t.shape) >= 2
+            and not (self.moe_experts and is_fused_expert(t.name, t.shape))
             and t.module_type not in ("Embedding",) and not t.tied_names
             and t.module.split(".")[-1] not in ("lm_head", "embed_out", "output")
         ]

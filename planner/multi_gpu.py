@@ -64,7 +64,8 @@ class MultiGpuPlanner:
         model = build_meta_model(copy.deepcopy(self.config), self.trust_remote_code)
         # The checkpoint's stored format (if any) sizes the layers it replaces.
         inventory = replace(take_inventory(model, self.skip_modules),
-                            stored=self.inventory.stored)
+                            stored=self.inventory.stored,
+                            moe_experts=self.inventory.moe_experts)
         model = quantize_meta_model(
             model, inventory, precision, self.compute_dtype, self.quant_storage
         )

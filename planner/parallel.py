@@ -153,7 +153,8 @@ def param_layout(
     """Stored shapes of every parameter of ``inventory`` at ``precision`` (pure)."""
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored,
+                             moe_experts=inventory.moe_experts)
     biases = method_biases(inventory, prec, settings)
     params: list[ParamInfo] = []
     replicated = 0

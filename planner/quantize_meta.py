@@ -52,7 +52,8 @@ def quantize_meta_model(
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
     infos = {t.name: t for t in inventory.tensors}
-    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored,
+                             moe_experts=inventory.moe_experts)
     biases = method_biases(inventory, prec, settings)
     # Cast what stays unquantised, as the load would (tied weights are one Parameter).
     for name, param in model.named_parameters():

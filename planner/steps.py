@@ -83,6 +83,13 @@ def track_model(model: nn.Module, tracker: LiveTensorTracker, seen: StepTensors)
             seen.weights.add(tracker.add(extra))  # type: ignore[arg-type]
     for buf in model.buffers():
         seen.weights.add(tracker.add(buf))  # type: ignore[arg-type]
+    from qplan.planner.moe_experts import parametrization_state
+
+    for module in model.modules():
+        # A parametrised parameter's quant state (Axolotl's quantised experts) lives on
+        # its parametrization, neither parameter nor buffer.
+        for extra in parametrization_state(module):
+            seen.weights.add(tracker.add(extra))  # type: ignore[arg-type]
 
 
 def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:

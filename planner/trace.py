@@ -224,14 +224,17 @@ def _no_padding_warning_on_meta() -> Iterator[None]:
 @contextlib.contextmanager
 def _grouped_mm_fallback_off_bf16() -> Iterator[None]:
     """grouped_mm's meta kernel accepts only bf16 (the CUDA constraint); for other dtypes
-    (fp32 experts after k-bit preparation) use transformers' fallback op, same shapes."""
+    (fp32 experts after k-bit preparation) use transformers' fallback op, same shapes.
+    transformers casts the input to the weight's dtype before either op, so the weight's
+    dtype decides (bf16 experts dequantised from Axolotl's 4-bit ones take float32
+    inputs after k-bit preparation)."""
     from transformers.integrations import moe
 
     original = moe._can_use_grouped_mm
 
     def can_use(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> bool:
         if weight.device.type == "meta":
-            return weight.dtype == torch.bfloat16 and input.dtype == torch.bfloat16
+            return weight.dtype == torch.bfloat16
         return original(input, weight, offs)
 
     moe._can_use_grouped_mm = can_use

@@ -88,6 +88,18 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
     exclude: str | list[str] | None = None
     if workload.target_modules == "all-linear" and model is not None:
         exclude = list(peft_refused_targets(model)) or None
+    extra: dict[str, Any] = {}
+    if workload.lora_target_parameters:
+        extra["target_parameters"] = target_parameters(workload.lora_target_parameters, model)
+        if model is not None:
+            # The parametrisations' holders (``experts.parametrizations.down_proj``) end in
+            # a target module's name; they are not layers (Axolotl's peft patch skips them).
+            from torch.nn.utils.parametrize import ParametrizationList
+
+            holders = [name for name, module in model.named_modules()
+                       if isinstance(module, ParametrizationList)]
+            if holders:
+                exclude = [*(exclude or []), *holders]
     if model is not None and workload.vision_frozen:
         exclude = _with_vision_excluded(exclude, vision_module_prefixes(model))
     return LoraConfig(
@@ -97,6 +109,7 @@ def lora_config(workload: Workload, model: nn.Module | None = None) -> Any:
         target_modules=workload.target_modules,
         exclude_modules=exclude,
         task_type="CAUSAL_LM",
+        **extra,
     )
 
 
@@ -118,6 +131,36 @@ def freeze_vision(model: nn.Module) -> None:
     ``freeze_mm_modules``)."""
     for prefix in vision_module_prefixes(model):
         model.get_submodule(prefix).requires_grad_(False)
+
+
+# Fused parameters that stand for unfused names a target list may give (Axolotl's peft
+# patch adds the fused one when the module has no parameter of the given name).
+UNFUSED_TO_FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def target_parameters(targets: Sequence[str], model: nn.Module | None) -> list[str]:
+    """peft's ``target_parameters`` for ``targets`` (suffixes such as
+    ``mlp.experts.gate_up_proj``), as Axolotl hands them over: peft matches a plain
+    parameter by suffix itself, but a parametrised one (a quantised expert) only by its
+    full name, so each suffix is expanded to the full names of the parametrised modules
+    holding it (Axolotl's patch of peft's _inject_parameters does the same), an unfused
+    gate/up name to the fused parameter where only that exists."""
+    out = list(targets)
+    if model is None:
+        return out
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "parametrizations"):
+            continue
+        for target in targets:
+            path, _, leaf = target.rpartition(".")
+            if path and not (module_name == path or module_name.endswith("." + path)):
+                continue
+            if leaf not in module.parametrizations and leaf in UNFUSED_TO_FUSED:
+                leaf = UNFUSED_TO_FUSED[leaf]
+            full = f"{module_name}.{leaf}"
+            if leaf in module.parametrizations and full not in out:
+                out.append(full)
+    return out
 
 
 # Streaming multiprocessors a CUDA plan assumes for Liger's RMSNorm backward (one float32

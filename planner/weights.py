@@ -93,7 +93,8 @@ def weight_bytes(
         )
     prec = PRECISIONS[precision]
     load_dtype = load_dtype_for(prec, compute_dtype)
-    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored)
+    settings = QuantSettings(compute_dtype, quant_storage, stored=inventory.stored,
+                             moe_experts=inventory.moe_experts)
     method = prec.method
 
     biases = method_biases(inventory, prec, settings)

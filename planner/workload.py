@@ -69,6 +69,12 @@ class Workload:
     images: int = 0
     image_size: tuple[int, int] | None = None
     train_vision: bool | None = None
+    # Axolotl's quantize_moe_experts: fused 3-D expert parameters quantised by bitsandbytes
+    # at the precision's bits (planner/moe_experts.py).
+    quantize_moe_experts: bool = False
+    # peft's target_parameters (Axolotl's lora_target_parameters): LoRA on parameters such
+    # as fused experts (lora.ParamWrapper), names matched by suffix.
+    lora_target_parameters: tuple[str, ...] = ()
     # The options of the mode's own module (planner/workloads/), every one with its value:
     # (name, value) pairs in the module's order, e.g. (("adapter", "lora"), ...) for dpo.
     extra: tuple[tuple[str, Any], ...] = ()

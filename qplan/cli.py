@@ -274,6 +274,24 @@ TrainVisionOpt = Annotated[
         "model only), trained for full fine-tuning.",
     ),
 ]
+MoeQuantOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--quantize-moe-experts/--no-quantize-moe-experts",
+        help="Axolotl's quantize_moe_experts (lora/qlora on bitsandbytes): fused 3-D expert "
+        "parameters quantised too (4-bit parametrisation or row-wise int8), dequantised on "
+        "access.",
+    ),
+]
+LoraParamsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-target-parameters",
+        help="LoRA on parameters (peft's target_parameters, Axolotl's "
+        "lora_target_parameters): comma list such as "
+        "mlp.experts.gate_up_proj,mlp.experts.down_proj.",
+    ),
+]
 OptimOpt = Annotated[
     str | None,
     typer.Option(
@@ -474,6 +492,8 @@ def estimate(
     images: ImagesOpt = None,
     image_size: ImageSizeOpt = None,
     train_vision: TrainVisionOpt = None,
+    quantize_moe_experts: MoeQuantOpt = None,
+    lora_target_parameters: LoraParamsOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -507,6 +527,8 @@ def estimate(
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
                 liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
                 image_size=image_size, train_vision=train_vision,
+                quantize_moe_experts=quantize_moe_experts,
+                lora_target_parameters=lora_target_parameters,
                 **_mode_options(option),
             ),
         )
@@ -601,6 +623,8 @@ def measure(
     images: ImagesOpt = None,
     image_size: ImageSizeOpt = None,
     train_vision: TrainVisionOpt = None,
+    quantize_moe_experts: MoeQuantOpt = None,
+    lora_target_parameters: LoraParamsOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -632,6 +656,8 @@ def measure(
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
                 liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
                 image_size=image_size, train_vision=train_vision,
+                quantize_moe_experts=quantize_moe_experts,
+                lora_target_parameters=lora_target_parameters,
                 **_mode_options(option),
             ),
         )

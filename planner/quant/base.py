@@ -78,6 +78,9 @@ class QuantSettings:
     quant_storage: str = "uint8"
     skip_modules: tuple[str, ...] | None = None
     stored: StoredQuantization | None = None  # the checkpoint's own format, when it has one
+    # Axolotl's quantize_moe_experts: fused 3-D expert parameters quantised too
+    # (planner/moe_experts.py); only bitsandbytes reads it.
+    moe_experts: bool = False
 
 
 @dataclass(frozen=True)

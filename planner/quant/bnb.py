@@ -73,6 +73,12 @@ def four_bit_layer_tensors(
     return (packed, blocks, 4, 4 * nested_blocks, 256 * 4, code)
 
 
+def _fused_expert(t: Any) -> bool:
+    from qplan.planner.moe_experts import is_fused_expert
+
+    return t.kind == "parameter" and is_fused_expert(t.name, t.shape)
+
+
 def _meta(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META)
 
@@ -112,6 +118,28 @@ class BitsAndBytes(QuantMethod):
         return None
 
     # ----------------------------------------------------------------- sizes
+    def replaces(self, t: Any, settings: QuantSettings | None = None) -> bool:
+        return t.quantizable or (settings is not None and settings.moe_experts
+                                 and _fused_expert(t))
+
+    def stored_tensors(
+        self, prec: Precision, t: Any, settings: QuantSettings
+    ) -> tuple[int, ...]:
+        if not (settings.moe_experts and _fused_expert(t)):
+            return super().stored_tensors(prec, t, settings)
+        from qplan.planner.moe_experts import int8_expert_tensors
+
+        if prec.quant_type == "int8":
+            return int8_expert_tensors(t.shape)
+        # replace_parameter_4bit packs into uint8 whatever bnb_4bit_quant_storage says.
+        return four_bit_layer_tensors(t.numel, double_quant=prec.double_quant)
+
+    def stored_weight_of(self, prec: Precision, t: Any, settings: QuantSettings) -> StoredWeight:
+        if not (settings.moe_experts and _fused_expert(t)):
+            return super().stored_weight_of(prec, t, settings)
+        packed = self.stored_tensors(prec, t, settings)[0]
+        return StoredWeight(t.shape if prec.quant_type == "int8" else (packed, 1), 1)
+
     def layer_tensors(
         self, prec: Precision, out_features: int, in_features: int, settings: QuantSettings
     ) -> tuple[int, ...]:
@@ -211,6 +239,10 @@ class BitsAndBytes(QuantMethod):
                 continue
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.data.to(compute), requires_grad=False)
+        if settings.moe_experts:
+            from qplan.planner.moe_experts import quantize_fused_experts
+
+            quantize_fused_experts(model, prec)  # Axolotl's quantize_moe_experts
         # What transformers sets after a bnb load; peft reads these to pick its k-bit paths.
         model.is_loaded_in_4bit = prec.is_4bit
         model.is_loaded_in_8bit = prec.quant_type == "int8"
