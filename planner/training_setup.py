@@ -5,8 +5,9 @@ loads, so what is estimated is what is loaded:
 
 * LoRA / QLoRA: for a k-bit base, peft's ``prepare_model_for_kbit_training`` (freezes the
   base, casts every non-4-bit 16-bit parameter to float32: embeddings, norms, untied
-  lm_head, biases); then LoRA through peft (adapters in float32, peft's default);
-  ``all-linear`` without the modules peft refuses for the architecture.
+  lm_head, biases), except with Axolotl's quantised experts, where Axolotl skips it; then
+  LoRA through peft (adapters in float32, peft's default); ``all-linear`` without the
+  modules peft refuses for the architecture; ``target_parameters`` when asked.
 * Gradient checkpointing when asked, reentrant or not as the workload says (transformers'
   own ``gradient_checkpointing_enable``, so torch.utils.checkpoint runs as in the real
   step); ``use_cache=False``.
@@ -199,7 +200,10 @@ def prepare_for_training(
     if workload.is_lora:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if quantized or stored_method is not None:
+        # Axolotl skips peft's k-bit preparation once its experts are quantised (its
+        # loader's _prepare_model_for_quantization: a parametrised expert would dequantise
+        # on access), so nothing is upcast to float32.
+        if (quantized or stored_method is not None) and not workload.quantize_moe_experts:
             stand_ins = _packed_stand_ins(model, stored_method, packed_modules)
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs

@@ -222,9 +222,10 @@ def make_workload(
         raise UsageError(f"--lora-target-parameters adds LoRA adapters; use it with --mode "
                          f"lora or qlora, not {mode}")
     if quantize_moe_experts and target_params:
-        # peft's ParamWrapper re-registers its LoRA proxy on the quantised parameter each
-        # forward; a real CPU run fails when checkpointing recomputes it non-reentrantly,
-        # and qplan's meta trace of it fails either way: not planned yet.
+        # peft 0.21's ParamWrapper re-registers its LoRA proxy on the quantised parameter
+        # every forward; a real CPU run (bitsandbytes 0.50, torch 2.13) fails in the
+        # second step's forward ("only Tensors of floating point dtype can require
+        # gradients"), with or without Axolotl 0.19's peft patch: not planned yet.
         raise UsageError("LoRA on quantised experts (--lora-target-parameters with "
                          "--quantize-moe-experts) is not planned yet; plan the expert LoRA "
                          "without --quantize-moe-experts, or the quantised experts without "
