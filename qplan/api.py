@@ -213,7 +213,7 @@ def make_workload(
         lora_target_parameters = [t.strip() for t in lora_target_parameters.split(",")
                                   if t.strip()]
     target_params = tuple(lora_target_parameters or ())
-    lora_tuned = kind.tuning(extra) in ("lora", "qlora")
+    lora_tuned = kind.tuning(dict(extra)) in ("lora", "qlora")
     if quantize_moe_experts and not lora_tuned:
         raise UsageError(f"--quantize-moe-experts quantises the frozen experts of a LoRA "
                          f"base (Axolotl requires an adapter); use it with --mode lora or "
