@@ -104,6 +104,10 @@ READ_KEYS = frozenset(
         "precompute_ref_log_probs",
         "quantize_moe_experts",
         "lora_target_parameters",
+        "processor_type",
+        "is_multimodal",
+        "image_size",
+        "freeze_mm_modules",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -342,6 +346,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     kwargs["batch"] = _int(raw, "micro_batch_size", path) or 1
     kwargs.update(_checkpointing(raw, path, not_modelled))
     kwargs.update(_unfrozen(raw, adapter, path, not_modelled))
+    kwargs.update(_multimodal(raw, path, kwargs["mode"], notes, not_modelled))
     # Liger's kernels (its plugin swaps the model's RMSNorm and SwiGLU MLP classes).
     if _flag(raw, "liger_rms_norm", path) is True:
         kwargs["liger_rms_norm"] = True
@@ -442,6 +447,47 @@ def _rl(raw: dict[str, Any], adapter: str | None, not_modelled: dict[str, str]) 
     if kind.axolotl_not_modelled is not None:
         not_modelled.update(kind.axolotl_not_modelled(raw))
     return {"mode": name, **options}
+
+
+def _multimodal(raw: dict[str, Any], path: Path, mode: str, notes: list[str],
+                not_modelled: dict[str, str]) -> dict[str, Any]:
+    """A multimodal run (``processor_type``, or the older ``is_multimodal``): its
+    batches carry images, one per sample as planned (the YAML does not say how many;
+    ``--images N`` decides otherwise), at ``image_size`` when given.
+    ``freeze_mm_modules`` freezes the vision tower and projector; without it Axolotl hands
+    the LoRA targets to peft as they are, which adapts the tower's linear layers too when
+    they match (``lora_target_linear``)."""
+    from qplan.planner.workloads import IMAGE_MODES
+
+    found: dict[str, Any] = {}
+    freeze = _flag(raw, "freeze_mm_modules", path)
+    multimodal = _is_set(raw.get("processor_type")) or _flag(raw, "is_multimodal", path) is True
+    if freeze is not None:
+        found["train_vision"] = freeze is not True
+    elif multimodal:
+        found["train_vision"] = True
+    if not multimodal:
+        if _is_set(raw.get("image_size")):
+            not_modelled["image_size"] = ("images (no processor_type: the batches are "
+                                          "planned as text)")
+        return found
+    if mode not in IMAGE_MODES:
+        not_modelled["processor_type"] = (f"images in rl: {raw.get('rl')} batches (planned as "
+                                          f"text; images are planned for "
+                                          f"{', '.join(IMAGE_MODES)})")
+        return found
+    found["images"] = 1
+    notes.append("processor_type: planned with 1 image per sample (Axolotl's YAML does not "
+                 "say how many; pass --images N)")
+    size = raw.get("image_size")
+    if _is_set(size):
+        ok = (isinstance(size, int) and not isinstance(size, bool)) or (
+            isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in size))
+        if not ok:
+            raise _bad(path, f"image_size must be pixels (448) or [height, width], not {size!r}")
+        found["image_size"] = (size, size) if isinstance(size, int) else tuple(size)
+    return found
 
 
 def _checkpointing(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> dict:

@@ -62,9 +62,6 @@ NOT_MODELLED: dict[str, str] = {
     "ddp": "DistributedDataParallel's gradient buckets",
     "eval_batch_size": "evaluation batches (the plan is for the training step)",
     "eval_sample_packing": "evaluation batches (the plan is for the training step)",
-    "is_multimodal": "vision-language inputs",
-    "image_size": "vision-language inputs",
-    "processor_type": "vision-language inputs",
     "load_in_2bit": "2-bit loading",
     "gptq": "GPTQ weights",
 }
@@ -107,6 +104,7 @@ IRRELEVANT: frozenset[str] = frozenset(
         "shuffle_merged_datasets",
         "shuffle_before_merging_datasets",
         "skip_prepare_dataset",
+        "image_resize_algorithm",
         "push_dataset_to_hub",
         "val_set_size",
         "output_dir",

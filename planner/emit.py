@@ -56,6 +56,8 @@ def workload_of(report: Any) -> Workload:
     for name in ("unfrozen_parameters", "lora_target_parameters"):
         if name in values:
             values[name] = tuple(values[name])
+    if "image_size" in values:
+        values["image_size"] = tuple(values["image_size"])
     mode = str(values.get("mode", "inference"))
     from qplan.planner.workloads import WORKLOADS
 
@@ -273,6 +275,7 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["sample_packing"] = True
     if workload.unfrozen_parameters:
         out["unfrozen_parameters"] = list(workload.unfrozen_parameters)
+    out.update(_axolotl_image_keys(report, workload))
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
     if workload.liger_rms_norm or workload.liger_glu:
@@ -292,6 +295,23 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["sdp_attention"] = True
     else:
         out["eager_attention"] = True
+    return out
+
+
+def _axolotl_image_keys(report: Any, workload: Workload) -> dict[str, Any]:
+    """Axolotl's multimodal keys: its processor (images in the batches), the image size
+    asked, and whether the vision tower and projector are frozen (``freeze_mm_modules``).
+    Axolotl's YAML does not say how many images a sample holds: it reads back as one."""
+    out: dict[str, Any] = {}
+    if workload.images:
+        out["processor_type"] = "AutoProcessor"
+        out["skip_prepare_dataset"] = True
+        out["remove_unused_columns"] = False
+        if workload.image_size is not None:
+            height, width = workload.image_size
+            out["image_size"] = height if height == width else [height, width]
+    if "vision_frozen" in report.workload:
+        out["freeze_mm_modules"] = bool(report.workload["vision_frozen"])
     return out
 
 
@@ -348,6 +368,12 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["sample_packing"] = True
     if workload.unfrozen_parameters:
         kwargs["unfrozen_parameters"] = tuple(workload.unfrozen_parameters)
+    if workload.images:
+        kwargs["images"] = 1  # the YAML's processor: one image per sample
+        if workload.image_size is not None:
+            kwargs["image_size"] = tuple(workload.image_size)
+    if "vision_frozen" in report.workload:
+        kwargs["train_vision"] = not report.workload["vision_frozen"]
     if workload.liger_rms_norm:
         kwargs["liger_rms_norm"] = True
     if workload.liger_glu:

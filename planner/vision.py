@@ -184,6 +184,11 @@ def family_of(config: Any) -> VisionFamily:
     )
 
 
+def takes_images(config: Any) -> bool:
+    """Whether qplan lays out this model's image inputs."""
+    return str(getattr(config, "model_type", "")) in FAMILIES
+
+
 def image_layout(config: Any, image_size: tuple[int, int] | None = None) -> ImageLayout:
     family = family_of(config)
     return family.layout(config, image_size)

@@ -1020,12 +1020,27 @@ def estimate_axolotl(
     plan_file = read_axolotl(path)
     if gpu == "auto" and plan_file.gpu:
         gpu = plan_file.gpu
-    report = estimate(model or plan_file.model, gpu=gpu,
-                      **{**plan_file.estimate_kwargs, **options})
+    kwargs = {**plan_file.estimate_kwargs, **options}
+    target: str | ModelSpec = model or plan_file.model
+    extra_warnings: tuple[str, ...] = ()
+    if "images" in plan_file.estimate_kwargs and "images" not in options:
+        # The YAML's processor asks for images; a model whose images qplan does not lay
+        # out is planned on text, with a warning, rather than refused.
+        from qplan.planner.vision import takes_images
+
+        target = resolve(target, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+        if not takes_images(target.config):
+            kwargs.pop("images")
+            kwargs.pop("image_size", None)
+            extra_warnings = (
+                f"processor_type: qplan does not lay out {target.config.model_type}'s image "
+                "inputs; planned on text only (not modelled: images)",)
+    report = estimate(target, gpu=gpu, **kwargs)
     keys = plan_file.keys
     return replace(
         report,
         axolotl=keys.as_dict() if keys is not None else None,
-        warnings=report.warnings + (keys.warnings if keys is not None else ()),
-        notes=report.notes + plan_file.notes,
+        warnings=report.warnings + (keys.warnings if keys is not None else ()) + extra_warnings,
+        notes=report.notes + tuple(n for n in plan_file.notes
+                                   if not (extra_warnings and n.startswith("processor_type:"))),
     )

@@ -280,6 +280,49 @@ def test_qwen2_5_vl_training_with_images(tiny_model_dir, mode):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, ("qwen2.5-vl", mode))
 
 
+# --- Gemma 3 -------------------------------------------------------------------------
+
+def _gemma3(tiny_model_dir):
+    folder = tiny_model_dir("gemma3_vlm")
+    config = AutoConfig.from_pretrained(folder)
+    side = config.vision_config.image_size
+    return folder, config, config.mm_tokens_per_image, (3, side, side)
+
+
+def _gemma3_rows(ids, pixels, labels, kinds) -> list[dict]:
+    rows = _rows(ids, pixels, labels)
+    for i, row in enumerate(rows):
+        row["token_type_ids"] = kinds[i]
+    return rows
+
+
+def test_gemma3_generate_with_images(tiny_model_dir):
+    """Gemma3Processor's token_type_ids go with the prompt: the prefill's mask lets each
+    image attend to itself both ways."""
+    folder, config, tokens, shape = _gemma3(tiny_model_dir)
+    report, predicted = plan(folder, "inference")
+    assert report.workload["image_tokens_per_image"] == tokens == 16
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ids, pixels, _ = processor_batch(config, tokens, shape)
+    kinds = (ids == config.image_token_id).long()
+    measured = generate_peak(model, ids, {"pixel_values": pixels, "token_type_ids": kinds})
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "gemma3 generate")
+    assert predicted.components["kv_cache"] == measured.kv_cache_bytes
+
+
+def test_gemma3_lora_with_images(tiny_model_dir):
+    folder, config, tokens, shape = _gemma3(tiny_model_dir)
+    _, predicted = plan(folder, "lora", lora_r=8)
+    model = lora_on_language_model(random_model(config, "bf16", "bfloat16", "cpu",
+                                                str(folder)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert predicted.components["adapters"] == 4 * trainable
+    ids, pixels, labels = processor_batch(config, tokens, shape)
+    kinds = (ids == config.image_token_id).long()
+    measured = trainer_peak(model, _gemma3_rows(ids, pixels, labels, kinds), _collate_images)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "gemma3 lora")
+
+
 # --- command line --------------------------------------------------------------------
 
 def test_cli_images_json_follows_the_schema(tiny_model_dir):
@@ -311,3 +354,50 @@ def test_cli_bad_images_are_one_line(tiny_model_dir, args, needle):
 
     result = cli_estimate(str(tiny_model_dir("llava")), "--gpu", "24GiB", "-s", "96", *args)
     assert_one_line_error(result, 2, needle)
+
+
+# --- Axolotl -------------------------------------------------------------------------
+
+def test_axolotl_multimodal_keys_plan_images_and_round_trip(tiny_model_dir, tmp_path):
+    """processor_type: one image per sample (the YAML does not say how many),
+    image_size, freeze_mm_modules; --emit axolotl writes them back."""
+    from qplan.api import estimate_axolotl
+    from qplan.loaders.axolotl import read_axolotl
+    from qplan.planner.emit import emit_axolotl, estimate_kwargs_of
+
+    folder = tiny_model_dir("qwen2_5_vl")
+    path = tmp_path / "vlm.yml"
+    path.write_text(
+        f"base_model: {folder}\nprocessor_type: AutoProcessor\nskip_prepare_dataset: true\n"
+        "remove_unused_columns: false\nsample_packing: false\nimage_size: 112\n"
+        "image_resize_algorithm: bilinear\nfreeze_mm_modules: true\nadapter: lora\n"
+        "lora_r: 8\nlora_target_linear: true\nsequence_len: 64\nmicro_batch_size: 2\n")
+    plan_file = read_axolotl(path)
+    assert plan_file.estimate_kwargs["images"] == 1
+    assert plan_file.estimate_kwargs["image_size"] == (112, 112)
+    assert plan_file.estimate_kwargs["train_vision"] is False
+    report = estimate_axolotl(str(path), gpu="80GiB", precisions="bf16", target="cpu")
+    workload = report.workload
+    assert (workload["images"], workload["image_tokens"], workload["vision_frozen"]) == \
+        (1, 16, True)
+    assert {"processor_type", "image_size", "freeze_mm_modules"} <= set(report.axolotl["read"])
+    assert not report.axolotl["unknown"]
+    again = read_axolotl(_write(tmp_path / "again.yml", emit_axolotl(report, "bf16")))
+    assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
+
+
+def test_axolotl_processor_on_a_model_without_image_layout_plans_text(tiny_model_dir,
+                                                                       tmp_path):
+    from qplan.api import estimate_axolotl
+
+    path = _write(tmp_path / "text.yml",
+                  f"base_model: {tiny_model_dir('llama')}\nprocessor_type: AutoProcessor\n"
+                  "adapter: lora\nsequence_len: 64\n")
+    report = estimate_axolotl(str(path), gpu="80GiB", precisions="bf16", target="cpu")
+    assert report.workload["images"] == 0
+    assert any("planned on text only" in w for w in report.warnings)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -121,6 +121,24 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             temporal_patch_size=2,
         ),
     ),
+    # Gemma 3's vision-language model: SigLIP at 112 px (8 x 8 patches of 14 px) pooled to
+    # 16 tokens per image; one sliding-window layer and one global one.
+    "gemma3_vlm": dict(
+        model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+        image_token_index=999, boi_token_index=997, eoi_token_index=998,
+        mm_tokens_per_image=16,
+        text_config=dict(
+            vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=512,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14,
+            vision_use_head=False,
+        ),
+    ),
     # The Hub config names PhiMoEForCausalLM; transformers calls the class PhimoeForCausalLM.
     "phimoe": dict(
         model_type="phimoe", architectures=["PhiMoEForCausalLM"], vocab_size=1000,
