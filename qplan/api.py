@@ -563,7 +563,8 @@ def estimate(
     check_config(spec.config, spec.config_path or spec.id)
     stored = stored_quantization(spec)
     if stored is not None:
-        names = stored_plan.candidates(stored, spec.id, tuning or mode, names, explicit)
+        names = stored_plan.candidates(stored, spec.id, tuning or mode, names, explicit,
+                                       asked=mode)
         allowed = None
         quant_storage = stored.quant_storage or quant_storage
     elif explicit and any(PRECISIONS[n].stored_only for n in names):

@@ -161,6 +161,11 @@ def test_bad_workload_options_are_one_line(tiny_model_dir):
     assert [c.precision for c in report.candidates] == ["fp4", "nf4", "fp4-dq", "nf4-dq"]
     with pytest.raises(UsageError, match="--mode dpo plans only fp32, bf16, fp16"):
         estimate(folder, gpu="80GiB", mode="dpo", adapter="full", precisions="nf4")
+    # A stored format peft cannot train with the mode's adapter: the message names the
+    # mode asked for and the option that changes it.
+    with pytest.raises(UsageError, match=r"--mode dpo \(adapter=qlora\) cannot train this "
+                                         r"format: .* plan -O adapter=lora instead"):
+        estimate("openai/gpt-oss-20b", gpu="H100", mode="dpo", adapter="qlora", attn="eager")
 
 
 @pytest.mark.parametrize("options", [

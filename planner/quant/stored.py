@@ -21,9 +21,12 @@ def offered(stored: StoredQuantization) -> list[str]:
 
 
 def candidates(
-    stored: StoredQuantization, model: str, mode: str, requested: Sequence[str], explicit: bool
+    stored: StoredQuantization, model: str, mode: str, requested: Sequence[str], explicit: bool,
+    asked: str | None = None,
 ) -> list[str]:
-    """The candidate rows for ``mode``; a UsageError names what can be planned instead."""
+    """The candidate rows for ``mode`` (a tuning: lora, qlora, full; or a mode without
+    one); a UsageError names what can be planned instead. ``asked``: the ``--mode`` the
+    user gave, when it trains by an option (a preference mode's adapter)."""
     from qplan.planner.precision import PRECISIONS
 
     rows = offered(stored)
@@ -42,10 +45,15 @@ def candidates(
             library = method_named(stored.method).library
             other = [m for m in ("lora", "full") if m != mode and any(
                 PRECISIONS[n].trainable(m) for n in offered(stored))]
-            hint = f"; plan --mode {other[0]} instead" if other else (
+            # A preference mode trains by its adapter option: name the mode asked for,
+            # and the option that changes the tuning.
+            asked = asked or mode
+            what = f"--mode {asked}" if asked == mode else f"--mode {asked} (adapter={mode})"
+            switch = f"--mode {other[0]}" if asked == mode else f"-O adapter={other[0]}"
+            hint = f"; plan {switch} instead" if other else (
                 "; plan --mode inference, or train from the unquantised checkpoint")
             raise UsageError(
-                f"--mode {mode} cannot train this format: {model} is stored as "
+                f"{what} cannot train this format: {model} is stored as "
                 f"{stored.quant_method} ({library}), which peft cannot train with {mode}{hint}"
             )
         rows = trainable
