@@ -17,8 +17,9 @@ data are pinned to what they decide for a dense, unpadded batch:
   ids; for an ordinary batch it finds no packing, for a packed one (sample packing) it
   returns the sequence index of every token (its ops, without the data-dependent test).
   An attention mask (preference trainers' collators pass one, BART makes one when none is
-  passed) is all ones for an unpadded batch (``fast_all``, and ``padding_mask.all()`` in
-  the bidirectional mask skip).
+  passed) is all ones for an unpadded batch (``fast_all``, ``padding_mask.all()`` in the
+  bidirectional mask skip, and ``torch.all(attention_mask == 1)`` in the Mamba /
+  linear-attention layers' ``create_recurrent_attention_mask``).
 * ``warn_if_padding_and_no_attention_mask`` (BERT-style models) looks for pad tokens to
   warn about; an unpadded batch has none, and the check changes nothing else.
 * MoE routing is data dependent; the trace routes through transformers' ``grouped_mm``
@@ -170,6 +171,7 @@ def trace_patches(target: str, attn: str,
         stack.enter_context(fx_config.patch(meta_nonzero_assume_all_nonzero=True))
         stack.enter_context(_no_padding_warning_on_meta())
         stack.enter_context(_unpadded_bidirectional_skip(masking_utils))
+        stack.enter_context(_unpadded_recurrent_mask_skip(masking_utils))
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(_grouped_mm_fallback_off_bf16())
@@ -181,6 +183,39 @@ def trace_patches(target: str, attn: str,
         # Each quantisation method's own patches (planner/quant/<method>.py).
         stack.enter_context(all_trace_patches(target))
         yield
+
+
+@contextlib.contextmanager
+def _unpadded_recurrent_mask_skip(masking_utils: Any) -> Iterator[None]:
+    """Mamba / linear-attention layers' 2-D padding mask (``create_recurrent_attention_mask``,
+    Nemotron-H, Qwen3-Next, ...) is skipped, None, when ``torch.all(attention_mask == 1)``:
+    a meta mask is the all-ones mask of an unpadded batch (as ``fast_all`` decides), so
+    the trace takes that outcome. The models import the function by name: it is swapped
+    in every loaded module that holds it."""
+    import sys
+
+    original = getattr(masking_utils, "create_recurrent_attention_mask", None)
+    if original is None:
+        yield
+        return
+
+    def skip(config: Any, inputs_embeds: Any, attention_mask: Any, *args: Any,
+             **kwargs: Any) -> Any:
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.device.type == "meta"
+                and attention_mask.ndim == 2):
+            return None
+        return original(config, inputs_embeds, attention_mask, *args, **kwargs)
+
+    holders = [module for name, module in list(sys.modules.items())
+               if name.startswith("transformers") and module is not None
+               and getattr(module, "create_recurrent_attention_mask", None) is original]
+    for module in holders:
+        module.create_recurrent_attention_mask = skip
+    try:
+        yield
+    finally:
+        for module in holders:
+            module.create_recurrent_attention_mask = original
 
 
 @contextlib.contextmanager

@@ -90,6 +90,20 @@ def test_dpo_trainer_peak_moe(tiny_model_dir):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "mixtral")
 
 
+def test_dpo_trainer_peak_hybrid(tiny_model_dir):
+    """Nemotron-H (Mamba-2, attention and MLP layers): its Mamba layers skip the padding
+    mask of an unpadded batch (``torch.all(attention_mask == 1)``), which the trace
+    decides as the real run does; full fine-tuning with a frozen copy."""
+    folder = tiny_model_dir("nemotron_h")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "dpo", "bf16", adapter="full", gradient_checkpointing=True)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ref_model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = dpo_peak(model, PAIRS, PROMPT, COMPLETION, ref_model=ref_model,
+                        gradient_checkpointing=True)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "nemotron_h")
+
+
 @pytest.mark.parametrize(("adapter", "gc"), [("lora", False), ("full", True)])
 def test_kto_trainer_peak(tiny_model_dir, adapter, gc):
     """KTO: ``--batch`` unpaired examples, each with its KL row scored without gradients
