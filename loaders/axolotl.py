@@ -17,7 +17,7 @@ keys that were not read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,8 @@ READ_KEYS = frozenset(
         "is_multimodal",
         "image_size",
         "freeze_mm_modules",
+        "model_quantization_config",
+        "model_quantization_config_kwargs",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -133,6 +135,14 @@ class KeyAccount:
         return tuple(
             f"axolotl key {key}: {what}: not modelled, the plan is made without it"
             for key, what in self.not_modelled.items()
+        )
+
+    def with_not_modelled(self, key: str, what: str) -> KeyAccount:
+        """The account with ``key`` moved to not modelled (a plan made without it)."""
+        return replace(
+            self,
+            read=tuple(k for k in self.read if k != key),
+            not_modelled={**self.not_modelled, key: what},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -394,6 +404,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["trust_remote_code"] = True
     if raw.get("revision_of_model"):
         kwargs["revision"] = str(raw["revision_of_model"])
+    notes += _model_quantization(raw, precisions, not_modelled)
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
     keys = account_keys(raw, path, not_modelled, _workload_keys(kwargs["mode"]))
     # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.
@@ -426,6 +437,27 @@ def _moe_levers(raw: dict[str, Any], path: Path) -> dict[str, Any]:
                        "as mlp.experts.gate_up_proj")
         out["lora_target_parameters"] = tuple(names)
     return out
+
+
+def _model_quantization(raw: dict[str, Any], precisions: str,
+                        not_modelled: dict[str, str]) -> list[str]:
+    """``model_quantization_config: Mxfp4Config`` with ``dequantize: true`` (gpt-oss's
+    examples) loads the MXFP4 checkpoint dequantised to the compute dtype, which is what
+    qplan plans for a pre-quantised checkpoint at a 16-bit precision; any other loading
+    config is not modelled."""
+    name = raw.get("model_quantization_config")
+    if not _is_set(name):
+        return []
+    options = raw.get("model_quantization_config_kwargs") or {}
+    dequantize = isinstance(options, dict) and options.get("dequantize") is True
+    if name == "Mxfp4Config" and dequantize and precisions in ("bf16", "fp16", "bf16,fp16"):
+        return ["model_quantization_config Mxfp4Config(dequantize=True): the MXFP4 "
+                "checkpoint is planned dequantised to the compute dtype"]
+    what = f"{name}({options}) loading config (planned without it)"
+    not_modelled["model_quantization_config"] = what
+    if "model_quantization_config_kwargs" in raw:
+        not_modelled["model_quantization_config_kwargs"] = what
+    return []
 
 
 def _rl(raw: dict[str, Any], adapter: str | None, not_modelled: dict[str, str]) -> dict:

@@ -64,6 +64,24 @@ NOT_MODELLED: dict[str, str] = {
     "eval_sample_packing": "evaluation batches (the plan is for the training step)",
     "load_in_2bit": "2-bit loading",
     "gptq": "GPTQ weights",
+    # Older flash-attn fused kernels (Axolotl's flash_attn_* patches).
+    "flash_attn_cross_entropy": "flash-attn's fused cross-entropy kernel",
+    "flash_attn_rms_norm": "flash-attn's fused RMSNorm kernel",
+    "flash_attn_fuse_qkv": "a fused QKV projection",
+    "flash_attn_fuse_mlp": "flash-attn's fused MLP kernel",
+    "fused_attn_kernel": "Axolotl's fused RMSNorm + RoPE attention kernel",
+    "use_kernels": "Hub kernels replacing the model's layers (e.g. its MoE experts)",
+    "lisa_n_layers": "LISA trains a few layers at a time (planned with every layer trained)",
+    "peft": "peft options beyond LoRA's (e.g. LoftQ initialisation)",
+    "relora_steps": "ReLoRA's periodic merges and restarts",
+    "relora_cpu_offload": "ReLoRA's merges on the CPU",
+    "gkd_trainer": "on-policy distillation: a teacher model and the student's generations",
+    "gkd_teacher": "on-policy distillation: a teacher model beside the student",
+    "gkd_max_new_tokens": "the student's generated tokens and their KV cache",
+    "sequence_parallel_degree": "sequence parallelism splits the sequence across GPUs",
+    "dp_shard_size": "the FSDP sharding degree of ND parallelism",
+    "dp_replicate_size": "replicated FSDP groups (HSDP) of ND parallelism",
+    "expert_parallel_size": "expert parallelism splits the MoE experts across GPUs",
 }
 
 # Keys that do not change GPU memory: data, prompts, schedules, logging, saving, hub.
@@ -214,6 +232,23 @@ IRRELEVANT: frozenset[str] = frozenset(
         "tokenizer_save_jinja_files",
         "hub_revision",
         "revision_of_tokenizer",
+        "eval_table_max_new_tokens",
+        "lisa_step_interval",
+        "lisa_layers_attribute",
+        "relora_warmup_steps",
+        "relora_anneal_steps",
+        "relora_prune_ratio",
+        "gkd_lmbda",
+        "gkd_beta",
+        "gkd_temperature",
+        "eot_tokens",
+        # Loading on the host before sharding: the training step's GPU memory is the same.
+        "experimental_skip_move_to_device",
+        "trackio_project_name",
+        "trackio_run_name",
+        "trackio_space_id",
+        "dataset_map_batch_size",
+        "dataset_writer_batch_size",
     }
 )
 

@@ -17,7 +17,13 @@ from qplan.planner.components import ComponentPlan
 from qplan.planner.device_map import decoder_layers, device_map_strategy, plan_device_map
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
-from qplan.planner.parallel import LORA_PARAM_BYTES, TrainingInput, param_layout, plan_training
+from qplan.planner.parallel import (
+    LORA_PARAM_BYTES,
+    STRATEGIES,
+    TrainingInput,
+    param_layout,
+    plan_training,
+)
 from qplan.planner.placement import Strategy
 from qplan.planner.precision import PRECISIONS
 from qplan.planner.quant import QuantSettings
@@ -47,6 +53,9 @@ class MultiGpuPlanner:
     quant_storage: str = "uint8"
     skip_modules: list[str] | None = None
     trust_remote_code: bool = False
+    # Training: the strategies tried, in order (one when the run names its own, e.g. the
+    # DeepSpeed or FSDP config of an Axolotl YAML).
+    strategies: tuple[str, ...] = STRATEGIES
     found: dict[str, Strategy] = field(default_factory=dict)
 
     def strategy(self, precision: str, plan: ComponentPlan) -> Strategy:
@@ -96,4 +105,5 @@ class MultiGpuPlanner:
             phase_peaks=plan.phase_peaks,
         )
         layer_class = type(self.meta.get_submodule(layers[0])).__name__ if layers else None
-        return replace(plan_training(data, self.budgets), layer_class=layer_class)
+        strategy = plan_training(data, self.budgets, strategies=self.strategies)
+        return replace(strategy, layer_class=layer_class)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qplan.errors import UsageError
+from qplan.errors import ExpertDropoutError, UsageError
 from qplan.planner.vision import vision_module_prefixes
 from qplan.planner.workload import Workload
 
@@ -223,7 +223,7 @@ def prepare_for_training(
             if "ParamWrapper does not work with lora_dropout" in str(exc):
                 # peft adapts fused MoE expert tensors with lora.ParamWrapper, which has no
                 # dropout: the user's own get_peft_model refuses the same config.
-                raise UsageError(
+                raise ExpertDropoutError(
                     f"peft cannot apply LoRA dropout {workload.lora_dropout} to this model's "
                     "fused expert parameters (lora.ParamWrapper has no dropout); plan with "
                     "--lora-dropout 0 (lora_dropout: 0 in the YAML), or name attention "

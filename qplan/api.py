@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from qplan.errors import UsageError, enter_step
+from qplan.errors import ExpertDropoutError, UsageError, enter_step
 from qplan.planner.advice import (
     advice_when_nothing_fits,
     solve_one,
@@ -24,6 +24,7 @@ from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.families import check_text_step
 from qplan.planner.fused_ce import FUSED_CE
 from qplan.planner.gpu import GpuTarget
+from qplan.planner.parallel import STRATEGIES
 from qplan.planner.precision import (
     PRECISION_NAMES,
     PRECISIONS,
@@ -534,9 +535,13 @@ def estimate(
     quant_storage: str = "uint8",
     target: str = "cuda",
     solve: str | None = None,
+    strategy: str | None = None,
     **workload_options: Any,
 ) -> Report:
     """Plan ``model`` on ``gpu`` for a workload; see ``qplan estimate --help`` for the options.
+
+    ``strategy``: training across GPUs with this strategy (planner/parallel.py STRATEGIES)
+    instead of the simplest that fits; on one GPU it is planned at world size 1.
 
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
@@ -549,6 +554,7 @@ def estimate(
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
     _choice(mode, MODES, "mode")
+    _choice(strategy, STRATEGIES, "multi-GPU strategy")
     # The mode's own options, checked before anything is resolved; how the weights train
     # decides the precisions (a preference mode trains by its adapter option).
     kind_of(mode).parse_options(_mode_options(workload_options))
@@ -644,9 +650,14 @@ def estimate(
         compute,
         quant_storage,
         skip_modules,
+        strategy,
     )
     if multi is not None:
         gpu_target = replace(gpu_target, count=len(multi.budgets))
+        if strategy is not None and len(multi.budgets) == 1:
+            notes.append(f"{strategy} planned on 1 GPU (world size 1), as the run would shard "
+                         "over one process; give the GPUs it runs on with --num-gpus N or "
+                         "--gpu Nx<GPU>")
         # Mixed devices (--gpu auto): the figures are shown against the smallest one.
         budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
@@ -895,8 +906,10 @@ def _multi_gpu(
     compute: str,
     quant_storage: str,
     skip_modules: Sequence[str] | None,
+    strategy: str | None = None,
 ) -> Any:
-    """The multi-GPU planner when the target has several GPUs; None for one."""
+    """The multi-GPU planner when the target has several GPUs, or when training names its
+    ``strategy`` (then even on one); None otherwise."""
     from qplan.planner.multi_gpu import MultiGpuPlanner, device_budgets
 
     devices = None
@@ -911,7 +924,10 @@ def _multi_gpu(
         if devices is not None and len(devices) <= 1:
             devices = None
     budgets = device_budgets(target, room, devices)
-    if len(budgets) <= 1:
+    if strategy is not None and not workload.is_training:
+        raise UsageError(f"strategy {strategy} shards training; use it with a training mode, "
+                         f"not {workload.mode}")
+    if len(budgets) <= 1 and strategy is None:
         return None
     return MultiGpuPlanner(
         config=spec.config,
@@ -924,6 +940,7 @@ def _multi_gpu(
         quant_storage=quant_storage,
         skip_modules=list(skip_modules) if skip_modules is not None else None,
         trust_remote_code=spec.trust_remote_code,
+        strategies=(strategy,) if strategy is not None else STRATEGIES,
     )
 
 
@@ -1036,8 +1053,21 @@ def estimate_axolotl(
             extra_warnings = (
                 f"processor_type: qplan does not lay out {target.config.model_type}'s image "
                 "inputs; planned on text only (not modelled: images)",)
-    report = estimate(target, gpu=gpu, **kwargs)
     keys = plan_file.keys
+    try:
+        report = estimate(target, gpu=gpu, **kwargs)
+    except ExpertDropoutError:
+        # Axolotl patches peft's ParamWrapper to build fused-expert adapters without
+        # dropout and keeps it on the other LoRA layers (loaders/adapter.py); qplan's
+        # trace has no such patch, so the file is planned without dropout anywhere.
+        if "lora_dropout" in options or not kwargs.get("lora_dropout"):
+            raise
+        report = estimate(target, gpu=gpu, **{**kwargs, "lora_dropout": 0.0})
+        keys = keys.with_not_modelled(
+            "lora_dropout",
+            "dropout on the non-expert LoRA layers (Axolotl drops it on fused expert "
+            "adapters only; planned with lora_dropout 0 everywhere)",
+        ) if keys is not None else None
     return replace(
         report,
         axolotl=keys.as_dict() if keys is not None else None,

@@ -28,6 +28,10 @@ class UsageError(QplanError):
     kind = "usage"
 
 
+class ExpertDropoutError(UsageError):
+    """peft's lora.ParamWrapper (LoRA on fused MoE expert tensors) refuses lora_dropout."""
+
+
 class ModelNotFoundError(QplanError):
     """The model could not be resolved from disk, the catalog, the HF cache or the Hub."""
 
