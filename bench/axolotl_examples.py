@@ -29,6 +29,8 @@ CONFIGS = ROOT / "tests" / "data" / "model-configs"
 GIB = 2**30
 SHRUNK_LAYERS = 2
 SHRUNK_SEQ_LEN = 64
+# A vision-language example puts its image tokens in every sequence (llava: 576).
+SHRUNK_SEQ_LEN_IMAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,14 @@ def base_model_of(path: Path) -> str:
     import yaml
 
     return str(yaml.safe_load(path.read_text(encoding="utf-8"))["base_model"])
+
+
+def shrunk_seq_len(path: Path) -> int:
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    images = raw.get("processor_type") or raw.get("is_multimodal")
+    return SHRUNK_SEQ_LEN_IMAGES if images else SHRUNK_SEQ_LEN
 
 
 def config_at_hand(base_model: str) -> str | None:
@@ -154,7 +164,7 @@ def main() -> None:
         if args.shrink:
             folder = Path(tempfile.mkdtemp(prefix="qplan-axolotl-"))
             model = shrunk_model(base_model_of(path), folder)
-            extra = ("--seq-len", str(SHRUNK_SEQ_LEN))
+            extra = ("--seq-len", str(shrunk_seq_len(path)))
         run = run_example(path, args.gpu, model, extra)
         lines.append(table_line(summary_row(run)))
         print(lines[-1], f"({run.seconds:.1f} s)", flush=True)

@@ -2,8 +2,8 @@
 through ``qplan estimate --axolotl FILE --gpu H100 --json`` in-process, offline.
 
 Every example's base model resolves offline (the catalog or tests/data/model-configs); the
-plan runs on that model cut to 2 decoder layers at 64 tokens so the suite stays fast
-(bench/axolotl_examples.py plans them in full and writes bench/results/axolotl_examples.md).
+plan runs on that model cut to 2 decoder layers at 64 tokens (1024 with images) so the suite
+stays fast (bench/axolotl_examples.py plans them in full, bench/results/axolotl_examples.md).
 Each one either plans, with every key of the file accounted for and each key qplan could not
 model listed and warned about, or is refused in one deliberate line, never a traceback.
 """
@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 from axolotl_examples import (
     EXAMPLES,
-    SHRUNK_SEQ_LEN,
     base_model_of,
     config_at_hand,
     examples,
     run_example,
     shrunk_model,
+    shrunk_seq_len,
 )
 
 PATHS = examples()
@@ -66,7 +66,7 @@ def test_every_base_model_resolves_offline(path):
 def test_example_plans_or_is_refused_in_one_line(path, tmp_path):
     name = str(path.relative_to(EXAMPLES))
     model = shrunk_model(base_model_of(path), tmp_path)
-    run = run_example(path, "H100", model, ("--seq-len", str(SHRUNK_SEQ_LEN)))
+    run = run_example(path, "H100", model, ("--seq-len", str(shrunk_seq_len(path))))
     assert "Traceback" not in run.output
     if name in REFUSED:
         assert run.exit_code in (1, 2), run.output
@@ -90,4 +90,4 @@ def test_example_plans_or_is_refused_in_one_line(path, tmp_path):
     assert asked <= set(unmodelled), name
     for key in unmodelled:
         assert any(f"axolotl key {key}:" in w for w in report["warnings"]), key
-    assert report["workload"]["seq_len"] == SHRUNK_SEQ_LEN
+    assert report["workload"]["seq_len"] == shrunk_seq_len(path)
