@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qplan.planner import reuse
+from qplan.planner import meta_models, reuse
 from qplan.planner.depths import (
     HOMOGENEOUS,
     TRAILING_LAYER_COUNTS,
@@ -211,11 +211,26 @@ def trace_components(
     from qplan.planner.quantize_meta import quantize_meta_model
     from qplan.planner.trace import trace
 
-    cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
-    model = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
-    inventory = replace(take_inventory(model, skip_modules),
-                        moe_experts=workload.quantize_moe_experts)
-    model = quantize_meta_model(model, inventory, precision, compute_dtype, quant_storage)
+    def build() -> tuple[Any, Inventory]:
+        cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
+        built = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
+        inventory = replace(take_inventory(built, skip_modules),
+                            moe_experts=workload.quantize_moe_experts)
+        built = quantize_meta_model(built, inventory, precision, compute_dtype, quant_storage)
+        return built, inventory
+
+    key = meta_models.config_key(config)
+    if not workload.kind.training and not trust_remote_code and key is not None:
+        # A step that only runs the model (inference) leaves it as built: one build serves
+        # every trace of this model at this precision and depth (planner/meta_models.py).
+        model, inventory = meta_models.shared(
+            (key, layers, workload.attn, workload.quantize_moe_experts, precision,
+             compute_dtype, quant_storage,
+             tuple(skip_modules) if skip_modules is not None else None),
+            build,
+        )
+    else:
+        model, inventory = build()
     if workload.kind.prepare is not None:
         with _new_tensors_on_meta():
             packed = tuple(t.module for t in inventory.tensors
@@ -243,6 +258,29 @@ def trace_components(
                         for key, snap in phase_snapshots.items()}
     host = seen.host_peak
     return TraceOutcome(parts, peak, phase_peaks, phase_components, host)
+
+
+def shared_traces(tracer: Callable[..., TraceOutcome]) -> Callable[..., TraceOutcome]:
+    """``tracer`` for the plans of one config: a step traced with the same arguments again
+    returns the first outcome. Precisions traced as another row (fp8 as its bf16 proxy,
+    planner/components.py: ``_traced_as``) run the very same trace as that row, and the
+    searches of ``--solve`` revisit workloads. Off on the reference path."""
+    outcomes: dict[tuple, TraceOutcome] = {}
+
+    def trace(config: Any, workload: Workload, precision: str, compute_dtype: str,
+              **options: Any) -> TraceOutcome:
+        if not reuse.enabled():
+            return tracer(config, workload, precision, compute_dtype, **options)
+        key = (id(config), workload, precision, compute_dtype,
+               tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                            for k, v in options.items())))
+        found = outcomes.get(key)
+        if found is None:
+            found = outcomes[key] = tracer(config, workload, precision, compute_dtype,
+                                           **options)
+        return found
+
+    return trace
 
 
 def _new_tensors_on_meta() -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -135,6 +134,7 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
     from accelerate import init_empty_weights
 
     from qplan.planner.attention import build_attn_implementation, check_attn_support
+    from qplan.planner.quiet_logs import quiet
 
     factory, _ = model_class_for(config, trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": _BUILD_DTYPE}
@@ -148,13 +148,11 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
             kwargs["attn_implementation"] = "eager"
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
-    # transformers logs advice meant for real loads (e.g. legacy activation names); the
-    # planner stays quiet and lets the CLI decide what to show.
-    tf_logger = logging.getLogger("transformers")
-    previous = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
     try:
+        # transformers logs advice meant for real loads (e.g. legacy activation names); the
+        # planner stays quiet and lets the CLI decide what to show.
         with (
+            quiet("transformers"),
             init_empty_weights(include_buffers=True),
             contextlib.redirect_stdout(io.StringIO()),
         ):
@@ -183,8 +181,6 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
             f"transformers could not build {config.model_type!r}: "
             f"{' '.join(str(exc).split())[:160]}"
         ) from exc
-    finally:
-        tf_logger.setLevel(previous)
     # Parameters a model makes as bare nn.Parameter(torch.normal(...)) (DiffLlama's
     # lambdas) escape init_empty_weights and stay on the CPU; a real load puts every
     # tensor on the device, so move the strays to meta with the rest.

@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from qplan.planner import meta_memo
+from qplan.planner import meta_memo, reuse
 from qplan.planner.precision import alloc_size
 
 
@@ -74,6 +74,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self.host_current = 0
         self.host_peak = 0
         self._untracked = 0
+        self._memo: bool | None = None
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -152,8 +153,13 @@ class LiveTensorTracker(TorchDispatchMode):
         finally:
             self._untracked -= 1
 
+    def __enter__(self) -> LiveTensorTracker:
+        # Whether the meta-op memo answers this run's ops: read once, not at every op.
+        self._memo = reuse.enabled()
+        return super().__enter__()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-        out = meta_memo.call(func, args, kwargs or {})
+        out = meta_memo.call(func, args, kwargs or {}, self._memo)
         if self._untracked:
             return out
         if isinstance(out, torch.Tensor):

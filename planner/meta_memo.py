@@ -145,9 +145,13 @@ def _replay(specs: tuple) -> Any:
     return container(None if s is None else _make(s) for s in items)
 
 
-def call(func: Any, args: tuple, kwargs: dict) -> Any:
-    """``func(*args, **kwargs)``, answered from the memo when it has seen the same call."""
-    if not reuse.enabled() or not _functional(func):
+def call(func: Any, args: tuple, kwargs: dict, enabled: bool | None = None) -> Any:
+    """``func(*args, **kwargs)``, answered from the memo when it has seen the same call.
+    ``enabled``: ``reuse.enabled()`` as the caller read it (a trace reads it once, not at
+    every op), read here when None."""
+    if enabled is None:
+        enabled = reuse.enabled()
+    if not enabled or not _functional(func):
         return func(*args, **kwargs)
     try:
         key = (func, _key(args), _key(kwargs) if kwargs else None, torch.get_default_dtype())

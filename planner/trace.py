@@ -31,7 +31,6 @@ data are pinned to what they decide for a dense, unpadded batch:
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.quant import all_trace_patches
+from qplan.planner.quiet_logs import quiet
 from qplan.planner.steps import StepTensors, run_workload
 from qplan.planner.workload import Workload
 
@@ -393,15 +393,10 @@ def trace(
     # bitsandbytes and transformers warn about dtype casts on every layer call; those are
     # facts of the real run, not news to the user of a plan.
     packing = (workload.batch, workload.seq_len) if workload.sample_packing else None
-    bnb_logger = logging.getLogger("bitsandbytes")
-    level = bnb_logger.level
-    bnb_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), trace_patches(target, workload.attn, packing), \
-                _reference_path_if(workload.activation_offloading):
-            warnings.simplefilter("ignore")
-            seen = run_workload(model, workload, tracker, pattern)
-    finally:
-        bnb_logger.setLevel(level)
+    with quiet("bitsandbytes"), warnings.catch_warnings(), \
+            trace_patches(target, workload.attn, packing), \
+            _reference_path_if(workload.activation_offloading):
+        warnings.simplefilter("ignore")
+        seen = run_workload(model, workload, tracker, pattern)
     snapshots = tracker.phase_snapshots() if phase_snapshots else {}
     return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks), snapshots

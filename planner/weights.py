@@ -81,6 +81,26 @@ def weight_bytes(
     ``compute_dtype`` is the dtype given to from_pretrained for quantised loads (and
     bnb_4bit_compute_dtype); ``quant_storage`` is bnb_4bit_quant_storage.
     """
+    key = (id(inventory), precision, compute_dtype, quant_storage)
+    found = _COMPUTED.get(key)
+    if found is not None and found[0] is inventory:
+        return found[1]
+    computed = _weight_bytes(inventory, precision, compute_dtype, quant_storage)
+    if len(_COMPUTED) >= _MAX_COMPUTED:
+        _COMPUTED.clear()
+    # The inventory is kept with its figures, so its id cannot name another one meanwhile.
+    _COMPUTED[key] = (inventory, computed)
+    return computed
+
+
+# One estimate asks for the same inventory's figures at each precision many times (every
+# traced plan, the proxies of methods traced dequantised); an Inventory is frozen.
+_COMPUTED: dict[tuple, tuple[Inventory, WeightBytes]] = {}
+_MAX_COMPUTED = 256
+
+
+def _weight_bytes(inventory: Inventory, precision: str, compute_dtype: str,
+                  quant_storage: str) -> WeightBytes:
     if precision not in PRECISIONS:
         raise UsageError(
             f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}"

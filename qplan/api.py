@@ -16,7 +16,7 @@ from qplan.planner.advice import (
     unquantized_warning,
 )
 from qplan.planner.budget import Headroom, budget_for
-from qplan.planner.components import num_layers, workload_components
+from qplan.planner.components import num_layers, shared_traces, workload_components
 from qplan.planner.config_checks import check_config
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
 from qplan.planner.depths import layer_signatures, trace_plan
@@ -666,7 +666,8 @@ def estimate(
     depth_plan = None if mode == "load" else trace_plan(
         layer_signatures(inventory, spec.config), num_layers(spec.config)
     )
-    tracer = cached_tracer()
+    # One config's traces, each run once: the same step comes back for other candidates.
+    tracer = shared_traces(cached_tracer())
 
     def plan_for(precision: str, wl: Workload):
         # Candidates of one trace group run the same step: trace one of each group.

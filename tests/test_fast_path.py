@@ -10,7 +10,7 @@ import sys
 import pytest
 from tiny_models import make_config
 
-from qplan.api import estimate, resolve
+from qplan.api import estimate, make_workload, resolve
 from qplan.loaders.measure import shrink
 from qplan.planner import meta_memo, reuse
 from qplan.planner.spec import ModelSpec
@@ -142,3 +142,39 @@ def test_bitsandbytes_import_leaves_the_compiler_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+def test_inference_traces_share_one_build_and_repeat_no_trace(monkeypatch):
+    # The default plan and --solve's probes run one meta model per precision and depth
+    # (planner/meta_models.py); fp8, traced as its bf16 proxy, runs bf16's very trace.
+    from qplan.planner import components, meta_models
+
+    builds, traces = [], []
+    real_build, real_trace = components.build_meta_model, components.trace_components
+    monkeypatch.setattr(components, "build_meta_model",
+                        lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    tracer = components.shared_traces(lambda *a, **k: traces.append(1) or real_trace(*a, **k))
+    meta_models.clear()
+    spec = _tiny("llama")
+    options = dict(target="cuda", quant_storage="uint8", skip_modules=None,
+                   trust_remote_code=False)
+    outcomes = []
+    for batch in (1, 3, 1):
+        workload = make_workload("inference", spec.config, batch=batch, seq_len=24)
+        outcomes.append(tracer(spec.config, workload, "bf16", "bfloat16", **options))
+    assert len(builds) == 1 and len(traces) == 2
+    assert outcomes[0] is outcomes[2]
+    with reuse.disabled():
+        reference = real_trace(spec.config, make_workload("inference", spec.config, batch=3,
+                                                          seq_len=24), "bf16", "bfloat16",
+                               **options)
+    assert len(builds) == 2
+    assert reference == outcomes[1]
+
+
+def test_shared_traces_answer_the_proxy_row_equal_to_the_reference_path():
+    # fp8 and mxfp4 are traced as bf16 (no meta kernels): one trace serves them and bf16.
+    fast, reference = _both(_spec("Qwen/Qwen3-0.6B"), gpu="800MiB", mode="inference",
+                            seq_len=128, precisions="bf16,fp8")
+    assert '"solutions": []' not in fast
+    assert fast == reference
