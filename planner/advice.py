@@ -33,12 +33,21 @@ def solve_one(
     limit: int,
     config: Any,
 ) -> Solution:
+    # A workload may take only multiples of some batch (GRPO: whole groups of
+    # completions): the search runs over those multiples.
+    multiple = workload.kind.batch_multiple
+    unit = multiple(workload) if variable == "batch" and multiple is not None else 1
+
     def needed(value: int) -> int:
-        plan = plan_for(precision, replace(workload, **{variable: value}))
+        plan = plan_for(precision, replace(workload, **{variable: value * unit}))
         return sum(plan.components.values()) + context
 
     upper = max_positions(config) if variable == "seq_len" else 4096
-    return solve_for(precision, variable, needed, limit, upper)
+    found = solve_for(precision, variable, needed, limit, max(1, upper // unit))
+    if unit == 1:
+        return found
+    return replace(found, value=None if found.value is None else found.value * unit,
+                   points=tuple((x * unit, y) for x, y in found.points))
 
 
 def advice_when_nothing_fits(

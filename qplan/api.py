@@ -161,7 +161,7 @@ def make_workload(
     mode: str,
     config: Any,
     *,
-    batch: int = 1,
+    batch: int | None = None,
     seq_len: int | None = None,
     kv_dtype: str | None = None,
     lora_r: int = 16,
@@ -187,7 +187,8 @@ def make_workload(
     **mode_options: Any,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
-    the model's max positions. ``mode_options``: the options of the mode's own module
+    the model's max positions; batch to 1, or the smallest a mode takes (GRPO: one group
+    of completions). ``mode_options``: the options of the mode's own module
     (planner/workloads/), e.g. adapter and ref_model for dpo."""
     _choice(mode, MODES, "mode")
     kind = kind_of(mode)
@@ -251,6 +252,8 @@ def make_workload(
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(
         text, "n_positions", None
     )
+    default_batch = batch is None
+    batch = 1 if batch is None else batch
     if batch < 1 or batch > 1 << 20:
         raise UsageError(f"--batch must be between 1 and 1048576, not {batch}")
     if seq_len is None or seq_len == 0:
@@ -277,7 +280,7 @@ def make_workload(
         raise UsageError(f"--lora-alpha must be between 1 and 1048576, not {lora_alpha}")
     if not 0.0 <= lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
-    return Workload(
+    workload = Workload(
         mode=mode,
         batch=batch,
         seq_len=seq_len,
@@ -304,6 +307,9 @@ def make_workload(
         lora_target_parameters=target_params,
         extra=extra,
     )
+    if default_batch and kind.batch_multiple is not None:
+        workload = replace(workload, batch=kind.batch_multiple(workload))
+    return workload
 
 
 MAX_IMAGES = 256

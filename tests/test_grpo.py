@@ -105,6 +105,21 @@ def test_grpo_gradient_accumulation_peak(tiny_model_dir):
     assert predicted.components["gradients"] == params
 
 
+def test_grpo_batch_is_whole_groups(tiny_model_dir):
+    """The default batch is one group of completions; --solve batch searches whole groups
+    (TRL refuses a generation batch that splits one)."""
+    folder = str(tiny_model_dir("llama"))
+    common = dict(mode="grpo", precisions="bf16", seq_len=16, num_generations=4,
+                  max_completion_length=8, gradient_checkpointing=False)
+    assert estimate(folder, gpu="80GiB", **common).workload["batch"] == 4
+    report = estimate(folder, gpu="1GiB", solve="batch", **common)
+    (solution,) = report.solutions
+    assert solution.value is not None and solution.value % 4 == 0
+    assert all(value % 4 == 0 for value, _ in solution.points)
+    again = estimate(folder, gpu="1GiB", batch=solution.value, **common)
+    assert again.candidate("bf16").fits
+
+
 def test_grpo_options_are_checked(tiny_model_dir):
     folder = str(tiny_model_dir("llama"))
     with pytest.raises(UsageError, match="must be a multiple of num_generations 8"):

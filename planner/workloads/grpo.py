@@ -66,10 +66,15 @@ REFERENCE_ADAPTER = "ref"
 REFERENCE_PHASE = "reference"
 
 
+# Bounds in the spirit of --batch and --seq-len's.
+LIMITS = {"num_generations": 1 << 20, "max_completion_length": 1 << 24,
+          "steps_per_generation": 1 << 16}
+
+
 def _check(mode: str, options: Mapping[str, Any]) -> None:
-    for name in ("num_generations", "max_completion_length", "steps_per_generation"):
-        if int(options[name]) < 1:
-            raise UsageError(f"--mode {mode} option {name} must be at least 1, not "
+    for name, most in LIMITS.items():
+        if not 1 <= int(options[name]) <= most:
+            raise UsageError(f"--mode {mode} option {name} must be between 1 and {most}, not "
                              f"{options[name]}")
     if int(options["num_generations"]) < 2:
         raise UsageError(f"--mode {mode} needs num_generations of at least 2 (GRPO compares "
@@ -334,11 +339,14 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
         add_fused_lm_head(ref, temperature=args.temperature)
     buffered: list[dict[str, Any]] = []
     done = [0]
+    # Micro-steps traced per optimizer step: the third and later of an accumulation hold
+    # what the second holds (the accumulated gradients, every buffered batch).
+    micro = min(steps, 2)
 
     def loss_of(m: Any) -> Any:
         # Trainer.training_step: _prepare_inputs generates every steps_per_generation steps
         # (the previous batch stays buffered until the new one replaces it), then the loss.
-        if done[0] % steps == 0:
+        if done[0] % micro == 0:
             tracker.phase, tracker.segment = GENERATE_PHASE, ()
             with _generation_mode(m, workload):
                 prompt_ids, completion_ids = _generate(m, workload, tracker, seen)
@@ -346,15 +354,23 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
             buffered[:] = _scored_batch(trainer, m, ref, workload, prompt_ids, completion_ids)
             del prompt_ids, completion_ids
             tracker.phase, tracker.segment = "forward", ("embed",)
-        inputs = buffered[done[0] % steps]
+        inputs = buffered[done[0] % micro]
         done[0] += 1
         return trainer.compute_loss(m, inputs)
 
     # TRL generates once per optimizer step (steps_per_generation is the gradient
     # accumulation): two of them, the second generation beside the first update's
     # optimizer states, the gradients kept between the micro-steps of one.
-    run_training(model, workload, tracker, seen, steps=2 * steps, loss_of=loss_of,
-                 accumulation=steps)
+    run_training(model, workload, tracker, seen, steps=2 * micro, loss_of=loss_of,
+                 accumulation=micro)
+
+
+def _batch_multiple(workload: Any) -> int:
+    """The smallest batch step whose generation batch holds whole groups."""
+    import math
+
+    generations = int(workload.option("num_generations"))
+    return generations // math.gcd(generations, int(workload.option("steps_per_generation")))
 
 
 def _from_axolotl(raw: Mapping[str, Any], adapter: str | None) -> dict[str, Any]:
@@ -420,6 +436,6 @@ KINDS = (
         check=_check, axolotl_rl=("grpo",), needs=("trl",), causal_lm_step=False,
         from_axolotl=_from_axolotl, to_axolotl=_to_axolotl, replan=_replan,
         axolotl_keys=("trl", "rl_beta", "gradient_accumulation_steps"),
-        axolotl_not_modelled=_axolotl_not_modelled,
+        axolotl_not_modelled=_axolotl_not_modelled, batch_multiple=_batch_multiple,
     ),
 )

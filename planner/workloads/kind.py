@@ -90,6 +90,8 @@ class WorkloadKind:
     ``axolotl_keys``: the YAML keys ``from_axolotl`` reads beyond the common ones (listed
     as read); ``axolotl_not_modelled(raw)``: what of the YAML the workload cannot plan,
     key -> what it changes (the plan warns).
+    ``batch_multiple(workload)``: the batch must be a multiple of this (``--solve batch``
+    searches those), None for any batch.
     ``needs``: the Python distributions the step imports (planned only when installed).
     ``causal_lm_step``: the step is transformers' causal-LM training loop, whose levers
     (fused cross-entropy, sample packing) apply; a preference trainer's loss is its own.
@@ -112,6 +114,7 @@ class WorkloadKind:
     to_axolotl: Callable[[Workload], dict[str, Any]] | None = None
     replan: Callable[[Workload, bool], dict[str, Any]] | None = None
     axolotl_keys: tuple[str, ...] = ()
+    batch_multiple: Callable[[Workload], int] | None = None
     axolotl_not_modelled: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
     needs: tuple[str, ...] = ()
     causal_lm_step: bool = True
