@@ -173,13 +173,27 @@ def _target_dtype(get_target_dtype: Any, query: torch.Tensor, module: torch.nn.M
     return linears[0].weight.dtype
 
 
+def _flash_mask(*args: Any, **kwargs: Any) -> Any:
+    """transformers' ``flash_attention_mask``, which returns no mask when the 2-D padding
+    mask is all ones (``attention_mask.all()``): a meta mask (TRL's collators pass one)
+    is an unpadded batch's, all ones, as ``fast_all`` decides in planner/trace.py."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.device.type == "meta":
+        kv_length = kwargs["kv_length"] if "kv_length" in kwargs else args[2]
+        mask = mask[:, -kv_length:]
+        return None if mask.shape[1] == kv_length else mask
+    return flash_attention_mask(*args, **kwargs)
+
+
 def register_trace_flash() -> None:
     """Make ``TRACE_FLASH`` a valid ``attn_implementation`` (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(TRACE_FLASH, flash_attention_2_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(TRACE_FLASH, flash_attention_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(TRACE_FLASH, _flash_mask)
 
 
 def build_attn_implementation(attn: str) -> str:

@@ -43,9 +43,6 @@ REFUSED = {
     # A regex written for transformers 4's module names (language_model.model.layers);
     # transformers 5 names them model.language_model.layers, so peft matches nothing.
     "llava/lora-7b.yaml": "match no module",
-    # ORPO's padded chosen+rejected batch makes Mistral's sliding-window mask code read
-    # tensor values, which a meta trace has not.
-    "mistral/mistral-qlora-orpo.yml": "reads tensor values",
 }
 
 
