@@ -110,6 +110,8 @@ READ_KEYS = frozenset(
         "freeze_mm_modules",
         "model_quantization_config",
         "model_quantization_config_kwargs",
+        # Only the load-time float32 copy of the embeddings: the step's dtypes are the same.
+        "embeddings_skip_upcast",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -400,6 +402,9 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
                 raise _bad(path, f"lora_dropout must be a number, not {dropout!r}")
             kwargs["lora_dropout"] = float(dropout)
         kwargs.update(_moe_levers(raw, path))
+        # Axolotl's loader casts norms and embeddings back to the load dtype after peft's
+        # k-bit preparation, embeddings_skip_upcast or not (planner/training_setup.py).
+        kwargs["kbit_upcast"] = False
     if raw.get("trust_remote_code"):
         kwargs["trust_remote_code"] = True
     if raw.get("revision_of_model"):

@@ -37,11 +37,6 @@ NOT_MODELLED: dict[str, str] = {
     "lora_o_kernel": "Axolotl's fused LoRA output-projection kernel",
     "lora_embedding_kernel": "Axolotl's fused LoRA embedding kernel",
     "lora_modules_to_save": "fully trained copies of the named modules",
-    "embeddings_skip_upcast": (
-        "no float32 copy of the embeddings at load (Axolotl then casts norms, embeddings "
-        "and lm_head of a LoRA/QLoRA run to the load dtype whether or not it is set; qplan "
-        "plans peft's float32 upcast of them)"
-    ),
     "peft_use_dora": "DoRA's magnitude vectors and weight norms",
     "peft_layers_to_transform": "LoRA on some layers only",
     "rl": "preference training (a reference model, chosen and rejected sequences)",

@@ -189,7 +189,10 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
     quantized = PRECISIONS[precision].quantized
     gc = workload.gradient_checkpointing
     lines = ["from peft import LoraConfig, get_peft_model"]
-    if quantized:
+    if quantized and workload.quantize_moe_experts:
+        lines += ["", "# the fused experts quantised as Axolotl's quantize_moe_experts does "
+                  "(qplan.planner.moe_experts.quantize_fused_experts); no k-bit preparation"]
+    if quantized and not workload.quantize_moe_experts:
         lines[0] += ", prepare_model_for_kbit_training"
         lines += [
             "",
@@ -199,6 +202,8 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
             f"    gradient_checkpointing_kwargs={_gc_kwargs(workload)},",
             ")",
         ]
+        if not workload.kbit_upcast:
+            lines += _cast_back_lines(report, precision)
     else:
         lines += ["", "model.requires_grad_(False)"]
         if gc:
@@ -214,6 +219,8 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
         f"    lora_dropout={workload.lora_dropout!r},",
         f"    target_modules={json.dumps(targets)},",
         *_exclude_line(report),
+        *([f"    target_parameters={json.dumps(list(workload.lora_target_parameters))},"]
+          if workload.lora_target_parameters else []),
         '    task_type="CAUSAL_LM",',
         ")",
         "model = get_peft_model(model, lora_config)",
@@ -221,6 +228,27 @@ def emit_peft(report: Any, precision: str | None = None) -> str:
         "model.print_trainable_parameters()",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cast_back_lines(report: Any, precision: str) -> list[str]:
+    """Axolotl's cast of norms and embeddings back to the load dtype after peft's k-bit
+    preparation (planner/training_setup.py: cast_back_like_axolotl)."""
+    from qplan.planner.training_setup import (
+        AXOLOTL_DEFAULT_EMBEDDINGS,
+        AXOLOTL_EMBEDDING_MODULES,
+    )
+
+    names = json.dumps(list(AXOLOTL_EMBEDDING_MODULES.get(report.model.model_type,
+                                                          AXOLOTL_DEFAULT_EMBEDDINGS)))
+    dtype = _compute_dtype(report, precision)
+    return [
+        "# as Axolotl's loader: norms and embeddings back to the load dtype",
+        "for name, module in model.named_modules():",
+        "    if \"norm\" in name or (",
+        f"        any(m in name for m in {names}) and hasattr(module, \"weight\")",
+        "    ):",
+        f"        module.to(torch.{dtype})",
+    ]
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -391,4 +419,6 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
             kwargs["lora_target_parameters"] = tuple(workload.lora_target_parameters)
         if workload.quantize_moe_experts and PRECISIONS[precision].quantized:
             kwargs["quantize_moe_experts"] = True
+        # Axolotl casts norms and embeddings back after peft's k-bit preparation.
+        kwargs["kbit_upcast"] = False
     return kwargs

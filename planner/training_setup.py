@@ -205,10 +205,13 @@ def prepare_for_training(
         # on access), so nothing is upcast to float32.
         if (quantized or stored_method is not None) and not workload.quantize_moe_experts:
             stand_ins = _packed_stand_ins(model, stored_method, packed_modules)
+            load_dtype = _embedding_dtype(model)
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=kwargs
             )
             stand_ins.restore()
+            if not workload.kbit_upcast and load_dtype is not None:
+                cast_back_like_axolotl(model, load_dtype)
             if hf_gc and stored_method is not None:
                 # peft enables checkpointing only for the methods it lists (gptq, not awq);
                 # the run's own gradient_checkpointing=True does it for the others.
@@ -254,6 +257,40 @@ def prepare_for_training(
         config.use_cache = False
     model.train()
     return model
+
+
+# Axolotl's embedding modules by model type (src/axolotl/loaders/utils.py,
+# get_linear_embedding_layers, 0.19.0); every other type: embed_tokens and lm_head.
+AXOLOTL_EMBEDDING_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("embed_in", "embed_out"),
+    "falcon": ("word_embeddings", "lm_head"),
+    "nemotron_h": ("embeddings", "lm_head"),
+    "bailing_hybrid": ("word_embeddings", "lm_head"),
+}
+AXOLOTL_DEFAULT_EMBEDDINGS = ("embed_tokens", "lm_head")
+
+
+def _embedding_dtype(model: nn.Module) -> torch.dtype | None:
+    """The load dtype, as the (never quantised) input embedding holds it."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    weight = getattr(embedding, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else None
+
+
+def cast_back_like_axolotl(model: nn.Module, dtype: torch.dtype) -> None:
+    """What Axolotl's loader does after peft's k-bit preparation for a LoRA / QLoRA run
+    (``_configure_embedding_dtypes`` -> ``_convert_embedding_modules_dtype``, 0.19.0,
+    without FSDP): every module with "norm" in its name and every embedding module of
+    its table (by name) goes back to the load dtype; biases, routers and other float32
+    upcasts stay. ``embeddings_skip_upcast`` changes only the load-time copies."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    embeddings = AXOLOTL_EMBEDDING_MODULES.get(model_type, AXOLOTL_DEFAULT_EMBEDDINGS)
+    for name, module in model.named_modules():
+        if "norm" in name:
+            module.to(dtype)
+        if any(m in name for m in embeddings) and hasattr(module, "weight"):
+            module.to(dtype)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ class Workload:
     # peft's target_parameters (Axolotl's lora_target_parameters): LoRA on parameters such
     # as fused experts (lora.ParamWrapper), names matched by suffix.
     lora_target_parameters: tuple[str, ...] = ()
+    # LoRA on a k-bit base: peft's k-bit preparation leaves norms, embeddings and lm_head
+    # in float32 (True); False: Axolotl's loader casts them back to the load dtype after it.
+    kbit_upcast: bool = True
     # The options of the mode's own module (planner/workloads/), every one with its value:
     # (name, value) pairs in the module's order, e.g. (("adapter", "lora"), ...) for dpo.
     extra: tuple[tuple[str, Any], ...] = ()

@@ -184,6 +184,7 @@ def make_workload(
     train_vision: bool | None = None,
     quantize_moe_experts: bool = False,
     lora_target_parameters: str | Sequence[str] | None = None,
+    kbit_upcast: bool = True,
     **mode_options: Any,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
@@ -223,6 +224,10 @@ def make_workload(
     if target_params and not lora_tuned:
         raise UsageError(f"--lora-target-parameters adds LoRA adapters; use it with --mode "
                          f"lora or qlora, not {mode}")
+    if not kbit_upcast and not lora_tuned:
+        raise UsageError(f"--no-kbit-upcast is about LoRA on a k-bit base (Axolotl casts its "
+                         f"norms and embeddings back); use it with --mode lora or qlora, "
+                         f"not {mode}")
     if quantize_moe_experts and target_params:
         # peft 0.21's ParamWrapper re-registers its LoRA proxy on the quantised parameter
         # every forward; a real CPU run (bitsandbytes 0.50, torch 2.13) fails in the
@@ -305,6 +310,7 @@ def make_workload(
         train_vision=train_vision,
         quantize_moe_experts=quantize_moe_experts,
         lora_target_parameters=target_params,
+        kbit_upcast=kbit_upcast,
         extra=extra,
     )
     if default_batch and kind.batch_multiple is not None:
@@ -552,7 +558,7 @@ def estimate(
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
     fused_ce, activation_offloading, sample_packing, unfrozen_parameters, liger_rms_norm,
-    liger_glu, quantize_moe_experts, lora_target_parameters.
+    liger_glu, quantize_moe_experts, lora_target_parameters, kbit_upcast.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """

@@ -284,6 +284,15 @@ MoeQuantOpt = Annotated[
         "access.",
     ),
 ]
+KbitUpcastOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--kbit-upcast/--no-kbit-upcast",
+        help="LoRA on a k-bit base: keep peft's float32 upcast of norms, embeddings and "
+        "lm_head (default), or cast them back to the load dtype as Axolotl's loader does "
+        "(what --axolotl plans).",
+    ),
+]
 LoraParamsOpt = Annotated[
     str | None,
     typer.Option(
@@ -495,6 +504,7 @@ def estimate(
     train_vision: TrainVisionOpt = None,
     quantize_moe_experts: MoeQuantOpt = None,
     lora_target_parameters: LoraParamsOpt = None,
+    kbit_upcast: KbitUpcastOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -530,6 +540,7 @@ def estimate(
                 image_size=image_size, train_vision=train_vision,
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,
+                kbit_upcast=kbit_upcast,
                 **_mode_options(option),
             ),
         )
@@ -626,6 +637,7 @@ def measure(
     train_vision: TrainVisionOpt = None,
     quantize_moe_experts: MoeQuantOpt = None,
     lora_target_parameters: LoraParamsOpt = None,
+    kbit_upcast: KbitUpcastOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -659,6 +671,7 @@ def measure(
                 image_size=image_size, train_vision=train_vision,
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,
+                kbit_upcast=kbit_upcast,
                 **_mode_options(option),
             ),
         )

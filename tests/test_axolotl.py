@@ -93,6 +93,8 @@ def test_realistic_qlora_config(tmp_path):
         "lora_alpha": 16,
         "lora_targets": ("all-linear",),
         "lora_dropout": 0.05,
+        # Axolotl casts norms and embeddings back to bf16 after peft's k-bit preparation.
+        "kbit_upcast": False,
     }
     assert plan.gpu_memory_limit == 20 * 2**30
     assert plan.gpu == "20480MiB"
