@@ -402,9 +402,11 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
                 raise _bad(path, f"lora_dropout must be a number, not {dropout!r}")
             kwargs["lora_dropout"] = float(dropout)
         kwargs.update(_moe_levers(raw, path))
-        # Axolotl's loader casts norms and embeddings back to the load dtype after peft's
-        # k-bit preparation, embeddings_skip_upcast or not (planner/training_setup.py).
-        kwargs["kbit_upcast"] = False
+        if _flag(raw, "load_in_4bit", path) or _flag(raw, "load_in_8bit", path):
+            # Axolotl's loader casts norms and embeddings back to the load dtype after
+            # peft's k-bit preparation, embeddings_skip_upcast or not
+            # (planner/training_setup.py: cast_back_like_axolotl).
+            kwargs["kbit_upcast"] = False
     if raw.get("trust_remote_code"):
         kwargs["trust_remote_code"] = True
     if raw.get("revision_of_model"):

@@ -350,6 +350,11 @@ def emit_axolotl(report: Any, precision: str | None = None) -> str:
     """
     settings = axolotl_settings(report, precision)
     lines = [f"# qplan plan: {report.model.id} on {report.gpu.name}; add datasets and output_dir"]
+    workload = workload_of(report)
+    if (workload.is_lora and workload.kbit_upcast
+            and PRECISIONS[chosen_precision(report, precision)].quantized):
+        lines.append("# Axolotl casts norms and embeddings back to the load dtype after peft's "
+                     "k-bit preparation: qplan estimate --axolotl plans that (--no-kbit-upcast)")
     for key, value in settings.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
@@ -419,6 +424,7 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
             kwargs["lora_target_parameters"] = tuple(workload.lora_target_parameters)
         if workload.quantize_moe_experts and PRECISIONS[precision].quantized:
             kwargs["quantize_moe_experts"] = True
-        # Axolotl casts norms and embeddings back after peft's k-bit preparation.
-        kwargs["kbit_upcast"] = False
+        if PRECISIONS[precision].quantized:
+            # Axolotl casts norms and embeddings back after peft's k-bit preparation.
+            kwargs["kbit_upcast"] = False
     return kwargs

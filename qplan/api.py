@@ -229,14 +229,18 @@ def make_workload(
                          f"norms and embeddings back); use it with --mode lora or qlora, "
                          f"not {mode}")
     if quantize_moe_experts and target_params:
-        # peft 0.21's ParamWrapper re-registers its LoRA proxy on the quantised parameter
-        # every forward; a real CPU run (bitsandbytes 0.50, torch 2.13) fails in the
-        # second step's forward ("only Tensors of floating point dtype can require
-        # gradients"), with or without Axolotl 0.19's peft patch: not planned yet.
+        # peft 0.21's ParamWrapper puts a _LoraFactorsProxy (its baddbmm path, peft PR
+        # #3577) on the expert each forward, but its _remove_parametrizations takes off
+        # only a _LoraParameterProxy when another parametrisation (the bitsandbytes one)
+        # sits below: the proxies pile up and the second step fails ("only Tensors of
+        # floating point dtype can require gradients"), with or without Axolotl 0.19's
+        # peft patch, on a real CPU run.
         raise UsageError("LoRA on quantised experts (--lora-target-parameters with "
-                         "--quantize-moe-experts) is not planned yet; plan the expert LoRA "
-                         "without --quantize-moe-experts, or the quantised experts without "
-                         "expert adapters")
+                         "--quantize-moe-experts) fails from the second step with peft "
+                         "0.21 (its ParamWrapper leaves a LoRA proxy on the quantised "
+                         "expert each forward); plan the expert LoRA without "
+                         "--quantize-moe-experts, or the quantised experts without expert "
+                         "adapters")
     unfrozen = tuple(unfrozen_parameters or ())
     if unfrozen:
         if mode != "full":

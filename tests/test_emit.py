@@ -84,9 +84,13 @@ def test_peft_needs_a_lora_plan(tiny_model_dir):
         emit_peft(report)
 
 
+# LoRA on a k-bit base is planned with Axolotl's dtypes (norms and embeddings cast back
+# after peft's k-bit preparation: --no-kbit-upcast), which is what the YAML reads back as.
 ROUND_TRIPS = [
-    dict(mode="qlora", precisions="nf4-dq", lora_r=32, lora_alpha=16, batch=2, seq_len=128),
-    dict(mode="qlora", precisions="fp4", quant_storage="bfloat16", lora_dropout=0.05),
+    dict(mode="qlora", precisions="nf4-dq", lora_r=32, lora_alpha=16, batch=2, seq_len=128,
+         kbit_upcast=False),
+    dict(mode="qlora", precisions="fp4", quant_storage="bfloat16", lora_dropout=0.05,
+         kbit_upcast=False),
     dict(
         mode="lora",
         precisions="bf16",
@@ -95,7 +99,7 @@ ROUND_TRIPS = [
         attn="eager",
         gradient_checkpointing=False,
     ),
-    dict(mode="lora", precisions="int8", optimizer="adamw_8bit"),
+    dict(mode="lora", precisions="int8", optimizer="adamw_8bit", kbit_upcast=False),
     dict(mode="full", precisions="bf16", optimizer="adafactor", batch=4),
     dict(mode="full", precisions="fp32", optimizer="sgd", attn="flash_attention_2"),
 ]

@@ -134,7 +134,7 @@ def test_expert_lora_on_quantised_experts_is_refused(tiny_model_dir):
     from qplan.errors import UsageError
 
     folder = tiny_model_dir("mixtral")
-    with pytest.raises(UsageError, match="not planned yet"):
+    with pytest.raises(UsageError, match="fails from the second step"):
         estimate(str(folder), gpu="80GiB", mode="qlora", precisions="nf4",
                  quantize_moe_experts=True, lora_target_parameters=EXPERTS, **SHAPE)
     with pytest.raises(UsageError, match="--mode lora or qlora"):
