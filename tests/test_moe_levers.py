@@ -140,3 +140,25 @@ def test_expert_lora_on_quantised_experts_is_refused(tiny_model_dir):
     with pytest.raises(UsageError, match="--mode lora or qlora"):
         estimate(str(folder), gpu="80GiB", mode="full", precisions="bf16",
                  quantize_moe_experts=True, **SHAPE)
+
+
+def test_peft_fails_on_lora_over_quantised_experts(tiny_model_dir):
+    """Why the refusal above holds: a real two-step LoRA run on experts bitsandbytes
+    quantised fails in peft 0.21 (its _LoraFactorsProxy stays on the expert). If this
+    starts passing, peft fixed it and the refusal in make_workload can go."""
+    from peft import LoraConfig, get_peft_model
+
+    from qplan.planner.training_setup import target_parameters
+
+    folder = tiny_model_dir("mixtral")
+    config = AutoConfig.from_pretrained(folder)
+    model = random_model(config, "nf4", "bfloat16", "cpu", str(folder), moe_experts=True)
+    model.requires_grad_(False)
+    lora = LoraConfig(r=4, target_modules=["q_proj"],
+                      target_parameters=target_parameters(EXPERTS, model))
+    model = get_peft_model(model, lora)
+    model.train()
+    ids = torch.randint(0, 1000, (1, 8))
+    with pytest.raises(RuntimeError, match="floating point dtype can require gradients"):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
