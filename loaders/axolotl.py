@@ -7,7 +7,9 @@ mirrored here:
   bfloat16 quant storage unless ``bnb_config_kwargs`` says otherwise;
 * ``adapter: lora`` with ``load_in_8bit`` is LLM.int8; 4-bit only happens with qlora;
 * ``bf16`` / ``fp16`` pick the load dtype; no adapter means full fine-tuning;
-* ``gpu_memory_limit`` (an int is GiB) caps each GPU, so it is used as the GPU size.
+* ``gpu_memory_limit`` (an int is GiB) caps each GPU, so it is used as the GPU size;
+* ``deepspeed`` / ``fsdp`` / ``fsdp_config`` / ``fsdp_version`` / ``ddp`` name the multi-GPU
+  strategy the run uses (``loaders/axolotl_sharding.py``), planned instead of qplan's choice.
 
 Every key of the file is accounted for (``AxolotlPlan.keys``): read into the plan, changing
 memory in a way qplan does not model (a warning names it), ignored as irrelevant to memory,
@@ -23,6 +25,7 @@ from typing import Any
 
 from qplan.errors import ConfigError
 from qplan.loaders.axolotl_keys import NOT_MODELLED, classify_key
+from qplan.loaders.axolotl_sharding import read_sharding
 from qplan.planner.precision import PRECISIONS, find_precision
 
 # Axolotl / HF TrainingArguments optimizer names -> qplan's (what their state costs).
@@ -112,6 +115,12 @@ READ_KEYS = frozenset(
         "model_quantization_config_kwargs",
         # Only the load-time float32 copy of the embeddings: the step's dtypes are the same.
         "embeddings_skip_upcast",
+        # The multi-GPU strategy (loaders/axolotl_sharding.py).
+        "deepspeed",
+        "fsdp",
+        "fsdp_config",
+        "fsdp_version",
+        "ddp",
     }
 )
 USED_KEYS = READ_KEYS  # the name earlier callers know
@@ -412,6 +421,11 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     if raw.get("revision_of_model"):
         kwargs["revision"] = str(raw["revision_of_model"])
     notes += _model_quantization(raw, precisions, not_modelled)
+    sharding = read_sharding(raw, path)
+    if sharding.strategy is not None:
+        kwargs["strategy"] = sharding.strategy
+        notes += sharding.notes
+    not_modelled.update(dict(sharding.not_modelled))
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
     keys = account_keys(raw, path, not_modelled, _workload_keys(kwargs["mode"]))
     # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 # Keys that change GPU memory which qplan does not plan yet -> what they change.
 NOT_MODELLED: dict[str, str] = {
-    "deepspeed": "DeepSpeed ZeRO sharding (the plan is for one GPU without it)",
-    "fsdp": "FSDP sharding (the plan is for one GPU without it)",
-    "fsdp_config": "FSDP sharding (the plan is for one GPU without it)",
-    "fsdp_version": "FSDP sharding (the plan is for one GPU without it)",
     "tensor_parallel_size": "tensor parallelism splits every layer across GPUs",
     "context_parallel_size": "context parallelism splits the sequence across GPUs",
     "xformers_attention": "xformers attention (planned as sdpa)",
@@ -54,7 +50,6 @@ NOT_MODELLED: dict[str, str] = {
     "device_map": "a device map with CPU offload",
     "lora_on_cpu": "LoRA weights kept on the CPU",
     "gpu_memory_limit_per_device": "a per-device memory limit",
-    "ddp": "DistributedDataParallel's gradient buckets",
     "eval_batch_size": "evaluation batches (the plan is for the training step)",
     "eval_sample_packing": "evaluation batches (the plan is for the training step)",
     "load_in_2bit": "2-bit loading",

@@ -153,10 +153,12 @@ def test_lora_8bit_and_full(tmp_path):
 
 
 def test_sharding_gets_a_note(tmp_path):
+    # The DeepSpeed config next to the YAML picks the strategy (tests/test_axolotl_sharding.py).
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
     plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\ndeepspeed: ds.json\n"))
-    assert "deepspeed" in plan.unused_keys
-    assert "deepspeed" in plan.keys.not_modelled
-    assert any("deepspeed" in w and "DeepSpeed" in w for w in plan.keys.warnings)
+    assert "deepspeed" in plan.keys.read
+    assert plan.estimate_kwargs["strategy"] == "zero2"
+    assert any("ZeRO-2" in n and "ds.json" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize(

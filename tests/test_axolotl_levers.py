@@ -31,7 +31,7 @@ bf16: true
 gradient_checkpointing: true
 attn_implementation: flash_attention_3
 sample_packing: false
-deepspeed: zero2.json
+tensor_parallel_size: 2
 tiled_mlp: true
 learning_rate: 0.0002
 datasets:
@@ -59,7 +59,7 @@ def test_every_key_is_read_not_modelled_ignored_or_unknown(tmp_path):
                               "attn_implementation", "gradient_checkpointing"}
     # false or left empty asks for nothing: planned without it, as the file says
     assert {"sample_packing", "fsdp"} <= set(keys.read)
-    assert set(keys.not_modelled) == {"deepspeed", "tiled_mlp"}
+    assert set(keys.not_modelled) == {"tensor_parallel_size", "tiled_mlp"}
     assert {"learning_rate", "datasets"} <= set(keys.ignored)
     assert keys.unknown == ("a_key_nobody_knows",)
     every = (*keys.read, *keys.not_modelled, *keys.ignored, *keys.unknown)
@@ -98,14 +98,14 @@ def test_report_and_table_list_the_keys(tiny_model_dir, tmp_path):
     report = json.loads(result.stdout)
     jsonschema.validate(report, load_schema())
     block = report["axolotl"]
-    assert [k["key"] for k in block["not_modelled"]] == ["deepspeed", "tiled_mlp"]
+    assert [k["key"] for k in block["not_modelled"]] == ["tensor_parallel_size", "tiled_mlp"]
     assert block["unknown"] == ["a_key_nobody_knows"]
     assert any("tiled_mlp" in w for w in report["warnings"])
     assert report["workload"]["attn"] == "flash_attention_2"
     table = runner.invoke(app, ["estimate", "--axolotl", str(config), "--gpu", "4090"])
     assert table.exit_code == 0, table.output
-    for text in ("not modelled: 2", "deepspeed", "unknown (not read): 1", "a_key_nobody_knows",
-                 "ignored (no memory)", "read:"):
+    for text in ("not modelled: 2", "tensor_parallel_size", "unknown (not read): 1",
+                 "a_key_nobody_knows", "ignored (no memory)", "read:"):
         assert text in table.stdout, text
 
 
