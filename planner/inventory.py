@@ -195,11 +195,16 @@ def build_meta_model(config: Any, trust_remote_code: bool = False,
 
 
 def decoder_layers(model: nn.Module) -> list[str]:
-    """Names of the decoder layers: the longest ModuleList of no-split blocks."""
+    """Names of the decoder layers: the longest ModuleList of no-split blocks outside a
+    vision-language model's vision tower and projector (a tower deeper than a shallow
+    trace's decoder must not be taken for it)."""
+    from qplan.planner.vision import vision_modules
+
     no_split = set(getattr(model, "_no_split_modules", None) or ())
+    tower = {id(m) for part in vision_modules(model) for m in part.modules()}
     best: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, nn.ModuleList) and id(module) not in tower:
             # Through torch's checkpoint wrapper (activation offloading wraps every layer).
             blocks = [
                 f"{name}.{i}" for i, child in enumerate(module)

@@ -303,14 +303,26 @@ def _host_bookkeeping() -> Any:
     return _disable_current_modes()
 
 
+def vision_modules(model: Any) -> tuple[Any, ...]:
+    """The vision tower and projector modules (``vision_module_prefixes``), of a plain or
+    a peft-wrapped model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return tuple(base.get_submodule(prefix) for prefix in vision_module_prefixes(base))
+
+
 def vision_module_prefixes(model: Any) -> tuple[str, ...]:
     """Names of the modules outside the language model and the head: the vision tower and
     the projector (``model.vision_tower``, ``model.multi_modal_projector``,
     ``model.visual``), what Axolotl's ``freeze_mm_modules`` freezes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "vision_config", None) is None:
+        return ()  # no vision tower
     inner = getattr(base, "model", None)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if inner is None or decoder is None or inner is decoder:
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return ()
+    if not isinstance(inner, torch.nn.Module) or decoder is None or inner is decoder:
         return ()
     return tuple(
         f"model.{name}" for name, child in inner.named_children()

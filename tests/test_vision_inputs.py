@@ -210,6 +210,72 @@ def test_text_only_models_refuse_images(tiny_model_dir):
         estimate(str(tiny_model_dir("llama")), gpu="80GiB", precisions="bf16", images=1)
 
 
+def _deep_llava(tiny_model_dir):
+    """Six decoder layers: traced at 2 and 4 and extrapolated, while the tower (2 layers,
+    as deep as the shallow trace's decoder) is traced whole each time."""
+    from tiny_models import TINY_CONFIGS
+
+    text = {**TINY_CONFIGS["llava"]["text_config"], "num_hidden_layers": 6}
+    folder = tiny_model_dir("llava", text_config=text)
+    config = AutoConfig.from_pretrained(folder)
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    return folder, config, tokens, (3, vision.image_size, vision.image_size)
+
+
+@pytest.mark.parametrize("mode", ["inference", "lora"])
+def test_llava_deeper_than_the_trace(tiny_model_dir, mode):
+    folder, config, tokens, shape = _deep_llava(tiny_model_dir)
+    _, predicted = plan(folder, mode, lora_r=8)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ids, pixels, labels = processor_batch(config, tokens, shape)
+    if mode == "inference":
+        measured = generate_peak(model, ids, {"pixel_values": pixels})
+        assert predicted.components["kv_cache"] == measured.kv_cache_bytes
+    else:
+        measured = trainer_peak(lora_on_language_model(model), _rows(ids, pixels, labels),
+                                _collate_images)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, ("deep llava", mode))
+
+
+def test_llava_qlora_with_images(tiny_model_dir):
+    """peft's k-bit preparation on a 4-bit vision-language model (bitsandbytes on CPU)."""
+    from peft import prepare_model_for_kbit_training
+
+    folder, config, tokens, shape = _llava(tiny_model_dir)
+    _, predicted = plan(folder, "qlora", precision="nf4", lora_r=8)
+    model = random_model(config, "nf4", "bfloat16", "cpu", str(folder))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = lora_on_language_model(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert predicted.components["adapters"] == 4 * trainable
+    # At the peak the tower's 4-bit layers have swapped a few quant-state tensors (their
+    # first forward): 2,304 of the resident bytes count elsewhere then.
+    resident = resident_bytes(model).bytes
+    assert 0 <= resident - predicted.components["weights"] - \
+        predicted.components["adapters"] <= 4096
+    ids, pixels, labels = processor_batch(config, tokens, shape)
+    measured = trainer_peak(model, _rows(ids, pixels, labels), _collate_images)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "llava qlora")
+
+
+def test_llava_lora_with_the_tower_trained(tiny_model_dir):
+    """--train-vision: peft's all-linear as it is, adapters in the tower and projector."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, config, tokens, shape = _llava(tiny_model_dir)
+    report, predicted = plan(folder, "lora", lora_r=8, train_vision=True)
+    assert report.workload["vision_frozen"] is False
+    model = get_peft_model(random_model(config, "bf16", "bfloat16", "cpu", str(folder)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                      task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert predicted.components["adapters"] == 4 * trainable
+    ids, pixels, labels = processor_batch(config, tokens, shape)
+    measured = trainer_peak(model, _rows(ids, pixels, labels), _collate_images)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "llava lora, tower")
+
+
 # --- Qwen2.5-VL ----------------------------------------------------------------------
 
 QWEN_SIZE = (112, 84)  # smart_resize keeps it (multiples of 28): 8 x 6 patches
