@@ -21,10 +21,23 @@ work between traces). ``--check`` runs the catalog x every mode on both paths in
 and compares every report byte for byte. ``--profile`` adds ``python -X importtime`` per
 top-level package and a cProfile of one CLI run.
 
+``--sweep-configs DIR`` / ``--sweep-catalog`` replace all of that by a per-item sweep: every
+config file of DIR (and/or every catalog model) x every mode of ``--modes``, each planned
+through ``qplan.api.estimate`` (gpu 4090, cache off) in one worker process, with the wall
+and CPU time (``time.process_time``) of each item and a digest of its report. CPU time is
+the fair figure on a shared machine (wall time there includes waiting for a core). An item
+running past ``--item-timeout`` seconds is recorded as a timeout and the sweep goes on in a
+fresh worker. ``--digests FILE`` compares each report digest with an earlier sweep's
+``--json`` (byte identity before/after a change).
+
 Usage::
 
     python bench/estimate_speed.py [--runs 5] [--catalog-runs 1] [--reference] [--check]
                                    [--profile] [--json results.json]
+    python bench/estimate_speed.py --sweep-configs ../shared/model-configs --sweep-catalog
+                                   [--modes load,inference,lora,qlora,full,dpo]
+                                   [--models SUBSTR,...] [--item-timeout 600] [--over 20]
+                                   [--digests earlier.json] [--json sweep.json]
 """
 
 from __future__ import annotations
@@ -32,12 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +60,8 @@ MODEL_70B = "meta-llama/Llama-2-70b-hf"
 GPU = "4090"
 TARGET_VS_ACCELERATE = 0.7
 MODES = ("load", "inference", "lora", "qlora", "full")
+# What an item may take (CPU seconds) before the sweep lists it as slow (issue #10).
+SLOW_ITEM_S = 20.0
 
 ENV = {
     **os.environ,
@@ -101,6 +118,37 @@ CHECK_SCRIPT = textwrap.dedent(
     print(json.dumps({"same": same, "differ": differ, "errors": errors}))
     """
 )
+# One worker of --sweep-configs: plans the items of argv[1] (JSON [[model, mode], ...]) one
+# after the other and prints a JSON line when each starts and when it ends.
+SWEEP_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys, time
+    from qplan.api import estimate
+    from qplan.report import report_json
+    # Lazy imports (peft, bitsandbytes, trl's trainers...) are paid here, not by item one.
+    for mode in {mode for _, mode in json.loads(sys.argv[1])}:
+        try:
+            estimate("openai-community/gpt2", gpu="4090", mode=mode, seq_len=16)
+        except Exception:
+            pass
+    for model_id, mode in json.loads(sys.argv[1]):
+        print(json.dumps({"start": [model_id, mode]}), flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            text = report_json(estimate(model_id, gpu="4090", mode=mode))
+            status = "ok"
+        except Exception as exc:  # a refusal is an outcome too: its message is the report
+            text = f"error: {type(exc).__name__}: {exc}"
+            status = "error"
+        print(json.dumps({
+            "model": model_id, "mode": mode, "status": status,
+            "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+            "digest": hashlib.sha256(text.encode()).hexdigest(),
+            "error": text if status == "error" else None,
+        }), flush=True)
+    """
+)
+
 ACCELERATE_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -276,6 +324,124 @@ def print_sweep(label: str, s: dict) -> None:
           f"{len(s['errors'])} errors {s['errors'][:5]}")
 
 
+# --------------------------------------------------------------------------- per-item sweep
+
+
+def config_files(folder: str) -> list[str]:
+    """The model configs of ``folder``: its ``*.json`` files, less the ModelOpt quant configs
+    kept beside them (``X.hf_quant_config.json``, read with ``X.json``)."""
+    return sorted(str(p.resolve()) for p in Path(folder).glob("*.json")
+                  if not p.name.endswith(".hf_quant_config.json"))
+
+
+def _worker_lines(proc: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def sweep_items(cwd: str, items: list[tuple[str, str]], item_timeout: float) -> list[dict]:
+    """Plan every (model, mode) in one worker process; an item past ``item_timeout`` seconds
+    (wall) is recorded as a timeout and the rest go on in a fresh worker."""
+    env = {**ENV, "QPLAN_CACHE": "0"}
+    results: list[dict] = []
+    todo = list(items)
+    while todo:
+        proc = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, json.dumps(todo)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env=env, cwd=cwd)
+        lines = _worker_lines(proc)
+        current, started = None, time.perf_counter()
+        while True:
+            try:
+                line = lines.get(timeout=max(1.0, item_timeout - (time.perf_counter() - started)))
+            except queue.Empty:
+                proc.kill()
+                proc.wait()
+                results.append({"model": current[0], "mode": current[1], "status": "timeout",
+                                "wall_s": time.perf_counter() - started, "cpu_s": None,
+                                "digest": None, "error": None})
+                print(f"  TIMEOUT {current[1]:<9} {current[0]} (> {item_timeout:.0f} s)",
+                      flush=True)
+                todo = todo[todo.index(current) + 1:]
+                break
+            if line is None:  # the worker is done (or died: the rest are lost)
+                proc.wait()
+                if current is not None and (not results or results[-1]["model"] != current[0]
+                                            or results[-1]["mode"] != current[1]):
+                    results.append({"model": current[0], "mode": current[1],
+                                    "status": f"crash (exit {proc.returncode})", "wall_s": None,
+                                    "cpu_s": None, "digest": None, "error": None})
+                    todo = todo[todo.index(current) + 1:]
+                else:
+                    todo = []
+                break
+            data = json.loads(line)
+            if "start" in data:
+                current, started = tuple(data["start"]), time.perf_counter()
+                continue
+            results.append(data)
+            print(f"  {data['cpu_s']:7.1f} s cpu {data['wall_s']:7.1f} s wall  "
+                  f"{data['mode']:<9} {data['model']}  {data['status']}", flush=True)
+    return results
+
+
+def print_item_sweep(results: list[dict], over: float) -> None:
+    cpu = sum(r["cpu_s"] or 0.0 for r in results)
+    wall = sum(r["wall_s"] or 0.0 for r in results)
+    slow = [r for r in results
+            if r["cpu_s"] is None or r["cpu_s"] > over or r["status"] == "timeout"]
+    errors = [r for r in results if r["status"] == "error"]
+    print(f"\n{len(results)} items: {cpu:.1f} s cpu, {wall:.1f} s wall in all; "
+          f"{len(errors)} refused; over {over:.0f} s cpu (or not finished): {len(slow)}")
+    for r in sorted(slow, key=lambda r: -(r["cpu_s"] or r["wall_s"] or 0.0)):
+        cpu_text = "-" if r["cpu_s"] is None else f"{r['cpu_s']:.1f}"
+        wall_text = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
+        print(f"  {cpu_text:>7} s cpu  {wall_text:>7} s wall  {r['mode']:<9} {r['model']}  "
+              f"{r['status']}")
+    for r in errors:
+        print(f"  refused: {r['mode']} {r['model']}: {(r['error'] or '')[:150]}")
+
+
+def compare_digests(results: list[dict], earlier_file: Path) -> list[str]:
+    """Items whose report differs from the same item's in an earlier sweep's --json."""
+    earlier = {(r["model"], r["mode"]): r["digest"]
+               for r in json.loads(earlier_file.read_text())["sweep"]}
+    return [f"{r['mode']} {r['model']}" for r in results
+            if (r["model"], r["mode"]) in earlier and r["digest"] is not None
+            and earlier[(r["model"], r["mode"])] is not None
+            and earlier[(r["model"], r["mode"])] != r["digest"]]
+
+
+def run_item_sweep(args: argparse.Namespace) -> None:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    with tempfile.TemporaryDirectory() as cwd:
+        models = config_files(args.sweep_configs) if args.sweep_configs else []
+        if args.sweep_catalog:
+            models += catalog_ids(cwd)
+        if args.models:
+            wanted = [w.strip().lower() for w in args.models.split(",")]
+            models = [m for m in models if any(w in m.lower() for w in wanted)]
+        items = [(model, mode) for model in models for mode in modes]
+        print(f"sweep: {len(models)} models x {len(modes)} modes, one worker process "
+              f"(gpu {GPU}, cache off); times are per item, CPU time is the fair figure")
+        results = sweep_items(cwd, items, args.item_timeout)
+    print_item_sweep(results, args.over)
+    out: dict = {"sweep": results, "modes": modes, "over_s": args.over}
+    if args.digests:
+        differ = compare_digests(results, args.digests)
+        out["digests_differ"] = differ
+        print(f"\nreports vs {args.digests}: {len(differ)} differ {differ}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -355,7 +521,25 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile qplan's start-up")
     parser.add_argument("--top", type=int, default=40, help="cProfile rows to print")
     parser.add_argument("--json", type=Path, help="write the raw results here")
+    sweep_opts = parser.add_argument_group("per-item sweep (instead of the measurements above)")
+    sweep_opts.add_argument("--sweep-configs", metavar="DIR",
+                            help="sweep every config file of DIR (e.g. ../shared/model-configs)")
+    sweep_opts.add_argument("--sweep-catalog", action="store_true",
+                            help="sweep every model of the bundled catalog")
+    sweep_opts.add_argument("--modes", default=",".join(MODES),
+                            help="comma-separated modes to sweep (any of qplan's --mode)")
+    sweep_opts.add_argument("--models", help="only models whose id or path contains one of "
+                                             "these comma-separated strings")
+    sweep_opts.add_argument("--item-timeout", type=float, default=600.0,
+                            help="seconds (wall) before an item is recorded as a timeout")
+    sweep_opts.add_argument("--over", type=float, default=SLOW_ITEM_S,
+                            help="list items over this many CPU seconds")
+    sweep_opts.add_argument("--digests", type=Path,
+                            help="an earlier sweep's --json: list the reports that differ")
     args = parser.parse_args()
+    if args.sweep_configs or args.sweep_catalog:
+        run_item_sweep(args)
+        return
     if args.runs < 5:
         parser.error("--runs must be at least 5")
     # Run outside the repo so the installed package is what gets timed.

@@ -57,7 +57,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.segment: tuple[str, ...] = ()
         self.tagger = tagger
         self._serials = itertools.count()
-        self._live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
+        # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
+        self._live: dict[int, tuple[int, int, Any]] = {}
         self._events: list[tuple[int, int, str, str | None]] = []  # (serial, ±nbytes, ...)
         self.current = 0
         self.current_allocated = 0
@@ -93,12 +94,15 @@ class LiveTensorTracker(TorchDispatchMode):
             self._add_host(storage, key, nbytes)
             return None
         serial = next(self._serials)
-        self._live[key] = (serial, nbytes)
+        # A weak reference held here (what weakref.finalize does, without its registry):
+        # its callback runs exactly when the storage's memory is freed.
+        ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
+                          self._release(key, serial))
+        self._live[key] = (serial, nbytes, ref)
         tag = self.tagger(tensor) if self.tagger is not None else None
         self._events.append((serial, nbytes, self.phase, tag))
         self.current += nbytes
         self.current_allocated += alloc_size(nbytes)
-        weakref.finalize(storage, self._release, key, serial)
         if self.current_allocated > self.peak_allocated:
             self.peak_allocated = self.current_allocated
         if self.current > self.peak:

@@ -33,6 +33,7 @@ MAX_ENTRIES = 200_000
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
             torch.memory_format)
+_SCALAR_TYPES = frozenset(_SCALARS)
 _FUNCTIONAL: dict[Any, bool] = {}
 _PLAIN_TYPES: dict[type, bool] = {}
 
@@ -51,17 +52,19 @@ def _plain(cls: type) -> bool:
 
 
 def _key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if (not _plain(type(value)) or value.device.type != "meta"
+    cls = type(value)
+    if cls is torch.Tensor or isinstance(value, torch.Tensor):
+        if (not _plain(cls) or not value.is_meta
                 or value.layout != torch.strided or value.is_conj() or value.is_neg()):
             raise _Unhashable
-        return (value.dtype, tuple(value.shape), value.stride(), value.storage_offset(),
+        # torch.Size hashes and compares as the tuple of its sizes.
+        return (value.dtype, value.shape, value.stride(), value.storage_offset(),
                 value.requires_grad)
-    if isinstance(value, _SCALARS):
+    if cls in _SCALAR_TYPES or isinstance(value, _SCALARS):
         # 1, 1.0 and True hash alike but may type an output differently.
-        return (type(value), value)
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_key(v) for v in value))
+        return (cls, value)
+    if cls is tuple or cls is list or isinstance(value, (tuple, list)):
+        return (cls, tuple([_key(v) for v in value]))
     if isinstance(value, dict):
         return (dict, tuple((k, _key(v)) for k, v in value.items()))
     raise _Unhashable
