@@ -184,10 +184,13 @@ def run_inference(
             # generate's prefill for multimodal rotary positions (Qwen2-VL style): the
             # text positions stacked on the model's 3-D ones.
             position_ids = torch.cat([position_ids[None], images.position_ids], dim=0)
+        if images is not None:
+            image_kwargs = _encoded_like_generate(model, images.inputs)
         cache = generation_cache(model)
         kwargs = {} if cache is None else {_cache_argument(model): cache}
         if images is not None:
-            kwargs.update(images.inputs)
+            kwargs.update(image_kwargs)
+            del image_kwargs
         out = model(input_ids=ids.clone(), position_ids=position_ids, use_cache=True,
                     logits_to_keep=1, **kwargs)
         tracker.segment = ()
@@ -199,6 +202,20 @@ def run_inference(
         next_logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
         del out, next_logits, position_ids, states, cache, kwargs, images
     tracker.phase = "done"
+
+
+def _encoded_like_generate(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The image inputs as ``generate`` hands them to the prefill: a model whose forward
+    takes ``mm_encoder_outputs`` has its images encoded first (GenerationMixin's own
+    ``_prepare_multimodal_encoder_kwargs_for_generation``, before the text embeddings
+    exist), the others get the pixel values in the forward."""
+    prepare = getattr(model, "_prepare_multimodal_encoder_kwargs_for_generation", None)
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    modalities = getattr(model, "input_modalities", ()) or ()
+    if prepare is None or supports is None or not supports() or \
+            not any(kind in modalities for kind in ("image", "video")):
+        return dict(inputs)
+    return prepare(dict(inputs))
 
 
 def _image_inputs(model: nn.Module, workload: Workload, ids: torch.Tensor) -> Any:
