@@ -116,7 +116,11 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
     )
     for storage in snapshot.storages:
         size = alloc_size(storage.nbytes) if rounded else storage.nbytes
-        name = next((role for role, serials in roles if storage.serial in serials), None)
+        name = None
+        for role, serials in roles:
+            if storage.serial in serials:
+                name = role
+                break
         if name is None:
             if storage.tag == "logits":
                 name = "logits"

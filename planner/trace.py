@@ -31,8 +31,10 @@ data are pinned to what they decide for a dense, unpadded batch:
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -185,6 +187,27 @@ def trace_patches(target: str, attn: str,
         yield
 
 
+# (prefix, attribute, id of its value) -> (id of each module looked at, by name; the
+# modules holding the value, by name).
+_HOLDERS: dict[tuple[str, str, int], tuple[dict[str, int], dict[str, ModuleType]]] = {}
+
+
+def modules_holding(prefix: str, attr: str, value: Any) -> list[ModuleType]:
+    """The loaded modules named ``prefix...`` whose ``attr`` is ``value`` (modeling files
+    import transformers' helpers by name, so a patch swaps each copy). Every trace asks
+    again; only modules loaded (or reloaded) since the last answer are looked at: an
+    import binds the name once, and the patches restore it."""
+    seen, holders = _HOLDERS.setdefault((prefix, attr, id(value)), ({}, {}))
+    for name, module in list(sys.modules.items()):
+        if seen.get(name) == id(module) or not name.startswith(prefix):
+            continue
+        seen[name] = id(module)
+        holders.pop(name, None)
+        if module is not None and getattr(module, attr, None) is value:
+            holders[name] = module
+    return [module for name, module in holders.items() if sys.modules.get(name) is module]
+
+
 @contextlib.contextmanager
 def _unpadded_recurrent_mask_skip(masking_utils: Any) -> Iterator[None]:
     """Mamba / linear-attention layers' 2-D padding mask (``create_recurrent_attention_mask``,
@@ -192,8 +215,6 @@ def _unpadded_recurrent_mask_skip(masking_utils: Any) -> Iterator[None]:
     a meta mask is the all-ones mask of an unpadded batch (as ``fast_all`` decides), so
     the trace takes that outcome. The models import the function by name: it is swapped
     in every loaded module that holds it."""
-    import sys
-
     original = getattr(masking_utils, "create_recurrent_attention_mask", None)
     if original is None:
         yield
@@ -206,9 +227,7 @@ def _unpadded_recurrent_mask_skip(masking_utils: Any) -> Iterator[None]:
             return None
         return original(config, inputs_embeds, attention_mask, *args, **kwargs)
 
-    holders = [module for name, module in list(sys.modules.items())
-               if name.startswith("transformers") and module is not None
-               and getattr(module, "create_recurrent_attention_mask", None) is original]
+    holders = modules_holding("transformers", "create_recurrent_attention_mask", original)
     for module in holders:
         module.create_recurrent_attention_mask = skip
     try:
@@ -287,7 +306,6 @@ def _image_checks_on_meta() -> Iterator[None]:
     (the real run's check passes). Qwen2-VL-style towers read their image grid's values
     for window and sequence bookkeeping: the step passes the grid on the CPU, and the
     rotary position ids made from it go to meta with the hidden states."""
-    import sys
 
     from transformers import vision_utils
 
@@ -305,10 +323,9 @@ def _image_checks_on_meta() -> Iterator[None]:
         return result.to("meta") if isinstance(result, torch.Tensor) else result
 
     patched = [(vision_utils, "get_vision_position_ids", original_ids)]
-    for name, module in list(sys.modules.items()):
-        if name.startswith("transformers.models.") and \
-                getattr(module, "get_vision_position_ids", None) is original_ids:
-            patched.append((module, "get_vision_position_ids", original_ids))
+    for module in modules_holding("transformers.models.", "get_vision_position_ids",
+                                  original_ids):
+        patched.append((module, "get_vision_position_ids", original_ids))
     torch._check_tensor_all_with = check
     for module, attr, _ in patched:
         setattr(module, attr, position_ids)
