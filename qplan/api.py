@@ -519,11 +519,14 @@ def _image_report(config: Any, meta: Any, workload: Workload,
             from qplan.planner.training_setup import lora_config
 
             found["lora_exclude_regex"] = lora_config(workload, meta).exclude_modules
-        notes.append(
-            f"vision tower and projector ({', '.join(tower)}) "
-            + ("frozen: no adapters or gradients there (--train-vision to train them)"
-               if workload.vision_frozen else "trained with the language model")
-        )
+        if workload.vision_frozen:
+            how = "frozen: no adapters or gradients there (--train-vision to train them)"
+        elif workload.is_lora:
+            how = ("left to the LoRA targets: adapters wherever they match "
+                   "(--freeze-vision to exclude them)")
+        else:
+            how = "trained with the language model (--freeze-vision to freeze them)"
+        notes.append(f"vision tower and projector ({', '.join(tower)}) {how}")
     if not workload.images:
         return found
     layout = image_layout(config, workload.image_size)
