@@ -181,15 +181,19 @@ class CutCrossEntropy(torch.autograd.Function):
 
 def fused_ce_loss(model: nn.Module, input_ids: torch.Tensor, kind: str,
                   labels: torch.Tensor | None = None,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  position_ids: torch.Tensor | None = None,
+                  images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The training loss of ``model`` on ``input_ids`` (``labels``: the inputs unless
     given, as a tensor of their own the way Trainer's collator makes them) through the decoder
     and a fused linear cross-entropy (``kind``: cce or liger): what Axolotl's patched
-    causal-LM forward computes, with no logits tensor."""
+    causal-LM forward computes, with no logits tensor. ``images``: a vision-language
+    model's image inputs (planner/vision.py), which its base model (tower, projector and
+    language model) takes, as the patched forward of such a model calls it."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = causal.get_decoder()
+    decoder = causal.model if images else causal.get_decoder()
     weight = causal.get_output_embeddings().weight
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                     **(images or {}))[0]
     labels = input_ids if labels is None else labels
     if kind == "liger":
         padded = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)

@@ -439,7 +439,8 @@ def run_training(
             if loss_of is not None:
                 loss = loss_of(model)
             elif workload.fused_ce is not None:
-                loss = fused_ce_loss(model, ids, workload.fused_ce, labels, position_ids)
+                loss = fused_ce_loss(model, ids, workload.fused_ce, labels, position_ids,
+                                     image_kwargs)
             else:
                 out = model(input_ids=ids, labels=labels, position_ids=position_ids,
                             use_cache=False, **image_kwargs)

@@ -283,7 +283,7 @@ def make_workload(
                 f"LoRA target regex {lora_target_regex!r} does not compile ({exc}); fix it"
             ) from None
     size = _check_images(kind, images, image_size, train_vision, config, seq_len,
-                         sample_packing=sample_packing, fused_ce=fused_ce)
+                         sample_packing=sample_packing)
     if lora_alpha is not None and not 1 <= lora_alpha <= 1 << 20:
         raise UsageError(f"--lora-alpha must be between 1 and 1048576, not {lora_alpha}")
     if not 0.0 <= lora_dropout < 1.0:
@@ -354,8 +354,7 @@ def parse_image_size(value: int | str | Sequence[int] | None) -> tuple[int, int]
 
 
 def _check_images(kind: Any, images: Any, image_size: Any, train_vision: bool | None,
-                  config: Any, seq_len: int, *, sample_packing: bool,
-                  fused_ce: str | None) -> tuple[int, int] | None:
+                  config: Any, seq_len: int, *, sample_packing: bool) -> tuple[int, int] | None:
     """Validate the image options against the mode and the model; returns the size."""
     from qplan.planner.workloads import IMAGE_MODES, TRAINING_MODES
 
@@ -375,10 +374,9 @@ def _check_images(kind: Any, images: Any, image_size: Any, train_vision: bool | 
         raise UsageError(f"--images feeds images through the step of --mode "
                          f"{', '.join(IMAGE_MODES)}; --mode {kind.name} plans text only, "
                          "leave --images out")
-    for lever, on in (("--sample-packing", sample_packing), ("--fused-ce", fused_ce)):
-        if on:
-            raise UsageError(f"{lever} is not planned with --images (Axolotl keeps "
-                             f"multimodal batches unpacked); leave {lever} out")
+    if sample_packing:
+        raise UsageError("--sample-packing is not planned with --images (Axolotl keeps "
+                         "multimodal batches unpacked); leave --sample-packing out")
     from qplan.planner.vision import check_fits, image_layout
 
     check_fits(images, image_layout(config, size), seq_len)

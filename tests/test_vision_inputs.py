@@ -276,6 +276,32 @@ def test_llava_lora_with_the_tower_trained(tiny_model_dir):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "llava lora, tower")
 
 
+@pytest.mark.parametrize("kind", ["cce", "liger"])
+def test_llava_fused_cross_entropy_with_images(tiny_model_dir, kind):
+    """A fused linear cross-entropy runs the base model (tower, projector, language model)
+    and the fused loss: the loss transformers' forward computes, no logits; the plan
+    against the same step on real tensors."""
+    from qplan.api import make_workload
+    from qplan.loaders.measure import measure
+    from qplan.planner.fused_ce import fused_ce_loss
+
+    folder, config, tokens, shape = _llava(tiny_model_dir)
+    _, predicted = plan(folder, "lora", lora_r=8, fused_ce=kind)
+    assert predicted.components["logits"] == 0
+    model = random_model(config, "bf16", "float32", "cpu", str(folder)).float()
+    ids, pixels, labels = processor_batch(config, tokens, shape)
+    with torch.no_grad():
+        fused = fused_ce_loss(model, ids, kind, labels, None, {"pixel_values": pixels})
+        reference = model(input_ids=ids, labels=labels, pixel_values=pixels).loss
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    workload = make_workload("lora", config, batch=BATCH, seq_len=SEQ, images=IMAGES,
+                             lora_r=8, fused_ce=kind)
+    measured = measure(config, workload, "bf16", predicted.compute_dtype)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, ("fused", kind))
+    for part in ("weights", "adapters", "optimizer_states", "gradients"):
+        assert predicted.components[part] == measured.components[part], part
+
+
 # --- Qwen2.5-VL ----------------------------------------------------------------------
 
 QWEN_SIZE = (112, 84)  # smart_resize keeps it (multiples of 28): 8 x 6 patches
