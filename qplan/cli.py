@@ -9,6 +9,7 @@ carries the error as a ``qplan.error/v1`` object, so a pipeline always reads JSO
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -362,7 +363,8 @@ def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
         _quiet_libraries()
     reset_step()
     try:
-        return action()
+        with _stdout_for_the_report(as_json):
+            return action()
     except QplanError as exc:
         if debug:
             raise
@@ -380,6 +382,30 @@ def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
         raise  # unreachable
 
 
+_REPORT_STREAMS: list[Any] = []
+
+
+@contextlib.contextmanager
+def _stdout_for_the_report(as_json: bool) -> Any:
+    """Under --json, stdout carries the report and nothing else: what libraries print while
+    qplan plans or measures (DeepSpeed's logger takes the stdout of its first import,
+    accelerate's and bitsandbytes' notices) goes to stderr; the report is written to the
+    stdout the command started with (``_report_stream``)."""
+    if not as_json:
+        yield
+        return
+    _REPORT_STREAMS.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _REPORT_STREAMS.pop()
+
+
+def _report_stream() -> Any:
+    return _REPORT_STREAMS[-1] if _REPORT_STREAMS else sys.stdout
+
+
 def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool = True) -> None:
     from qplan.report import report_json
 
@@ -390,7 +416,7 @@ def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool =
         except OSError as exc:
             raise QplanError(f"cannot write the report to {output}: {exc.strerror}") from None
     if as_json:
-        sys.stdout.write(text + "\n")
+        _report_stream().write(text + "\n")
     elif render:
         render_terminal(report, out)
 
@@ -685,7 +711,7 @@ def _print_list(items: list[Any], columns: tuple[str, ...], row: Any, as_json: b
     from dataclasses import asdict
 
     if as_json:
-        sys.stdout.write(json.dumps([asdict(item) for item in items], indent=2) + "\n")
+        _report_stream().write(json.dumps([asdict(item) for item in items], indent=2) + "\n")
         return
     render_listing(items, columns, row, out)
 

@@ -165,3 +165,22 @@ def test_bad_workload_options_are_usage_errors(tiny_model_dir, args, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_measure_json_stdout_is_only_the_report_in_a_real_process(tiny_model_dir):
+    """DeepSpeed (imported by the real step's libraries) logs a notice on the stdout of its
+    first import; in a fresh process under --json that notice goes to stderr, and stdout
+    parses as one report."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "qplan", "measure", str(tiny_model_dir("llama")), "--mode",
+         "inference", "--layers", "1", "--device", "cpu", "--batch", "1", "--seq-len", "16",
+         "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, load_schema())
+    assert report["measured"]["layers"] == 1
