@@ -145,41 +145,36 @@ def _is_index_list(name: str, value: list[Any] | tuple[Any, ...], depth: int) ->
     )
 
 
-def _truncate_layer_lists(text: Any, depth: int, kept: list[int]) -> None:
-    """Keep the entries of layers ``kept`` (ascending indices) in every per-layer list of
-    ``text`` (layer_types, layers_block_type, no_rope_layers, ...), and in index lists
-    (moe_layers, full_attn_idxs) the kept indices, renumbered. Lists a config derives in a
-    read-only property (falcon-mamba's layer_types, Jamba's layers_block_type) follow
-    num_hidden_layers."""
-    position = {index: new for new, index in enumerate(kept)}
+def _truncate_layer_lists(text: Any, depth: int, layers: int) -> None:
+    """Cut every per-layer list of ``text`` (layer_types, layers_block_type,
+    no_rope_layers, ...) to ``layers`` entries and drop indices past them from index lists
+    (moe_layers, full_attn_idxs). Lists a config derives in a read-only property
+    (falcon-mamba's layer_types, Jamba's layers_block_type) follow num_hidden_layers."""
     for name, value in list(vars(text).items()):
         if not isinstance(value, (list, tuple)) or name.startswith("_"):
             continue
         if _is_index_list(name, value, depth):
-            cut = [position[i] for i in value if i in position]
+            kept = [i for i in value if i < layers]
         elif len(value) == depth:
-            cut = [value[i] for i in kept]
+            kept = list(value[:layers])
         else:
             continue
-        setattr(text, name, type(value)(cut))
+        setattr(text, name, type(value)(kept))
 
 
-def _with_layers(config: Any, layers: int, suffix: int = 0) -> Any:
-    """A copy of ``config`` with ``layers`` decoder layers: the first ones, and with
-    ``suffix`` the model's last ``suffix`` layers in place of the first ones' last
-    (``LayerPattern.kept_layers``)."""
+def _with_layers(config: Any, layers: int) -> Any:
+    """A copy of ``config`` with only the first ``layers`` decoder layers."""
     truncated = copy.deepcopy(config)
     text = truncated.get_text_config()
     depth = num_layers(truncated)
     if layers >= depth:
         return truncated
-    kept = LayerPattern(0, 1, suffix).kept_layers(layers, depth)
-    _truncate_layer_lists(text, depth, kept)
+    _truncate_layer_lists(text, depth, layers)
     for name in TRAILING_LAYER_COUNTS:
         count = getattr(text, name, None)
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            # The kept layers hold those of the last ``count`` that they keep.
-            setattr(text, name, sum(1 for i in kept if i >= depth - count))
+            # The first ``layers`` hold those of the last ``count`` that they reach.
+            setattr(text, name, max(0, count - (depth - layers)))
     # Some configs derive the depth from a per-layer list (Nemotron-H ignores a new
     # num_hidden_layers); the list cut above already set it there.
     if num_layers(truncated) != layers:
@@ -221,8 +216,7 @@ def trace_components(
     from qplan.planner.trace import trace
 
     def build() -> tuple[Any, Inventory]:
-        cfg = (_with_layers(config, layers, pattern.suffix_layers) if layers is not None
-               else copy.deepcopy(config))
+        cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
         built = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
         inventory = replace(take_inventory(built, skip_modules),
                             moe_experts=workload.quantize_moe_experts)
@@ -234,8 +228,8 @@ def trace_components(
         # A step that only runs the model (inference) leaves it as built: one build serves
         # every trace of this model at this precision and depth (planner/meta_models.py).
         model, inventory = meta_models.shared(
-            (key, layers, pattern.suffix_layers, workload.attn, workload.quantize_moe_experts,
-             precision, compute_dtype, quant_storage,
+            (key, layers, workload.attn, workload.quantize_moe_experts, precision,
+             compute_dtype, quant_storage,
              tuple(skip_modules) if skip_modules is not None else None),
             build,
         )
@@ -430,29 +424,6 @@ def _extrapolate(low: TraceOutcome, high: TraceOutcome, depths: tuple[int, int],
     return TraceOutcome(components, peak, phases, phase_components, host)
 
 
-def depth_plan_for(inventory: Inventory, config: Any, trust_remote_code: bool = False,
-                   skip_modules: list[str] | None = None) -> TracePlan:
-    """``trace_plan`` of the model, with a suffix only where a shallow copy provably keeps
-    the model's last layers: the layers of the copy ``_with_layers`` makes at the lower
-    depth must have the signatures of the layers it keeps (a model that derives a layer's
-    kind from its index, not from a per-layer list, renumbers its last layers into the
-    block). A skip list names modules by the full model's indices: no suffix with one."""
-    signatures = layer_signatures(inventory, config)
-    depth = num_layers(config)
-    plan = trace_plan(signatures, depth)
-    if plan.depths is None or plan.pattern.suffix_layers == 0:
-        return plan
-    low = plan.depths[0]
-    kept = plan.pattern.kept_layers(low, depth)
-    if skip_modules is None and signatures is not None:
-        shallow = _with_layers(config, low, plan.pattern.suffix_layers)
-        model = build_meta_model(copy.deepcopy(shallow), trust_remote_code)
-        found = layer_signatures(take_inventory(model), shallow)
-        if found == [signatures[i] for i in kept]:
-            return plan
-    return trace_plan(signatures, depth, suffixes=False)
-
-
 def workload_components(
     inventory: Inventory,
     workload: Workload,
@@ -482,7 +453,7 @@ def workload_components(
         target=target, quant_storage=quant_storage, skip_modules=skip_modules,
         trust_remote_code=trust_remote_code,
     )
-    plan = depth_plan or depth_plan_for(inventory, config, trust_remote_code, skip_modules)
+    plan = depth_plan or trace_plan(layer_signatures(inventory, config), depth)
     traced_as = _traced_as(precision, compute_dtype)
     stored = inventory.stored
     if (workload.is_lora and stored is not None and traced_as != precision

@@ -15,14 +15,11 @@ Each layer gets a signature: its tensors (names relative to the layer, module ty
 shapes, dtypes, what bitsandbytes would quantise), read off the full model's inventory
 (the same decoder layers the multi-GPU planner and the step's layer hooks use),
 and its entry in every per-layer list of the config. The sequence of signatures is read as
-a prefix of ``s`` layers followed by a block of ``p`` layers that repeats, then a suffix of
-``t`` layers that breaks the repetition at the very end (a homogeneous model is s=0, p=1,
-t=0; Nemotron-H's pattern repeats from its first layer but ends on an MLP layer where the
-block would put attention). With ``L = s + n*p + r + t`` layers, tracing at
-``d1 = s + r + k*p + t`` (k >= 1) and ``d2 = d1 + m*p`` keeps the prefix, whole blocks, the same
-partial block and the suffix (the model's last ``t`` layers, planner/components.py:
-``_with_layers``), so ``L`` lies on the line through the two traces, block for block. A
-model with no such structure short of its full depth is traced at full depth.
+a prefix of ``s`` layers followed by a block of ``p`` layers that repeats to the end (a
+homogeneous model is s=0, p=1). With ``L = s + n*p + r`` layers, tracing at
+``d1 = s + r + k*p`` (k >= 1) and ``d2 = d1 + m*p`` keeps the prefix, whole blocks and the same
+partial block at the end, so ``L`` lies on the line through the two traces, block for
+block. A model with no such structure short of its full depth is traced at full depth.
 """
 
 from __future__ import annotations
@@ -36,8 +33,6 @@ from qplan.planner.inventory import Inventory
 # The smallest depths a deep model is traced at; a homogeneous model gets (2, 4).
 MIN_LOW_DEPTH = 2
 MIN_BLOCK_LAYERS = 2
-# The most trailing layers read as a suffix: enough for a pattern broken by its last layers.
-MAX_SUFFIX_LAYERS = 4
 
 # Fields that give the decoder's depth where ``num_hidden_layers`` is something else, looked
 # up in this order: the encoder's depth (BART, Whisper, ... alias num_hidden_layers to
@@ -82,13 +77,6 @@ def num_layers(config: Any) -> int:
 class LayerPattern:
     prefix_layers: int  # s: leading layers that do not repeat
     period: int  # p: layers in the repeating block
-    suffix_layers: int = 0  # t: trailing layers that do not repeat (the model's last ones)
-
-    def kept_layers(self, layers: int, depth: int) -> list[int]:
-        """The indices, among ``depth`` layers, of the ``layers`` a shallow trace keeps:
-        the first ones, and the model's last ``suffix_layers``."""
-        t = self.suffix_layers
-        return [*range(layers - t), *range(depth - t, depth)]
 
 
 def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
@@ -133,11 +121,11 @@ def _prefixes(module: str) -> list[str]:
 
 
 def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
-    s, p, t = pattern.prefix_layers, pattern.period, pattern.suffix_layers
-    r = (depth - t - s) % p
+    s, p = pattern.prefix_layers, pattern.period
+    r = (depth - s) % p
     # The low trace holds a whole block too: buffers shared by a kind of layer (Gemma 3's
     # global rotary table) appear once a layer of that kind does, and must not enter the slope.
-    low = s + r + p + t
+    low = s + r + p
     while low < MIN_LOW_DEPTH:
         low += p
     step = p
@@ -147,8 +135,8 @@ def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
 
 
 def _repeats(keys: Sequence[int], pattern: LayerPattern) -> bool:
-    s, p, t = pattern.prefix_layers, pattern.period, pattern.suffix_layers
-    return all(keys[i] == keys[i + p] for i in range(s, len(keys) - t - p))
+    s, p = pattern.prefix_layers, pattern.period
+    return all(keys[i] == keys[i + p] for i in range(s, len(keys) - p))
 
 
 @dataclass(frozen=True)
@@ -163,42 +151,30 @@ class TracePlan:
 HOMOGENEOUS = LayerPattern(0, 1)
 
 
-def trace_plan(signatures: Sequence[tuple] | None, depth: int,
-               suffixes: bool = True) -> TracePlan:
+def trace_plan(signatures: Sequence[tuple] | None, depth: int) -> TracePlan:
     """The two depths to trace at, or a full-depth trace.
 
-    Among the (prefix, period, suffix) readings of the layer sequence, the one whose deeper
-    trace is shallowest wins, a reading without a suffix on a tie; a homogeneous model is
-    (2, 4). Without signatures every layer is taken to be alike. ``suffixes=False``: only
-    readings without a suffix (for a model whose shallow copy cannot keep its last layers).
+    Among the (prefix, period) readings of the layer sequence, the one whose deeper trace
+    is shallowest wins; a homogeneous model is (2, 4). Without signatures every layer is
+    taken to be alike.
     """
     if signatures is None:
         depths = _depths_for(HOMOGENEOUS, depth)
         return TracePlan(HOMOGENEOUS, depths if depths[1] < depth else None)
     ids: dict[tuple, int] = {}
     keys = [ids.setdefault(sig, len(ids)) for sig in signatures]
-    best = _shallowest(keys, depth, 0)
-    for t in range(1, min(MAX_SUFFIX_LAYERS, depth - 1) + 1 if suffixes else 1):
-        found = _shallowest(keys, depth, t)
-        if found is not None and (best is None or found.depths[1] < best.depths[1]):
-            best = found
-    return best or TracePlan(HOMOGENEOUS, None)
-
-
-def _shallowest(keys: Sequence[int], depth: int, t: int) -> TracePlan | None:
-    """The reading with a ``t``-layer suffix whose deeper trace is shallowest, if any."""
     candidates = sorted(
         ((depths[1], depths[0]), p, s)
-        for p in range(1, depth - t + 1)
-        for s in range(depth - t - p + 1)
-        for depths in [_depths_for(LayerPattern(s, p, t), depth)]
+        for p in range(1, depth + 1)
+        for s in range(depth - p + 1)
+        for depths in [_depths_for(LayerPattern(s, p), depth)]
     )
     for (high, low), p, s in candidates:
         if high >= depth:
             break
-        if _repeats(keys, LayerPattern(s, p, t)):
-            return TracePlan(LayerPattern(s, p, t), (low, high))
-    return None
+        if _repeats(keys, LayerPattern(s, p)):
+            return TracePlan(LayerPattern(s, p), (low, high))
+    return TracePlan(HOMOGENEOUS, None)
 
 
 def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ...]:
@@ -211,15 +187,12 @@ def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ..
     gradients made grow and the activations kept shrink by the same amounts), so they are
     named ``middle`` and left out of the extrapolation.
     """
-    s, p, t = pattern.prefix_layers, pattern.period, pattern.suffix_layers
+    s, p = pattern.prefix_layers, pattern.period
     if index < s:
         return (f"prefix{index}",)
-    if index >= depth - t:
-        # Named from the end: the same layer of the model at every depth.
-        return (f"suffix{depth - 1 - index}",)
     place = (index - s) % p
     bottom = s + place
-    top = bottom + (depth - t - 1 - bottom) // p * p
+    top = bottom + (depth - 1 - bottom) // p * p
     keys = []
     if index == top:
         keys.append(f"block{place}-top")

@@ -16,9 +16,10 @@ from qplan.planner.advice import (
     unquantized_warning,
 )
 from qplan.planner.budget import Headroom, budget_for
-from qplan.planner.components import depth_plan_for, shared_traces, workload_components
+from qplan.planner.components import num_layers, shared_traces, workload_components
 from qplan.planner.config_checks import check_config
 from qplan.planner.decide import Decision, choosable, compute_dtype_for, decide
+from qplan.planner.depths import layer_signatures, trace_plan
 from qplan.planner.device_map import from_pretrained_max_memory
 from qplan.planner.families import check_text_step
 from qplan.planner.fused_ce import FUSED_CE
@@ -679,9 +680,8 @@ def estimate(
 
     traced: dict[tuple, Any] = {}
     # Computed once for every plan: which depths to trace this model at.
-    depth_plan = None if mode == "load" else depth_plan_for(
-        inventory, spec.config, spec.trust_remote_code,
-        list(skip_modules) if skip_modules is not None else None,
+    depth_plan = None if mode == "load" else trace_plan(
+        layer_signatures(inventory, spec.config), num_layers(spec.config)
     )
     # One config's traces, each run once: the same step comes back for other candidates.
     tracer = shared_traces(cached_tracer())
