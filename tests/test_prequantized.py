@@ -127,6 +127,16 @@ def test_gpt_oss_cannot_qlora_but_can_lora_dequantised():
         "quant_method": "mxfp4", "dequantize": True}
 
 
+@pytest.mark.parametrize(("mode", "what"), [
+    ("lora", "--mode lora"), ("full", "--mode full"), ("dpo", r"--mode dpo \(adapter=lora\)")])
+def test_a_format_no_tuning_trains_says_so_in_one_line(mode, what):
+    """ModelOpt FP8 loads for inference only: no tuning trains it, so the message offers
+    inference or the unquantised checkpoint (it once indexed an empty list of tunings)."""
+    with pytest.raises(UsageError, match=rf"{what} cannot train this format: .* plan --mode "
+                                         "inference, or train from the unquantised checkpoint"):
+        estimate("nvidia/Llama-3.1-70B-Instruct-FP8", gpu="4090", mode=mode)
+
+
 def test_mxfp4_dequantised_plan_equals_a_real_cpu_load(tmp_path):
     """On CPU without kernels transformers dequantises MXFP4 to bf16: the bf16 candidate's
     weights equal that real load of a tiny gpt-oss checkpoint."""

@@ -49,9 +49,10 @@ def candidates(
             # and the option that changes the tuning.
             asked = asked or mode
             what = f"--mode {asked}" if asked == mode else f"--mode {asked} (adapter={mode})"
-            switch = f"--mode {other[0]}" if asked == mode else f"-O adapter={other[0]}"
-            hint = f"; plan {switch} instead" if other else (
-                "; plan --mode inference, or train from the unquantised checkpoint")
+            hint = "; plan --mode inference, or train from the unquantised checkpoint"
+            if other:
+                switch = f"--mode {other[0]}" if asked == mode else f"-O adapter={other[0]}"
+                hint = f"; plan {switch} instead"
             raise UsageError(
                 f"{what} cannot train this format: {model} is stored as "
                 f"{stored.quant_method} ({library}), which peft cannot train with {mode}{hint}"
