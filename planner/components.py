@@ -331,9 +331,12 @@ def _raise_if_data_dependent(exc: Exception, model: Any, workload: Workload) -> 
 
 
 # transformers' code that runs a model: its modeling files, its caches (a cache that
-# cannot serve the model's layers fails the same way in generate), its masks and losses.
+# cannot serve the model's layers fails the same way in generate), its masks and losses,
+# and its MoE experts' grouped_mm dispatch (the meta kernel checks the CUDA kernel's
+# 16-byte row alignment, so expert matrices too narrow for it fail on the GPU as well).
 _MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cache_utils.py",
-               f"transformers{os.sep}masking_utils.py", f"transformers{os.sep}loss{os.sep}")
+               f"transformers{os.sep}masking_utils.py", f"transformers{os.sep}loss{os.sep}",
+               f"transformers{os.sep}integrations{os.sep}moe.py")
 
 
 # Frames between a model's code and the op that raised: torch and qplan's tracker.
