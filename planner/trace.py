@@ -53,6 +53,20 @@ TARGETS = ("cuda", "cpu")
 _MEM_EFFICIENT_MASK_ALIGNMENT = 8
 
 
+@contextlib.contextmanager
+def swapped(*swaps: tuple[Any, str, Any]) -> Iterator[None]:
+    """``owner.name = value`` for each swap during the block; the originals are put back
+    afterwards (in reverse order), whatever happens inside."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    for owner, name, value in swaps:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(originals):
+            setattr(owner, name, value)
+
+
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """What SDPA does to a boolean mask before any fused kernel (``convert_boolean_attn_mask``
     in ATen's attention.cpp): a new [mask shape] tensor in the query dtype, which the kernel
@@ -126,11 +140,8 @@ def _allow_fused_on_meta() -> Iterator[None]:
     def devices() -> list[str]:
         return [*original(), "meta"]
 
-    optimizer_module._get_fused_kernels_supported_devices = devices
-    try:
+    with swapped((optimizer_module, "_get_fused_kernels_supported_devices", devices)):
         yield
-    finally:
-        optimizer_module._get_fused_kernels_supported_devices = original
 
 
 def _packed_indices(position_ids: torch.Tensor) -> torch.Tensor:
@@ -153,19 +164,17 @@ def trace_patches(target: str, attn: str,
     import_bitsandbytes()
     with contextlib.ExitStack() as stack:
         original_sdpa = torch.nn.functional.scaled_dot_product_attention
-        torch.nn.functional.scaled_dot_product_attention = _sdpa_for(target, attn, original_sdpa)
-        stack.callback(setattr, torch.nn.functional, "scaled_dot_product_attention",
-                       original_sdpa)
-        original_packed = masking_utils.find_packed_sequence_indices
-        masking_utils.find_packed_sequence_indices = (
-            _packed_indices if packing is not None else lambda *a, **k: None
-        )
-        stack.callback(setattr, masking_utils, "find_packed_sequence_indices", original_packed)
-        # An attention mask on meta (TRL's collators pass one) has no values: the batch is
-        # unpadded, all ones, so the causal mask is skipped as in a real run.
         original_all = masking_utils.fast_all
-        masking_utils.fast_all = lambda t: True if t.device.type == "meta" else original_all(t)
-        stack.callback(setattr, masking_utils, "fast_all", original_all)
+        stack.enter_context(swapped(
+            (torch.nn.functional, "scaled_dot_product_attention",
+             _sdpa_for(target, attn, original_sdpa)),
+            (masking_utils, "find_packed_sequence_indices",
+             _packed_indices if packing is not None else lambda *a, **k: None),
+            # An attention mask on meta (TRL's collators pass one) has no values: the batch
+            # is unpadded, all ones, so the causal mask is skipped as in a real run.
+            (masking_utils, "fast_all",
+             lambda t: True if t.device.type == "meta" else original_all(t)),
+        ))
         # Boolean indexing on meta (TRL's metrics select the completion tokens) needs a
         # count of true values: take every element (a few bytes per token, logged only).
         from torch.fx.experimental import _config as fx_config
@@ -228,13 +237,8 @@ def _unpadded_recurrent_mask_skip(masking_utils: Any) -> Iterator[None]:
         return original(config, inputs_embeds, attention_mask, *args, **kwargs)
 
     holders = modules_holding("transformers", "create_recurrent_attention_mask", original)
-    for module in holders:
-        module.create_recurrent_attention_mask = skip
-    try:
+    with swapped(*((module, "create_recurrent_attention_mask", skip) for module in holders)):
         yield
-    finally:
-        for module in holders:
-            module.create_recurrent_attention_mask = original
 
 
 @contextlib.contextmanager
@@ -249,11 +253,8 @@ def _unpadded_bidirectional_skip(masking_utils: Any) -> Iterator[None]:
             padding_mask = None
         return original(padding_mask, *args, **kwargs)
 
-    masking_utils._ignore_bidirectional_mask_sdpa = decide
-    try:
+    with swapped((masking_utils, "_ignore_bidirectional_mask_sdpa", decide)):
         yield
-    finally:
-        masking_utils._ignore_bidirectional_mask_sdpa = original
 
 
 @contextlib.contextmanager
@@ -268,11 +269,8 @@ def _no_padding_warning_on_meta() -> Iterator[None]:
             return
         original(self, input_ids, attention_mask)
 
-    PreTrainedModel.warn_if_padding_and_no_attention_mask = check  # type: ignore[method-assign]
-    try:
+    with swapped((PreTrainedModel, "warn_if_padding_and_no_attention_mask", check)):
         yield
-    finally:
-        PreTrainedModel.warn_if_padding_and_no_attention_mask = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -291,11 +289,8 @@ def _grouped_mm_fallback_off_bf16() -> Iterator[None]:
             return weight.dtype == torch.bfloat16
         return original(input, weight, offs)
 
-    moe._can_use_grouped_mm = can_use
-    try:
+    with swapped((moe, "_can_use_grouped_mm", can_use)):
         yield
-    finally:
-        moe._can_use_grouped_mm = original
 
 
 @contextlib.contextmanager
@@ -322,19 +317,11 @@ def _image_checks_on_meta() -> Iterator[None]:
         result = original_ids(*args, **kwargs)
         return result.to("meta") if isinstance(result, torch.Tensor) else result
 
-    patched = [(vision_utils, "get_vision_position_ids", original_ids)]
-    for module in modules_holding("transformers.models.", "get_vision_position_ids",
-                                  original_ids):
-        patched.append((module, "get_vision_position_ids", original_ids))
-    torch._check_tensor_all_with = check
-    for module, attr, _ in patched:
-        setattr(module, attr, position_ids)
-    try:
+    holders = [vision_utils, *modules_holding("transformers.models.",
+                                              "get_vision_position_ids", original_ids)]
+    with swapped((torch, "_check_tensor_all_with", check),
+                 *((module, "get_vision_position_ids", position_ids) for module in holders)):
         yield
-    finally:
-        torch._check_tensor_all_with = original_check
-        for module, attr, original in patched:
-            setattr(module, attr, original)
 
 
 @contextlib.contextmanager
@@ -358,13 +345,8 @@ def _meta_autocast_off() -> Iterator[None]:
             return False
         return original_enabled(*args)
 
-    torch.autocast = _Autocast  # type: ignore[misc]
-    torch.is_autocast_enabled = enabled  # type: ignore[assignment]
-    try:
+    with swapped((torch, "autocast", _Autocast), (torch, "is_autocast_enabled", enabled)):
         yield
-    finally:
-        torch.autocast = original  # type: ignore[misc]
-        torch.is_autocast_enabled = original_enabled
 
 
 def _reference_path_if(offloading: bool) -> Any:
