@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from qplan.planner.patching import swapped
+
 
 def _deferred(compile_fn: Any) -> Any:
     def deferred(fn: Any = None, **kwargs: Any) -> Any:
@@ -41,12 +43,9 @@ def import_bitsandbytes() -> ModuleType | None:
     found = sys.modules.get("bitsandbytes")
     if found is not None:
         return found
-    real = torch.compile
-    torch.compile = _deferred(real)  # type: ignore[assignment]
     try:
-        import bitsandbytes
+        with swapped((torch, "compile", _deferred(torch.compile))):
+            import bitsandbytes
     except ImportError:
         return None
-    finally:
-        torch.compile = real  # type: ignore[assignment]
     return bitsandbytes

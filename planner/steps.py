@@ -30,6 +30,7 @@ from qplan.errors import ModelCodeError, UsageError
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.fused_ce import fused_ce_loss
 from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.patching import swapped
 from qplan.planner.workload import Workload
 
 # transformers' TrainingArguments default.
@@ -301,16 +302,11 @@ def optimizer_step_mode(name: str) -> Iterator[None]:
     if name not in TORCHAO_OPTIMIZERS:
         yield
         return
-    original = torch.compile
-
     def eager(model: Any = None, **_: Any) -> Any:
         return model if model is not None else (lambda fn: fn)
 
-    torch.compile = eager  # type: ignore[assignment]
-    try:
+    with swapped((torch, "compile", eager)):
         yield
-    finally:
-        torch.compile = original
 
 
 def _paged_state_serials(optimizer: Any, tracker: LiveTensorTracker) -> Iterator[int]:

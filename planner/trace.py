@@ -41,6 +41,7 @@ import torch
 
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
+from qplan.planner.patching import swapped
 from qplan.planner.quant import all_trace_patches
 from qplan.planner.quiet_logs import quiet
 from qplan.planner.steps import StepTensors, run_workload
@@ -51,20 +52,6 @@ TARGETS = ("cuda", "cpu")
 
 # The memory-efficient CUDA kernel wants its bias rows aligned to this many elements.
 _MEM_EFFICIENT_MASK_ALIGNMENT = 8
-
-
-@contextlib.contextmanager
-def swapped(*swaps: tuple[Any, str, Any]) -> Iterator[None]:
-    """``owner.name = value`` for each swap during the block; the originals are put back
-    afterwards (in reverse order), whatever happens inside."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
-    for owner, name, value in swaps:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in reversed(originals):
-            setattr(owner, name, value)
 
 
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

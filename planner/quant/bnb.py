@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from qplan.planner.patching import swapped
 from qplan.planner.quant.base import (
     QuantMethod,
     QuantSettings,
@@ -364,11 +365,8 @@ def _int8_cpu_training_path() -> Iterator[None]:
             return _functions.MatMul8bitFp.apply(A, B, out, bias, state)
         return original(A, B, out=out, state=state, threshold=threshold, bias=bias)
 
-    bitsandbytes.matmul = matmul
-    try:
+    with swapped((bitsandbytes, "matmul", matmul)):
         yield
-    finally:
-        bitsandbytes.matmul = original
 
 
 @contextlib.contextmanager
@@ -400,10 +398,6 @@ def _int8_quant_without_outliers() -> Iterator[None]:
                                                             dtype=A.dtype)
         return out, None
 
-    bnb_functional.int8_vectorwise_quant = quantize
-    namespace.int8_mixed_scaled_mm = mixed_scaled_mm
-    try:
+    with swapped((bnb_functional, "int8_vectorwise_quant", quantize),
+                 (namespace, "int8_mixed_scaled_mm", mixed_scaled_mm)):
         yield
-    finally:
-        bnb_functional.int8_vectorwise_quant = original
-        namespace.int8_mixed_scaled_mm = original_mixed
