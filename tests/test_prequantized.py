@@ -180,6 +180,61 @@ def test_awq_size_matches_the_published_safetensors():
         estimate("Qwen/Qwen3-32B-AWQ", gpu="H100", mode="load", precisions="nf4")
 
 
+_TORCH_BYTES = {"float8_e4m3fn": 1, "bfloat16": 2, "float32": 4}
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b-fp8", "qwen3-30b-a3b-thinking-2507-fp8",
+                                  "minimax-m2.7-fp8"])
+def test_fp8_size_matches_the_published_safetensors(name):
+    """Three fine-grained FP8 checkpoints (128x128 block scales; dense, Qwen3-MoE and
+    MiniMax-M2's fused experts), planned as stored, within 0.5% of their published
+    safetensors bytes. Published: a report listing every tensor of the checkpoint (name,
+    shape, dtype) and its config (tests/data/fp8-published/<name>/tensors.json, with the
+    source); the listing's sums are checked against the report's own totals (tensor count,
+    parameter count, GiB). MiniMax-M2's byte total is also published as a number:
+    230,121,630,720 B by hf-mem (alvarobartt/hf-mem README.md @ 05188b10497f), the sum of
+    its safetensors headers, equal to the M2.7 listing's (the two share a layout; neither
+    stores the MTP modules the config names, and transformers builds none).
+
+    The remaining difference is accounted for to the byte: tensors the checkpoint stores in
+    one dtype and transformers holds in another (Qwen's bf16 ``weight_scale_inv``, held as
+    float32 by transformers' FP8Linear / FP8Experts; MiniMax's float32 router gate and
+    correction bias, built in bf16), and the rotary tables transformers creates that no
+    checkpoint stores. Planned − published: Qwen3-8B +848,384 B (+0.009%), Qwen3-30B-A3B
+    +3,650,048 B (+0.012%), MiniMax −97,549,056 B (−0.042%)."""
+    import json
+    import math
+
+    folder = _DATA / "fp8-published" / name
+    published = json.loads((folder / "tensors.json").read_text())
+    rows = published["tensors"]
+    for row in rows:
+        row["numel"] = row["count"] * math.prod(row["shape"])
+    stored = sum(row["numel"] * _TORCH_BYTES[row["dtype"]] for row in rows)
+    # The transcription is the report's: its totals, summed back from the rows.
+    assert sum(row["count"] for row in rows) == published["tensors_count"]
+    assert sum(row["numel"] for row in rows) == published["parameters"]
+    assert round(stored / GIB, 2) == published["tensor_gib"]
+    assert stored == published.get("total_bytes", stored)
+
+    report = estimate(str(folder), gpu="H100", mode="load")
+    assert [c.precision for c in report.candidates] == ["fp8", "bf16"]
+    planned = report.candidate("fp8").weights_bytes
+    assert _within(planned, stored)
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    config.num_hidden_layers = 1
+    with torch.device("meta"):
+        plain = transformers.AutoModelForCausalLM.from_config(config)
+    persistent = plain.state_dict()
+    rotary = sum(b.numel() * b.element_size() for n, b in plain.named_buffers()
+                 if n not in persistent)
+    recast = sum(row["numel"] * (_TORCH_BYTES[row["loaded_as"]] - _TORCH_BYTES[row["dtype"]])
+                 for row in rows if "loaded_as" in row)
+    assert planned == stored + recast + rotary
+
+
 def _fp8_inventory(config):
     stored = read_checkpoint(config.quantization_config)
     meta = build_meta_model(copy.deepcopy(config))
@@ -209,8 +264,8 @@ def _transformers_fp8_bytes(config) -> int:
 def test_fp8_layers_equal_transformers_fp8_modules():
     """Qwen/Qwen3-32B-FP8: its weights are transformers' FP8Linear tensors (fp8 weight and
     float32 128x128 block scales) plus the bf16 rest, to the byte, on two of its layers.
-    (No published safetensors total_size of an FP8 checkpoint whose config qplan has was
-    found; per-tensor FP8 is also checked against a checkpoint ModelOpt wrote, below.)"""
+    (Whole FP8 checkpoints against their published sizes: above; per-tensor FP8 against a
+    checkpoint ModelOpt wrote: below.)"""
     config = transformers.AutoConfig.from_pretrained(_catalog_path("Qwen__Qwen3-32B-FP8.json"))
     config.num_hidden_layers = 2
     inventory, _ = _fp8_inventory(config)
