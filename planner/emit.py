@@ -40,6 +40,30 @@ AXOLOTL_FUSED_CE: dict[str, dict[str, Any]] = {
     },
 }
 
+# A training strategy across GPUs -> the Axolotl keys that ask for it (read back by
+# loaders/axolotl_sharding.py). DeepSpeed: the file of Axolotl's deepspeed_configs/ with
+# exactly that ZeRO stage and offload, inline where it ships none (its zero2.json offloads
+# the optimizer); FSDP: FSDP2 as Axolotl's own examples write it.
+_DEEPSPEED_AUTO = {
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+AXOLOTL_STRATEGY_KEYS: dict[str, dict[str, Any]] = {
+    "ddp": {"ddp": True},
+    "zero2": {"deepspeed": {"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                  "contiguous_gradients": True},
+                            **_DEEPSPEED_AUTO}},
+    "zero2+offload": {"deepspeed": "deepspeed_configs/zero2.json"},
+    "zero3": {"deepspeed": "deepspeed_configs/zero3_bf16.json"},
+    "zero3+offload": {"deepspeed": "deepspeed_configs/zero3_bf16_cpuoffload_all.json"},
+    "fsdp": {"fsdp_version": 2, "fsdp_config": {"offload_params": False}},
+    "fsdp+offload": {"fsdp_version": 2, "fsdp_config": {"offload_params": True}},
+}
+
 
 def _gc_kwargs(workload: Workload) -> str:
     return f'{{"use_reentrant": {workload.gc_reentrant}}}'
@@ -323,7 +347,32 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
         out["sdp_attention"] = True
     else:
         out["eager_attention"] = True
+    out.update(_axolotl_strategy_keys(report, precision))
     return out
+
+
+def _training_strategy(report: Any, precision: str) -> str | None:
+    """The multi-GPU training strategy the plan gives ``precision`` (None on one GPU)."""
+    name = getattr(report.candidate(precision), "strategy", None)
+    return name if name in AXOLOTL_STRATEGY_KEYS else None
+
+
+def _axolotl_strategy_keys(report: Any, precision: str) -> dict[str, Any]:
+    """The DeepSpeed / FSDP / DDP keys of the candidate's strategy; FSDP wraps the decoder
+    layer class the multi-GPU planner sharded by."""
+    name = _training_strategy(report, precision)
+    if name is None:
+        return {}
+    keys = json.loads(json.dumps(AXOLOTL_STRATEGY_KEYS[name]))  # a copy to fill in
+    if "fsdp_config" in keys:
+        layer_class = getattr(report.strategy, "layer_class", None)
+        keys["fsdp_config"].update({
+            "state_dict_type": "FULL_STATE_DICT",
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            **({"transformer_layer_cls_to_wrap": layer_class} if layer_class else {}),
+            "reshard_after_forward": True,
+        })
+    return keys
 
 
 def _axolotl_image_keys(report: Any, workload: Workload) -> dict[str, Any]:
@@ -355,9 +404,14 @@ def emit_axolotl(report: Any, precision: str | None = None) -> str:
             and PRECISIONS[chosen_precision(report, precision)].quantized):
         lines.append("# Axolotl casts norms and embeddings back to the load dtype after peft's "
                      "k-bit preparation: qplan estimate --axolotl plans that (--no-kbit-upcast)")
+    strategy = _training_strategy(report, chosen_precision(report, precision))
+    if strategy is not None:
+        lines.append(f"# planned for {report.gpu.count} GPUs with {strategy}: run it on as many "
+                     "(--gpu Nx... or --num-gpus N plans it again)")
     for key, value in settings.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
+            # Nested mappings (an inline DeepSpeed config) as JSON, which YAML reads.
             lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in value.items()]
         elif isinstance(value, list):
             lines.append(f"{key}:")
@@ -407,6 +461,9 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
             kwargs["image_size"] = tuple(workload.image_size)
     if "vision_frozen" in report.workload:
         kwargs["train_vision"] = not report.workload["vision_frozen"]
+    strategy = _training_strategy(report, precision)
+    if strategy is not None:
+        kwargs["strategy"] = strategy
     if workload.liger_rms_norm:
         kwargs["liger_rms_norm"] = True
     if workload.liger_glu:

@@ -154,3 +154,48 @@ def test_no_recommendation_needs_a_precision(tiny_model_dir):
     with pytest.raises(UsageError, match="nothing fits"):
         emit_transformers(report)
     assert "from_pretrained" in emit_transformers(report, "bf16")
+
+
+@pytest.mark.parametrize("strategy,mode", [
+    ("ddp", "lora"), ("zero2", "full"), ("zero2+offload", "full"), ("zero3", "full"),
+    ("zero3+offload", "lora"), ("fsdp", "full"), ("fsdp+offload", "lora"),
+])
+def test_axolotl_round_trip_across_gpus(tiny_model_dir, tmp_path, strategy, mode):
+    """A plan across GPUs emits the DeepSpeed / FSDP / DDP keys of its strategy, and the
+    YAML reads back as that strategy with the same per-GPU plan."""
+    folder = str(tiny_model_dir("llama"))
+    report = estimate(folder, gpu="A100-80GB", num_gpus=4, mode=mode, precisions="bf16",
+                      strategy=strategy)
+    text = emit_axolotl(report)
+    assert f"# planned for 4 GPUs with {strategy}" in text
+    path = tmp_path / "axolotl.yml"
+    path.write_text(text)
+    plan = read_axolotl(path)
+    assert plan.estimate_kwargs == estimate_kwargs_of(report)
+    assert plan.estimate_kwargs["strategy"] == strategy
+    assert plan.unused_keys == ("gradient_accumulation_steps",)
+    assert not plan.keys.not_modelled  # every strategy key is one qplan plans exactly
+    again = estimate(plan.model, gpu="A100-80GB", num_gpus=4, **plan.estimate_kwargs)
+    assert again.candidate("bf16") == report.candidate("bf16")
+    assert again.strategy.name == report.strategy.name == strategy
+    assert again.devices == report.devices
+
+
+def test_axolotl_strategy_keys_name_axolotls_files(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    zero3 = estimate(folder, gpu="A100-80GB", num_gpus=2, mode="full", precisions="bf16",
+                     strategy="zero3")
+    assert yaml.safe_load(emit_axolotl(zero3))["deepspeed"] == "deepspeed_configs/zero3_bf16.json"
+    zero2 = yaml.safe_load(emit_axolotl(estimate(
+        folder, gpu="A100-80GB", num_gpus=2, mode="full", precisions="bf16", strategy="zero2")))
+    # Axolotl's zero2.json offloads the optimizer: plain ZeRO-2 is written inline.
+    assert zero2["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert "offload_optimizer" not in zero2["deepspeed"]["zero_optimization"]
+    fsdp = yaml.safe_load(emit_axolotl(estimate(
+        folder, gpu="A100-80GB", num_gpus=2, mode="full", precisions="bf16", strategy="fsdp")))
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp["fsdp_config"]["offload_params"] is False
+    single = yaml.safe_load(emit_axolotl(estimate(folder, gpu="A100-80GB", mode="full",
+                                                  precisions="bf16")))
+    assert not {"deepspeed", "fsdp_version", "fsdp_config", "ddp"} & set(single)
