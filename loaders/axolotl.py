@@ -425,6 +425,8 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     if sharding.strategy is not None:
         kwargs["strategy"] = sharding.strategy
         notes += sharding.notes
+    if sharding.optimizer is not None:
+        kwargs["optimizer"] = sharding.optimizer
     not_modelled.update(dict(sharding.not_modelled))
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
     keys = account_keys(raw, path, not_modelled, _workload_keys(kwargs["mode"]))

@@ -15,7 +15,7 @@ with the nearest strategy and listed as not modelled under the key that asks for
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,15 @@ class ZeroConfig:
     stage: int
     offload_optimizer: bool = False
     offload_param: bool = False
+    # The config's own ``optimizer`` block (its type): DeepSpeed builds that optimizer and
+    # the Trainer's (the YAML's ``optimizer``) is not used.
+    optimizer: str | None = None
 
 
 # The files of Axolotl's deepspeed_configs/ (axolotl-ai-cloud/axolotl), from their content:
 # zero_optimization.stage and the offload_optimizer / offload_param devices.
 AXOLOTL_DEEPSPEED: dict[str, ZeroConfig] = {
-    "zero1.json": ZeroConfig(1),
+    "zero1.json": ZeroConfig(1, optimizer="AdamW"),
     "zero1_torch_compile.json": ZeroConfig(1),
     "zero2.json": ZeroConfig(2, offload_optimizer=True),
     "zero2_torch_compile.json": ZeroConfig(2, offload_optimizer=True),
@@ -44,6 +47,8 @@ AXOLOTL_DEEPSPEED: dict[str, ZeroConfig] = {
     "zero3_bf16_cpuoffload_all.json": ZeroConfig(3, offload_optimizer=True, offload_param=True),
     "zero3_cpuoffload.json": ZeroConfig(3, offload_optimizer=True, offload_param=True),
 }
+# DeepSpeed optimizer types (an ``optimizer`` block) with AdamW's two fp32 states.
+DEEPSPEED_ADAM = {"adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam"}
 # FSDP sharding strategies (fsdp_config's sharding_strategy, the ``fsdp:`` list's words)
 # that are not FULL_SHARD, the one FSDP2's fully_shard (reshard after forward) runs.
 OTHER_FSDP_SHARDING = {
@@ -61,6 +66,8 @@ class Sharding:
     strategy: str | None
     notes: tuple[str, ...] = ()
     not_modelled: tuple[tuple[str, str], ...] = ()  # (key, what it changes)
+    # qplan's optimizer for the one the DeepSpeed config builds itself (None: the YAML's).
+    optimizer: str | None = None
 
 
 def read_sharding(raw: dict[str, Any], path: Path) -> Sharding:
@@ -118,8 +125,10 @@ def _zero_from_json(data: Any, path: Path) -> ZeroConfig:
     if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"axolotl config {path}: DeepSpeed zero_optimization.stage "
                           f"{stage!r} is not 0, 1, 2 or 3")
+    block = data.get("optimizer")
+    optimizer = str(block.get("type")) if isinstance(block, dict) and block.get("type") else None
     return ZeroConfig(stage, _offloaded(zero.get("offload_optimizer")),
-                      _offloaded(zero.get("offload_param")))
+                      _offloaded(zero.get("offload_param")), optimizer)
 
 
 def _offloaded(section: Any) -> bool:
@@ -129,6 +138,19 @@ def _offloaded(section: Any) -> bool:
 
 def _deepspeed(value: Any, path: Path) -> Sharding:
     zero, source = zero_config_of(value, path)
+    sharding = _zero_strategy(zero, source)
+    if zero.optimizer is None:
+        return sharding
+    if zero.optimizer.lower() not in DEEPSPEED_ADAM:
+        return replace(sharding, not_modelled=(*sharding.not_modelled, ("deepspeed", (
+            f"the DeepSpeed config's own {zero.optimizer} optimizer (planned with the YAML's "
+            "optimizer)"))))
+    return replace(sharding, optimizer="adamw", notes=(*sharding.notes, (
+        f"deepspeed: {source} builds its own {zero.optimizer} (its optimizer block), which "
+        "replaces the YAML's optimizer: planned with AdamW's states")))
+
+
+def _zero_strategy(zero: ZeroConfig, source: str) -> Sharding:
     read = f"deepspeed: ZeRO-{zero.stage} from {source}"
     if zero.stage == 0:
         return Sharding("ddp", (f"{read}: no sharding, planned as DDP",))

@@ -96,14 +96,31 @@ class MultiGpuPlanner:
         )
         lora = self.workload.is_lora
         adapters = int(plan.components.get("adapters", 0))
+        trainable = adapters // LORA_PARAM_BYTES if lora else layout.num_params
         data = TrainingInput(
             components=plan.components,
             layout=layout,
             fsdp_layout=fsdp_layout,
             lora=lora,
-            trainable_params=adapters // LORA_PARAM_BYTES if lora else layout.num_params,
+            trainable_params=trainable,
             phase_peaks=plan.phase_peaks,
+            optimizer=self.workload.optimizer,
+            # Adapters (no decay exemption: lora_A/B weights) as one group; their shapes are
+            # not in the layout, so ZeRO-3 partitions them as one tensor.
+            param_groups=((trainable,),) if lora else _trainer_param_groups(self.meta),
         )
         layer_class = type(self.meta.get_submodule(layers[0])).__name__ if layers else None
         strategy = plan_training(data, self.budgets, strategies=self.strategies)
         return replace(strategy, layer_class=layer_class)
+
+
+def _trainer_param_groups(model: Any) -> tuple[tuple[int, ...], ...]:
+    """The sizes of the parameters in the Trainer's two optimizer groups (weight decay, no
+    weight decay, each in the model's order), as transformers' Trainer splits them."""
+    from transformers import Trainer
+
+    # get_decay_parameter_names does not use the Trainer instance.
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    named = list(model.named_parameters())  # tied parameters once, as the Trainer sees them
+    return (tuple(p.numel() for n, p in named if n in decay),
+            tuple(p.numel() for n, p in named if n not in decay))

@@ -23,8 +23,10 @@ logits and transients stay per GPU as traced.
   mixed precision with 2 B 16-bit params (replicated in ZeRO-2) and 18 B per trainable
   parameter sharded over N (16-bit and fp32 gradients, fp32 master weights, Adam's two fp32
   states); ZeRO-3 adds 4 B per parameter of the largest module (its gathered 16-bit
-  parameters and gradients). Assumption: DeepSpeed's Adam in bf16/fp16 mixed precision,
-  whatever the candidate's own optimizer and dtype. Frozen weights (the LoRA base) stay
+  parameters and gradients). Adam's 8 B of those become the run's own optimizer's states
+  over ZeRO's flat fp32 partitions (planner/zero_optimizer.py; the same figure for AdamW);
+  offloaded states stay DeepSpeed's Adam estimate on the host. bf16/fp16 mixed precision
+  is assumed whatever the candidate's dtype. Frozen weights (the LoRA base) stay
   replicated under ZeRO-2 and are sharded under ZeRO-3.
 * ``+offload``: ZeRO-2 with the optimizer on CPU; FSDP with ``fsdp_offload_params``
   (parameters, gradients and the optimizer step on CPU); ZeRO-3 with optimizer and
@@ -61,6 +63,11 @@ from qplan.planner.placement import DeviceUse, Strategy, StrategyOption
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS
 from qplan.planner.quant import QuantSettings
 from qplan.planner.weights import load_dtype_for, method_biases, param_dtype
+from qplan.planner.zero_optimizer import (
+    optimizer_state_bytes,
+    zero2_partitions,
+    zero3_partitions,
+)
 
 MIB = 1024**2
 NCCL_ALLOWANCE = 512 * MIB
@@ -71,6 +78,9 @@ DS_SHARDED_STATES = 18
 DS_LARGEST_LAYER = 4
 DS_BUFFER_FACTOR = 1.5
 LORA_PARAM_BYTES = 4  # adapters are fp32 (peft's autocast_adapter_dtype)
+# ZeRO-3's sub_group_size as every ZeRO-3 file Axolotl ships sets it (and --emit axolotl
+# names): 0, one optimizer tensor per parameter.
+ZERO3_SUB_GROUP_SIZE = 0
 
 STRATEGIES = ("ddp", "zero2", "fsdp", "zero3", "zero2+offload", "fsdp+offload", "zero3+offload")
 PER_GPU_PARTS = ("logits", "activations", "transients", "allocator")
@@ -183,6 +193,10 @@ class TrainingInput:
     lora: bool
     trainable_params: int
     phase_peaks: Mapping[str, int] = field(default_factory=dict)
+    # The run's optimizer, and the trainable parameters' sizes per Trainer parameter group
+    # (weight decay, no decay), in order: what ZeRO partitions for it (zero_optimizer.py).
+    optimizer: str = "adamw"
+    param_groups: tuple[tuple[int, ...], ...] = ()
 
     @property
     def step_bytes(self) -> int:
@@ -299,17 +313,34 @@ def _zero(
     frozen = weights if data.lora else max(0, weights - layout.param_bytes)
     if name.startswith("zero2"):
         cpu, gpu = ds_zero2(trainable, gpus, offload)
+        if not offload:
+            gpu += _optimizer_delta(data, zero2_partitions(
+                [sum(group) for group in _groups(data)], gpus))
         replicated = DS_PARAMS_16BIT * trainable
         parts = {"weights": frozen + replicated, "model_states": gpu - replicated, **base}
         return parts, cpu if offload else 0
     largest = layout.largest_module_params()
     cpu, gpu = ds_zero3(trainable, largest, gpus, offload, offload)
+    if not offload:
+        gpu += _optimizer_delta(data, zero3_partitions(_groups(data), gpus, ZERO3_SUB_GROUP_SIZE))
     if data.lora:
         kept = layout.replicated_bytes + (0 if offload else _div(layout.param_bytes, gpus))
         frozen = kept + max(0, weights - layout.param_bytes - layout.replicated_bytes)
     gathered = DS_LARGEST_LAYER * largest
     parts = {"weights": frozen, "model_states": gpu - gathered, "gathered": gathered, **base}
     return parts, cpu if offload else 0
+
+
+def _groups(data: TrainingInput) -> tuple[tuple[int, ...], ...]:
+    return data.param_groups or ((data.trainable_params,),)
+
+
+def _optimizer_delta(data: TrainingInput, partitions: list[int]) -> int:
+    """DeepSpeed's estimate counts Adam's two fp32 states per parameter; the run's own
+    optimizer keeps its states over the flat fp32 partitions instead (zero_optimizer.py).
+    Zero for AdamW, so the estimate stays DeepSpeed's own there."""
+    return (optimizer_state_bytes(data.optimizer, partitions)
+            - optimizer_state_bytes("adamw", partitions))
 
 
 def plan_training(
@@ -377,8 +408,12 @@ def _notes(name: str, data: TrainingInput) -> tuple[str, ...]:
     notes = []
     if name.startswith("zero"):
         notes.append(
-            "DeepSpeed model states per DeepSpeed's estimate: mixed precision Adam, "
-            "18 B per trainable parameter sharded + 16-bit params"
+            "DeepSpeed model states per DeepSpeed's estimate (16-bit params; 16- and 32-bit "
+            "gradients and fp32 master weights sharded)"
+            + ("" if name.endswith("+offload") else
+               f", with {data.optimizer}'s states over ZeRO's flat fp32 partitions")
+            + ("; host memory as DeepSpeed estimates it for Adam" if name.endswith("+offload")
+               else "")
         )
     if name.endswith("+offload"):
         notes.append(

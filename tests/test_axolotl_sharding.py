@@ -168,3 +168,20 @@ def test_a_strategy_needs_a_training_mode(tiny_model_dir):
     with pytest.raises(UsageError, match="strategy"):
         estimate(str(tiny_model_dir("llama")), gpu="80GiB", mode="full", strategy="zero9",
                  seq_len=16)
+
+
+def test_deepspeed_optimizer_block_replaces_the_yamls_optimizer(tiny_model_dir, tmp_path):
+    """Axolotl's zero1.json builds DeepSpeed's own AdamW: the YAML's optimizer is not the
+    one that runs, so the plan takes AdamW's states (and says why)."""
+    from qplan.loaders.axolotl import read_axolotl
+
+    folder = str(tiny_model_dir("llama"))
+    path = _write(tmp_path, BASE.format(model=folder)
+                  + "optimizer: adamw_bnb_8bit\ndeepspeed: deepspeed_configs/zero1.json\n")
+    plan = read_axolotl(path)
+    assert plan.estimate_kwargs["optimizer"] == "adamw"
+    assert any("replaces the YAML's optimizer" in note for note in plan.notes)
+    plain = read_axolotl(_write(tmp_path, BASE.format(model=folder)
+                                + "optimizer: adamw_bnb_8bit\n"
+                                "deepspeed: deepspeed_configs/zero3_bf16.json\n", "b.yml"))
+    assert plain.estimate_kwargs["optimizer"] == "adamw_8bit"

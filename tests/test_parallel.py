@@ -184,3 +184,67 @@ def test_emitted_accelerate_config_is_read_by_accelerate(tmp_path, tiny_model_di
             assert config.deepspeed_config["zero_stage"] == 3
             assert config.deepspeed_config["offload_param_device"] == "cpu"
             assert config.mixed_precision == "bf16"
+
+
+def _real_flat_states(optimizer: str, numel: int) -> int:
+    """Bytes of every state tensor the real optimizer keeps for one 1-D float32 tensor of
+    ``numel`` values (a ZeRO flat partition) after a step on CPU."""
+    import torch
+
+    from qplan.planner.steps import _optimizer_state_tensors, make_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(numel))
+    param.grad = torch.zeros(numel)
+    opt = make_optimizer([param], optimizer, torch.device("cpu"))
+    opt.step()
+    return sum(t.untyped_storage().nbytes() for t in _optimizer_state_tensors(opt))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit",
+                                       "adamw_torch_8bit", "adamw_torch_4bit", "sgd",
+                                       "adafactor"])
+def test_flat_partition_states_equal_the_real_optimizers(optimizer):
+    """What each optimizer keeps over a flat fp32 partition, against the optimizer itself:
+    below bitsandbytes'/torchao's 4,096-value threshold, a whole number of torchao blocks
+    or not, and Adafactor, which cannot factor a 1-D tensor."""
+    if optimizer.startswith("adamw_torch"):
+        pytest.importorskip("torchao")
+    from qplan.planner.zero_optimizer import FLAT_STATE_BYTES
+
+    for numel in (1000, 4095, 4096, 5000, 100_000, 100_096, 131_072):
+        assert FLAT_STATE_BYTES[optimizer](numel) == _real_flat_states(optimizer, numel), numel
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adafactor", "sgd"])
+def test_zero_plans_the_runs_optimizer(tiny_model_dir, strategy, optimizer):
+    """ZeRO with the Trainer's own optimizer: the per-GPU model states differ from AdamW's
+    by exactly what the two real optimizers keep over the same flat partitions."""
+    from qplan import estimate
+    from qplan.planner.zero_optimizer import zero2_partitions, zero3_partitions
+
+    folder = str(tiny_model_dir("llama"))
+
+    def states(opt):
+        report = estimate(folder, gpu="A100-80GB", num_gpus=4, mode="full",
+                          precisions="bf16", strategy=strategy, optimizer=opt)
+        return report, report.devices[0].components["model_states"]
+
+    report, planned = states(optimizer)
+    _, adamw = states("adamw")
+    import transformers
+
+    from qplan.planner.multi_gpu import _trainer_param_groups
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = build_meta_model(config)
+    groups = _trainer_param_groups(model)
+    assert sum(map(len, groups)) == len(list(model.parameters()))
+    if strategy == "zero2":
+        partitions = zero2_partitions([sum(g) for g in groups], 4)
+    else:
+        partitions = zero3_partitions(groups, 4, 0)
+    real = sum(_real_flat_states(optimizer, n) - _real_flat_states("adamw", n)
+               for n in partitions)
+    assert planned - adamw == real
+    assert any(optimizer in note for note in report.strategy.notes)
