@@ -3,12 +3,16 @@
 qplan plans generative models a user loads with ``AutoModelForCausalLM`` or, for
 vision-language models, ``AutoModelForImageTextToText``. Like ``from_pretrained``, the
 class comes from the config's ``model_type`` through transformers' own auto mappings;
-``architectures`` only picks between them. Anything else (encoders, encoder-decoders,
+``architectures`` only picks between them. A class whose forward fails in transformers'
+own code on token ids (Llama 4's, in 5.24) gives way to the model_type's causal-LM class,
+the one a user who runs the model loads. Anything else (encoders, encoder-decoders,
 classification heads, audio or vision-only models) gets a one-line refusal that says why.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +128,7 @@ def model_class(config: Any) -> ModelClass:
     for arch in archs:
         for cls in classes:
             if arch == cls.name:
-                return cls
+                return _text_class_if_broken(cls, classes)
     known = [a for a in archs if getattr(transformers, a, None) is not None]
     if known and len(known) == len(archs):
         # Every name is a real class, and none is generative: a head qplan does not plan.
@@ -132,6 +136,72 @@ def model_class(config: Any) -> ModelClass:
     if classes:
         return classes[0]
     raise ConfigError(refusal(config, known[0] if known else None))
+
+
+@functools.cache
+def _reads_image_outputs_its_language_model_lacks(name: str) -> bool:
+    """transformers 5.24's Llama4ForConditionalGeneration.forward ends with
+    ``image_outputs=outputs.image_outputs`` where ``outputs`` is its Llama4ForCausalLM's
+    MoeCausalLMOutputWithPast, which has no such field: every forward fails (generate,
+    Trainer, with or without labels, return_dict or not) with AttributeError. True while
+    the installed transformers still has that line and that output class."""
+    import dataclasses
+    import inspect
+
+    import transformers
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+    return "outputs.image_outputs" in source and "image_outputs" not in fields
+
+
+# Image-text-to-text classes whose text step fails in transformers' own code, each with the
+# check that the installed transformers still has the fault (planned on the class again as
+# soon as a release fixes it).
+_BROKEN_TEXT_STEP: dict[str, Callable[[str], bool]] = {
+    "Llama4ForConditionalGeneration": _reads_image_outputs_its_language_model_lacks,
+}
+
+
+def _text_class_if_broken(chosen: ModelClass, classes: tuple[ModelClass, ...]) -> ModelClass:
+    """The model_type's causal-LM class instead of ``chosen`` when ``chosen`` cannot run a
+    step on token ids in this transformers version: what a user who runs the model loads
+    (``AutoModelForCausalLM.from_pretrained`` on the composite config builds the text class
+    from its text_config and keeps the checkpoint's language-model weights only)."""
+    broken = _BROKEN_TEXT_STEP.get(chosen.name)
+    if broken is None or not broken(chosen.name):
+        return chosen
+    for cls in classes:
+        if cls.auto_class == "AutoModelForCausalLM" and cls.name != chosen.name:
+            return cls
+    return chosen
+
+
+def text_class_note(config: Any) -> str | None:
+    """The report's note when the plan builds the causal-LM class in place of the one
+    ``architectures`` names (``_text_class_if_broken``); None otherwise."""
+    import transformers
+
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    try:
+        chosen = model_class(config)
+    except ConfigError:
+        return None
+    if not archs or chosen.name in archs or archs[0] not in _BROKEN_TEXT_STEP:
+        return None
+    return (
+        f"text only: transformers {transformers.__version__}'s {archs[0]} fails in its own "
+        f"code on every forward, so this plans {chosen.name}, what "
+        f"{chosen.auto_class}.from_pretrained loads (the language model's weights; the "
+        "vision tower and projector are not loaded)"
+    )
 
 
 

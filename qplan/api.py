@@ -568,6 +568,7 @@ def estimate(
     checks without a GPU).
     """
     from qplan.loaders.trace_cache import cached as cached_tracer
+    from qplan.planner.families import text_class_note
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
     _choice(mode, MODES, "mode")
@@ -639,6 +640,9 @@ def estimate(
     workload, plan_warnings = _checkpointing_the_model_supports(workload, meta)
     check_lora_targets(workload, inventory, spec.id)
     notes = list(spec.notes)
+    text_note = text_class_note(spec.config)
+    if text_note is not None:
+        notes.append(text_note)
     if stored is None:
         # A pre-quantised checkpoint keeps its own skip list; a bnb plan leaves out what the
         # model cannot run quantised, and the report and kwargs carry that list.

@@ -177,12 +177,19 @@ def make_config(arch: str, dtype: str = "bfloat16", **overrides: Any):
 def save_tiny_model(arch: str, folder, dtype: str = "bfloat16", seed: int = 0, **overrides):
     """Build a random model from the tiny config and save it (weights + config.json)."""
     import torch
+    import transformers
 
     from qplan.planner.inventory import model_class_for
 
     torch.manual_seed(seed)
     config = make_config(arch, dtype, **overrides)
-    factory = model_class_for(config)[0]
-    model = factory.from_config(config, dtype=getattr(torch, dtype))
+    factory, planned = model_class_for(config)
+    named = getattr(transformers, (config.architectures or [""])[0], None)
+    if named is not None and named.__name__ != planned:
+        # The plan builds another class than the config names (Llama 4's text class): save
+        # the named one, the checkpoint layout the Hub holds (vision tower included).
+        model = named._from_config(config, dtype=getattr(torch, dtype))
+    else:
+        model = factory.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder
