@@ -145,3 +145,54 @@ def test_images_stay_refused(folder):
     with pytest.raises(QplanError) as caught:
         estimate(str(folder), gpu="80GiB", mode="inference", precisions="bf16", images=1)
     assert "\n" not in str(caught.value)
+
+
+# TRL's preference loops: PAIRS pairs of PROMPT + COMPLETION words (tests/test_preference.py).
+PAIRS, PROMPT, COMPLETION = 2, 40, 55
+PREF_SEQ = PROMPT + COMPLETION + 1  # TRL appends EOS to each completion
+
+
+def _run_trl(mode: str, model) -> None:
+    from preference_loops import dpo_peak, grpo_peak, kto_peak
+
+    if mode == "dpo":
+        dpo_peak(model, PAIRS, PROMPT, COMPLETION, gradient_checkpointing=False, steps=1)
+    elif mode == "kto":
+        kto_peak(model, PAIRS, PROMPT, COMPLETION, gradient_checkpointing=False, steps=1)
+    else:
+        grpo_peak(model, 2, 8, 4, num_generations=2, gradient_checkpointing=False, steps=1)
+
+
+@pytest.mark.parametrize("mode", ["dpo", "kto", "grpo"])
+def test_trl_fused_head_trainers_fail_and_are_refused(folder, mode):
+    """TRL's fused LM head runs Llama4ForCausalLM.base_model, the model itself (its
+    base_model_prefix, language_model, names no attribute): the real trainer fails reading
+    last_hidden_state, and qplan refuses in one line instead of planning it."""
+    pytest.importorskip("trl")
+    from qplan.errors import ModelCodeError
+
+    model = random_model(AutoConfig.from_pretrained(folder), "bf16", "bfloat16", "cpu",
+                         str(folder))
+    with pytest.raises(AttributeError, match="last_hidden_state"):
+        _run_trl(mode, model)
+    with pytest.raises(ModelCodeError, match="fused LM head") as caught:
+        estimate(str(folder), gpu="80GiB", mode=mode, precisions="bf16", target="cpu",
+                 adapter="full")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["orpo", "simpo"])
+def test_concatenated_forward_trainers_peak(folder, mode):
+    """ORPO and SimPO compute the full logits through the model's own forward: they run,
+    and the plan is within 2% of the real trainer."""
+    pytest.importorskip("trl")
+    from preference_loops import concatenated_peak
+
+    predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions="bf16",
+                         target="cpu", batch=PAIRS, seq_len=PREF_SEQ, adapter="full",
+                         gradient_checkpointing=True).candidate("bf16")
+    model = random_model(AutoConfig.from_pretrained(folder), "bf16", "bfloat16", "cpu",
+                         str(folder))
+    measured = concatenated_peak(mode, model, PAIRS, PROMPT, COMPLETION,
+                                 gradient_checkpointing=True)
+    _close(predicted.peak_allocated_bytes, measured.peak_bytes, mode)

@@ -46,6 +46,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.f_alpha_divergence_coef = args.f_alpha_divergence_coef
     trainer.label_smoothing = args.label_smoothing
     trainer.use_weighting = args.use_weighting
+    preference.check_fused_lm_head(model, workload.mode)
     add_fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS)
     if ref is not None:
         add_fused_lm_head(ref)

@@ -333,6 +333,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
             gradient_checkpointing_kwargs=gc_kwargs(workload),
         )
     trainer = _trainer(args, model, ref)
+    preference.check_fused_lm_head(model, workload.mode)
     add_fused_lm_head(preference.base_model(model), temperature=args.temperature,
                       outputs=("log_probs", "entropy"))
     if ref is not None:

@@ -71,6 +71,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.desirable_weight = args.desirable_weight
     trainer.undesirable_weight = args.undesirable_weight
     trainer.calculate_KL = args.loss_type not in ["apo_zero_unpaired"]
+    preference.check_fused_lm_head(model, workload.mode)
     add_fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS)
     if ref is not None:
         add_fused_lm_head(ref)

@@ -173,6 +173,32 @@ def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def check_fused_lm_head(model: Any, mode: str) -> None:
+    """Refuse a model TRL's fused LM head cannot run. ``add_fused_lm_head`` (on in every
+    DPO, KTO and GRPO trainer of TRL 1.x) runs ``model.base_model`` with transformers 5
+    and reads ``last_hidden_state`` off its output; transformers' ``base_model`` is the
+    attribute ``base_model_prefix`` names, or the model itself when it has none
+    (transformers 5.24's Llama4ForCausalLM names language_model and keeps model): the whole
+    causal LM then runs and its output has no last_hidden_state, so the real trainer fails
+    the same way (AttributeError, in TRL's code)."""
+    from qplan.errors import ModelCodeError
+
+    inner = base_model(model)
+    if getattr(inner, "base_model", None) is not inner:
+        return
+    import transformers
+    import trl
+
+    raise ModelCodeError(
+        f"--mode {mode}: TRL {trl.__version__}'s fused LM head runs the backbone "
+        f"{type(inner).__name__}.base_model, which is the whole model (transformers "
+        f"{transformers.__version__}'s base_model_prefix "
+        f"'{getattr(inner, 'base_model_prefix', '')}' names no attribute of it), and fails "
+        "reading last_hidden_state, so a real run fails the same way; plan --mode lora, "
+        "qlora or full, or use a transformers or TRL version where this model runs"
+    )
+
+
 def pair_inputs(workload: Any, model: Any, precomputed: bool) -> dict[str, Any]:
     """What TRL's DataCollatorForPreference hands the step for ``batch`` unpadded pairs:
     ``2 x batch`` rows (chosen, then rejected) of ids, attention mask and completion mask,
