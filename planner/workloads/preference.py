@@ -194,8 +194,9 @@ def check_fused_lm_head(model: Any, mode: str) -> None:
         f"{type(inner).__name__}.base_model, which is the whole model (transformers "
         f"{transformers.__version__}'s base_model_prefix "
         f"'{getattr(inner, 'base_model_prefix', '')}' names no attribute of it), and fails "
-        "reading last_hidden_state, so a real run fails the same way; plan --mode lora, "
-        "qlora or full, or use a transformers or TRL version where this model runs"
+        "reading last_hidden_state, so a real run fails the same way; plan --mode orpo or "
+        "simpo (no fused head), lora, qlora or full, or use a transformers or TRL version "
+        "where this model runs"
     )
 
 
