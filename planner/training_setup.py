@@ -238,6 +238,12 @@ def prepare_for_training(
                 f"LoRA targets {workload.target_modules!r} match no module of the model; "
                 "name modules it has (e.g. q_proj,v_proj) or use all-linear"
             ) from None
+        if workload.lora_mlp_kernel or workload.lora_qkv_kernel or workload.lora_o_kernel:
+            from qplan.planner.lora_kernels import apply_lora_kernels
+
+            # After get_peft_model, as Axolotl's post-load patch (apply_lora_kernel_patches).
+            apply_lora_kernels(model, workload.lora_mlp_kernel, workload.lora_qkv_kernel,
+                               workload.lora_o_kernel)
     else:
         model.requires_grad_(True)
         if workload.unfrozen_parameters:

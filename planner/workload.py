@@ -62,6 +62,12 @@ class Workload:
     # Liger's RMSNorm / SwiGLU kernels in place of the model's (planner/liger_kernels.py).
     liger_rms_norm: bool = False
     liger_glu: bool = False
+    # Axolotl's LoRA kernels (lora_mlp_kernel / lora_qkv_kernel / lora_o_kernel): its own
+    # autograd Functions for the adapted MLP, Q/K/V and O projections
+    # (planner/lora_kernels.py).
+    lora_mlp_kernel: bool = False
+    lora_qkv_kernel: bool = False
+    lora_o_kernel: bool = False
     # Vision-language models (planner/vision.py): images per sequence (their placeholder
     # tokens count in seq_len), their size before the processor (height, width; None: the
     # processor's, or qplan's default for dynamic resolution), and whether the vision tower

@@ -109,6 +109,22 @@ def parse_precisions(
     return [p for p in known if p in names], True
 
 
+LORA_KERNEL_OPTIONS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+
+def _lora_kernel_bases(names: list[str], asked: bool, kbit_upcast: bool) -> list[str]:
+    """The candidates Axolotl's LoRA kernels run on; a precision asked for (or the stored
+    checkpoint's) that they cannot: refused in one line."""
+    from qplan.planner.lora_kernels import kernel_base_refusal
+
+    refused = {n: why for n in names if (why := kernel_base_refusal(n, kbit_upcast))}
+    if refused and (asked or len(refused) == len(names)):
+        name, why = next(iter(refused.items()))
+        raise UsageError(f"--lora-*-kernel on a {name} base: {why}; or plan without the "
+                         "kernels")
+    return [n for n in names if n not in refused]
+
+
 def _with_gpu_rows(names: list[str], mode: str, gpu: GpuTarget) -> list[str]:
     """The default candidates plus the rows this GPU runs (fp8 on compute capability 8.9+),
     where the mode can use them, in table order."""
@@ -185,6 +201,9 @@ def make_workload(
     quantize_moe_experts: bool = False,
     lora_target_parameters: str | Sequence[str] | None = None,
     kbit_upcast: bool = True,
+    lora_mlp_kernel: bool = False,
+    lora_qkv_kernel: bool = False,
+    lora_o_kernel: bool = False,
     **mode_options: Any,
 ) -> Workload:
     """Validate the workload options; seq_len defaults to the mode's default, capped by
@@ -228,6 +247,11 @@ def make_workload(
         raise UsageError(f"--no-kbit-upcast is about LoRA on a k-bit base (Axolotl casts its "
                          f"norms and embeddings back); use it with --mode lora or qlora, "
                          f"not {mode}")
+    lora_kernels = lora_mlp_kernel or lora_qkv_kernel or lora_o_kernel
+    if lora_kernels and not lora_tuned:
+        raise UsageError(f"--lora-mlp-kernel / --lora-qkv-kernel / --lora-o-kernel are "
+                         f"Axolotl's kernels for LoRA adapters; use them with --mode lora or "
+                         f"qlora, not {mode}")
     if quantize_moe_experts and target_params:
         # peft 0.21's ParamWrapper puts a _LoraFactorsProxy (its baddbmm path, peft PR
         # #3577) on the expert each forward, but its _remove_parametrizations takes off
@@ -315,6 +339,9 @@ def make_workload(
         quantize_moe_experts=quantize_moe_experts,
         lora_target_parameters=target_params,
         kbit_upcast=kbit_upcast,
+        lora_mlp_kernel=lora_mlp_kernel,
+        lora_qkv_kernel=lora_qkv_kernel,
+        lora_o_kernel=lora_o_kernel,
         extra=extra,
     )
     if default_batch and kind.batch_multiple is not None:
@@ -563,7 +590,8 @@ def estimate(
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
     fused_ce, activation_offloading, sample_packing, unfrozen_parameters, liger_rms_norm,
-    liger_glu, quantize_moe_experts, lora_target_parameters, kbit_upcast.
+    liger_glu, quantize_moe_experts, lora_target_parameters, kbit_upcast, lora_mlp_kernel,
+    lora_qkv_kernel, lora_o_kernel.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """
@@ -618,6 +646,9 @@ def estimate(
     gpu_target = resolve_target(gpu, num_gpus)
     if stored is None and not explicit:
         names = _with_gpu_rows(names, tuning or mode, gpu_target)
+    if any(workload_options.get(k) for k in LORA_KERNEL_OPTIONS):
+        names = _lora_kernel_bases(names, explicit or stored is not None,
+                                   workload_options.get("kbit_upcast", True))
     enter_step("building the model on the meta device")
     config_dtype = _dtype_name(getattr(spec.config, "dtype", None))
     _, architecture = model_class_for(spec.config, spec.trust_remote_code)
