@@ -83,6 +83,9 @@ READ_KEYS = frozenset(
         "unfrozen_parameters",
         "liger_rms_norm",
         "liger_glu_activation",
+        "lora_mlp_kernel",
+        "lora_qkv_kernel",
+        "lora_o_kernel",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -373,6 +376,10 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["liger_rms_norm"] = True
     if _flag(raw, "liger_glu_activation", path) is True:
         kwargs["liger_glu"] = True
+    # Axolotl's LoRA kernels (its autograd Functions patched into the peft model).
+    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+        if _flag(raw, key, path) is True:
+            kwargs[key] = True
     if _flag(raw, "sample_packing", path) is True:
         # One row of micro_batch_size x sequence_len tokens (Axolotl's multipack sampler).
         kwargs["sample_packing"] = True

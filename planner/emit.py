@@ -338,6 +338,12 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
             out["liger_rms_norm"] = True
         if workload.liger_glu:
             out["liger_glu_activation"] = True
+    if workload.is_lora:
+        # Written either way: Axolotl 0.19 turns the three on for a LoRA / QLoRA YAML that
+        # leaves them unset (check_auto_enable_lora_kernels), which is not what was planned.
+        out["lora_mlp_kernel"] = workload.lora_mlp_kernel
+        out["lora_qkv_kernel"] = workload.lora_qkv_kernel
+        out["lora_o_kernel"] = workload.lora_o_kernel
     full_dtype = prec.full_dtype or dtype
     out["bf16"] = full_dtype == "bfloat16"
     out["fp16"] = full_dtype == "float16"
@@ -468,6 +474,9 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
         kwargs["liger_rms_norm"] = True
     if workload.liger_glu:
         kwargs["liger_glu"] = True
+    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+        if getattr(workload, key):
+            kwargs[key] = True
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

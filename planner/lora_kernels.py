@@ -659,3 +659,64 @@ def kernel_base_refusal(precision: str, kbit_upcast: bool) -> str | None:
         return ("peft's float32 norms feed the kernels float32 inputs that their matmul with "
                 "the dequantised weight refuses; add --no-kbit-upcast (Axolotl casts them back)")
     return None
+
+
+def _decoder_layers(model: nn.Module) -> Any:
+    inner = getattr(model, "model", None)
+    for holder in (inner, model):
+        if holder is None:
+            continue
+        if hasattr(holder, "language_model") and hasattr(holder.language_model, "layers"):
+            return holder.language_model.layers
+        if hasattr(holder, "layers"):
+            return holder.layers
+    return None
+
+
+def _targeted(targets: str | list[str], names: tuple[str, ...]) -> bool | None:
+    """Whether LoRA targets adapt every one of ``names`` (None: a regex, decided by peft)."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return None
+    return all(n in targets for n in names)
+
+
+def lora_kernel_note(model: nn.Module, workload: Any) -> str:
+    """What the kernels take on ``model`` (the meta model before peft), the checks Axolotl
+    makes on the model itself done now (an unsupported activation, an attention forward
+    it cannot rewrite: one line, as Axolotl fails there)."""
+    layers = _decoder_layers(model)
+    if layers is None:
+        raise LoraKernelError(
+            f"Axolotl's LoRA kernels find no decoder layers in {type(model).__name__} (its "
+            "get_layers raises NotImplementedError); plan without the --lora-*-kernel options"
+        )
+    parts: list[str] = []
+    targets = workload.target_modules
+    attns = [a for layer in layers for a in _self_attns(layer)]
+    if workload.lora_qkv_kernel or workload.lora_o_kernel:
+        for cls in {type(a) for a in attns}:
+            patched_attention_forward(cls)
+    if workload.lora_mlp_kernel:
+        mlps = [m for layer in layers for m, _ in _mlps(layer)]
+        act = _activation(model)
+        if mlps and act not in SUPPORTED_ACTIVATIONS:
+            raise LoraKernelError(
+                f"Axolotl's lora_mlp_kernel runs SiLU or GELU MLPs, not {act!r} (Axolotl "
+                "0.19 raises NotImplementedError); plan without --lora-mlp-kernel"
+            )
+        kind = "SwiGLU" if act == "silu" else "GeGLU"
+        parts.append(f"LoRA_MLP ({kind}) on {len(mlps)} MLPs")
+    if workload.lora_qkv_kernel:
+        parts.append(f"LoRA_QKV on {len(attns)} attention layers")
+    if workload.lora_o_kernel:
+        parts.append(f"LoRA_O on {len(attns)} attention layers")
+    groups = {"mlp": ("gate_proj", "up_proj", "down_proj"),
+              "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}
+    missing = [g for g, names in groups.items()
+               if getattr(workload, f"lora_{g}_kernel") and _targeted(targets, names) is False]
+    tail = ("; a group whose projections are not all adapted keeps peft's forward, as "
+            "Axolotl skips it" + (f" ({', '.join(missing)} here)" if missing else ""))
+    return ("Axolotl's LoRA kernels (axolotl/kernels/lora.py 0.19.0): "
+            + ", ".join(parts) + tail)

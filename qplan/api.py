@@ -120,8 +120,8 @@ def _lora_kernel_bases(names: list[str], asked: bool, kbit_upcast: bool) -> list
     refused = {n: why for n in names if (why := kernel_base_refusal(n, kbit_upcast))}
     if refused and (asked or len(refused) == len(names)):
         name, why = next(iter(refused.items()))
-        raise UsageError(f"--lora-*-kernel on a {name} base: {why}; or plan without the "
-                         "kernels")
+        raise UsageError(f"Axolotl's LoRA kernels (--lora-*-kernel, lora_*_kernel) on the "
+                         f"{name} base: {why}; or plan without them")
     return [n for n in names if n not in refused]
 
 
@@ -682,6 +682,10 @@ def estimate(
         )
         report_skips = skip_modules
     lora_excluded = _lora_exclusions(meta, workload, notes)
+    if workload.lora_mlp_kernel or workload.lora_qkv_kernel or workload.lora_o_kernel:
+        from qplan.planner.lora_kernels import lora_kernel_note
+
+        notes.append(lora_kernel_note(meta, workload))
     image_report = _image_report(spec.config, meta, workload, notes)
     inventory = replace(inventory, moe_experts=workload.quantize_moe_experts)
     budget = budget_for(gpu_target, room)

@@ -294,6 +294,29 @@ KbitUpcastOpt = Annotated[
         "(what --axolotl plans).",
     ),
 ]
+LoraMlpKernelOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--lora-mlp-kernel/--no-lora-mlp-kernel",
+        help="Axolotl's fused LoRA MLP (lora_mlp_kernel): gate, up and down with their "
+        "adapters in one autograd function keeping X, gate and up; backward in place.",
+    ),
+]
+LoraQkvKernelOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--lora-qkv-kernel/--no-lora-qkv-kernel",
+        help="Axolotl's fused LoRA Q/K/V projections (lora_qkv_kernel): only their input "
+        "and adapters kept for backward.",
+    ),
+]
+LoraOKernelOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--lora-o-kernel/--no-lora-o-kernel",
+        help="Axolotl's fused LoRA output projection (lora_o_kernel).",
+    ),
+]
 LoraParamsOpt = Annotated[
     str | None,
     typer.Option(
@@ -531,6 +554,9 @@ def estimate(
     quantize_moe_experts: MoeQuantOpt = None,
     lora_target_parameters: LoraParamsOpt = None,
     kbit_upcast: KbitUpcastOpt = None,
+    lora_mlp_kernel: LoraMlpKernelOpt = None,
+    lora_qkv_kernel: LoraQkvKernelOpt = None,
+    lora_o_kernel: LoraOKernelOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -567,6 +593,8 @@ def estimate(
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,
                 kbit_upcast=kbit_upcast,
+                lora_mlp_kernel=lora_mlp_kernel, lora_qkv_kernel=lora_qkv_kernel,
+                lora_o_kernel=lora_o_kernel,
                 **_mode_options(option),
             ),
         )
@@ -664,6 +692,9 @@ def measure(
     quantize_moe_experts: MoeQuantOpt = None,
     lora_target_parameters: LoraParamsOpt = None,
     kbit_upcast: KbitUpcastOpt = None,
+    lora_mlp_kernel: LoraMlpKernelOpt = None,
+    lora_qkv_kernel: LoraQkvKernelOpt = None,
+    lora_o_kernel: LoraOKernelOpt = None,
     optimizer: OptimOpt = None,
     attn: AttnOpt = None,
     option: WorkloadOpt = None,
@@ -698,6 +729,8 @@ def measure(
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,
                 kbit_upcast=kbit_upcast,
+                lora_mlp_kernel=lora_mlp_kernel, lora_qkv_kernel=lora_qkv_kernel,
+                lora_o_kernel=lora_o_kernel,
                 **_mode_options(option),
             ),
         )

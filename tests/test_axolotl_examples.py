@@ -43,6 +43,8 @@ REFUSED = {
     # A regex written for transformers 4's module names (language_model.model.layers);
     # transformers 5 names them model.language_model.layers, so peft matches nothing.
     "llava/lora-7b.yaml": "match no module",
+    # lora_*_kernel with load_in_8bit: Axolotl 0.19's check_lora_kernels_8bit refuses it.
+    "llama-3/lora-8b-kernels.yml": "8-bit LoRA base",
 }
 
 

@@ -1,0 +1,176 @@
+"""Axolotl's LoRA kernels (lora_mlp_kernel / lora_qkv_kernel / lora_o_kernel).
+
+Axolotl's LoRA_MLP / LoRA_QKV / LoRA_O autograd Functions need a GPU where they call
+Triton (the SwiGLU / GeGLU activations) or bitsandbytes' CUDA dequantisation:
+planner/lora_kernels.py runs their PyTorch code (what they allocate, save and write in
+place) with those parts' arithmetic in PyTorch; checked here for peft's own loss and
+gradients and for the trace against real CPU steps of LoRA and QLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig
+from typer.testing import CliRunner
+
+from qplan.api import estimate, make_workload
+from qplan.cli import app
+from qplan.errors import UsageError
+from qplan.loaders.axolotl import read_axolotl
+from qplan.loaders.measure import measure
+from qplan.planner.emit import emit_axolotl, estimate_kwargs_of
+from qplan.report import load_schema
+
+KERNELS = dict(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
+KERNEL_FLAGS = ["--lora-mlp-kernel", "--lora-qkv-kernel", "--lora-o-kernel"]
+
+
+def _write(tmp_path, text, name="config.yml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _peft_tiny(arch, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(arch, "float32"), dtype=torch.float32)
+    # Random B (not peft's zeros) so every LoRA gradient is non-trivial.
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                        lora_dropout=dropout, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize(("arch", "patched"), [("llama", (2, 2, 2)), ("qwen2", (2, 2, 2))])
+def test_kernels_compute_peft_loss_and_gradients(arch, patched):
+    """The Functions' forward and hand-written backward against peft's LoRA layers."""
+    from qplan.planner.lora_kernels import apply_lora_kernels
+
+    model = _peft_tiny(arch)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 24))
+    reference = model(input_ids=ids, labels=ids).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    done = apply_lora_kernels(model, True, True, True)
+    assert (done.mlp, done.qkv, done.o) == patched and done.skipped == ()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.allclose(loss, reference, rtol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_group_not_all_adapted_keeps_peft():
+    """Axolotl's can_patch_* checks: Q/K/V needs all three adapted, the MLP all three."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    from qplan.planner.lora_kernels import apply_lora_kernels
+
+    model = AutoModelForCausalLM.from_config(make_config("llama", "float32"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj",
+                                                                  "o_proj", "up_proj"]))
+    done = apply_lora_kernels(model, True, True, True)
+    assert (done.mlp, done.qkv, done.o) == (0, 0, 2)
+    assert set(done.skipped) == {"mlp", "qkv"}
+
+
+STEPS = [
+    # (mode, precision, options): the peak in the layers' backward (a small vocabulary),
+    # with and without checkpointing, with LoRA dropout (its own X_drop saved).
+    ("lora", "bf16", dict(seq_len=128)),
+    ("lora", "bf16", dict(seq_len=64, gradient_checkpointing=False, lora_dropout=0.1)),
+    ("qlora", "nf4", dict(seq_len=128, kbit_upcast=False)),
+    ("qlora", "nf4-dq", dict(seq_len=64, gradient_checkpointing=False, kbit_upcast=False)),
+]
+
+
+@pytest.mark.parametrize(("mode", "precision", "options"), STEPS)
+def test_kernels_against_a_real_step(tiny_model_dir, mode, precision, options):
+    folder = tiny_model_dir("llama", vocab_size=64)
+    config = AutoConfig.from_pretrained(folder)
+    shape = dict(batch=2, lora_r=8, **options)
+    predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                         target="cpu", **shape, **KERNELS).candidate(precision)
+    measured = measure(config, make_workload(mode, config, **shape, **KERNELS), precision,
+                       predicted.compute_dtype)
+    assert predicted.peak_allocated_bytes == measured.peak_bytes
+    assert predicted.components == {**measured.components,
+                                    "cuda_context": predicted.components["cuda_context"]}
+    plain = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                     target="cpu", **shape).candidate(precision)
+    # Saved: X (and X_drop), gate and up and the adapters cast to bf16, never the
+    # activation or peft's per-projection intermediates: less than peft keeps.
+    assert predicted.peak_allocated_bytes < plain.peak_allocated_bytes
+    if not options.get("gradient_checkpointing", True):
+        assert predicted.components["activations"] < plain.components["activations"]
+
+
+def test_peft_upcast_fails_a_real_kernel_step(tiny_model_dir):
+    """Why a 4-bit base needs --no-kbit-upcast: peft's float32 norms feed the kernels
+    float32 inputs, and the matmul with the dequantised bf16 weight fails on a real step."""
+    folder = tiny_model_dir("llama", vocab_size=64)
+    config = AutoConfig.from_pretrained(folder)
+    workload = make_workload("qlora", config, batch=1, seq_len=16, lora_r=8, **KERNELS)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        measure(config, workload, "nf4", "bfloat16")
+    with pytest.raises(UsageError, match="--no-kbit-upcast"):
+        estimate(str(folder), gpu="80GiB", mode="qlora", precisions="nf4", **KERNELS)
+
+
+@pytest.mark.parametrize(("mode", "precisions", "words"), [
+    ("lora", "int8", "8-bit LoRA base"),
+    ("full", "bf16", "use them with --mode lora or qlora"),
+])
+def test_refused_where_axolotl_refuses(tiny_model_dir, mode, precisions, words):
+    with pytest.raises(UsageError, match=words):
+        estimate(str(tiny_model_dir("llama")), gpu="80GiB", mode=mode,
+                 precisions=precisions, **KERNELS)
+
+
+def test_lora_kernel_keys_round_trip(tiny_model_dir, tmp_path):
+    plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\nadapter: qlora\n"
+                                         "load_in_4bit: true\nlora_mlp_kernel: true\n"
+                                         "lora_qkv_kernel: true\nlora_o_kernel: true\n"))
+    assert all(plan.estimate_kwargs[k] is True for k in KERNELS)
+    assert not plan.keys.not_modelled
+    folder = tiny_model_dir("llama")
+    result = CliRunner().invoke(app, ["estimate", str(folder), "--gpu", "80GiB", "--mode",
+                                      "qlora", "--precisions", "nf4", "--batch", "2",
+                                      "--seq-len", "32", "--no-kbit-upcast", *KERNEL_FLAGS,
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    jsonschema.validate(data, load_schema())
+    assert all(data["workload"][k] is True for k in KERNELS)
+    assert any("LoRA_MLP (SwiGLU) on 2 MLPs" in n for n in data["notes"])
+    report = estimate(str(folder), gpu="80GiB", mode="qlora", precisions="nf4",
+                      kbit_upcast=False, batch=2, seq_len=32, **KERNELS)
+    text = emit_axolotl(report, "nf4")
+    assert all(yaml.safe_load(text)[k] is True for k in KERNELS)
+    again = read_axolotl(_write(tmp_path, text, "again.yml"))
+    assert again.estimate_kwargs == estimate_kwargs_of(report, "nf4")
+    assert again.keys.not_modelled == {}
+
+
+def test_a_plan_without_kernels_emits_them_off(tiny_model_dir, tmp_path):
+    """Axolotl 0.19 turns the kernels on for a LoRA YAML that leaves them unset; the
+    emitted YAML says false so the run is the one planned."""
+    report = estimate(str(tiny_model_dir("llama")), gpu="80GiB", mode="lora",
+                      precisions="bf16", batch=1, seq_len=32)
+    settings = yaml.safe_load(emit_axolotl(report, "bf16"))
+    assert all(settings[k] is False for k in KERNELS)
+    again = read_axolotl(_write(tmp_path, emit_axolotl(report, "bf16")))
+    assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
