@@ -536,16 +536,70 @@ def patched_attention_forward(cls: type) -> Callable[..., Any]:
     return scope["forward"]  # type: ignore[no-any-return]
 
 
+# get_attention_cls_from_config's special cases: model type -> (module, class).
+ATTENTION_CLASSES: dict[str, tuple[str, str]] = {
+    "qwen2": ("qwen2", "Qwen2Attention"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLTextAttention"),
+    "mllama": ("mllama", "MllamaTextSelfAttention"),
+    "llama4": ("llama4", "Llama4TextAttention"),
+    "mistral3": ("mistral", "MistralAttention"),
+    "gemma3_text": ("gemma3", "Gemma3Attention"),
+}
+# Axolotl's own fused Gemma 4 attention calls apply_qkv / apply_o (not planned here).
+FUSED_ATTENTION_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+
+
+def axolotl_attention_class(config: Any) -> type:
+    """``get_attention_cls_from_config``: the class Axolotl rewrites, found by the model
+    type alone (``transformers.models.<type>.modeling_<type>.<Prefix>Attention``, the
+    prefix from the type's causal-LM class); one it cannot import fails the run."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type in FUSED_ATTENTION_TYPES:
+        raise LoraKernelError(
+            f"lora_qkv_kernel / lora_o_kernel on {model_type} run through Axolotl's fused "
+            "Gemma 4 attention, which qplan does not plan; plan without "
+            "--lora-qkv-kernel/--lora-o-kernel"
+        )
+    if model_type in ATTENTION_CLASSES:
+        module_name, cls_name = ATTENTION_CLASSES[model_type]
+    else:
+        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        if causal is not None:
+            prefix = causal
+            for suffix in ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel",
+                           "GenerationDecoder"):
+                prefix = prefix.replace(suffix, "")
+        else:
+            prefix = "".join(part.capitalize() for part in model_type.split("_"))
+        module_name, cls_name = model_type, f"{prefix}Attention"
+    try:
+        module = importlib.import_module(f"transformers.models.{module_name}."
+                                         f"modeling_{module_name}")
+        return getattr(module, cls_name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        raise LoraKernelError(
+            f"Axolotl's lora_qkv_kernel / lora_o_kernel find no {cls_name} for model type "
+            f"{model_type!r} (Axolotl 0.19: 'could not import attention class'); plan "
+            "without --lora-qkv-kernel/--lora-o-kernel"
+        ) from None
+
+
 def _layers(model: nn.Module) -> Any:
-    """``get_layers``: the decoder layers of the peft model's base model."""
+    """``get_layers``: the decoder layers of the peft model's base model (a language model
+    without ``layers`` of its own, Llama 4's, fails there as it does in Axolotl)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", None)
+    found = None
     if inner is not None and hasattr(inner, "language_model"):
-        return inner.language_model.layers
-    if hasattr(base, "language_model"):
-        return base.language_model.layers
-    if inner is not None and hasattr(inner, "layers"):
-        return inner.layers
+        found = getattr(inner.language_model, "layers", None)
+    elif hasattr(base, "language_model"):
+        found = getattr(base.language_model, "layers", None)
+    elif inner is not None:
+        found = getattr(inner, "layers", None)
+    if found is not None:
+        return found
     raise LoraKernelError(
         f"Axolotl's LoRA kernels find no decoder layers in {type(base).__name__} (its "
         "get_layers raises NotImplementedError); plan without the --lora-*-kernel options"
@@ -598,12 +652,20 @@ def apply_lora_kernels(model: nn.Module, mlp: bool, qkv: bool, o: bool) -> Patch
     counts = {"mlp": 0, "qkv": 0, "o": 0}
     skipped: list[str] = []
     activation = _activation(model)
+    rewritten: type | None = None
+    forward: Callable[..., Any] | None = None
+    if qkv or o:
+        rewritten = axolotl_attention_class(model.config)
+        forward = patched_attention_forward(rewritten)
     for layer in _layers(model):
         for attn in _self_attns(layer):
             attn.apply_qkv = types.MethodType(original_apply_qkv, attn)
             attn.apply_o = types.MethodType(original_apply_o, attn)
-            if qkv or o:
-                attn.forward = types.MethodType(patched_attention_forward(type(attn)), attn)
+            # Axolotl sets the rewritten forward on the class: its instances (and
+            # subclasses keeping its forward) call apply_qkv / apply_o, no other.
+            if rewritten is None or type(attn).forward is not rewritten.forward:
+                continue
+            attn.forward = types.MethodType(forward, attn)
             if qkv:
                 if all(hasattr(getattr(attn, p), "lora_A") for p in ("q_proj", "k_proj",
                                                                       "v_proj")):
@@ -661,18 +723,6 @@ def kernel_base_refusal(precision: str, kbit_upcast: bool) -> str | None:
     return None
 
 
-def _decoder_layers(model: nn.Module) -> Any:
-    inner = getattr(model, "model", None)
-    for holder in (inner, model):
-        if holder is None:
-            continue
-        if hasattr(holder, "language_model") and hasattr(holder.language_model, "layers"):
-            return holder.language_model.layers
-        if hasattr(holder, "layers"):
-            return holder.layers
-    return None
-
-
 def _targeted(targets: str | list[str], names: tuple[str, ...]) -> bool | None:
     """Whether LoRA targets adapt every one of ``names`` (None: a regex, decided by peft)."""
     if targets == "all-linear":
@@ -684,20 +734,19 @@ def _targeted(targets: str | list[str], names: tuple[str, ...]) -> bool | None:
 
 def lora_kernel_note(model: nn.Module, workload: Any) -> str:
     """What the kernels take on ``model`` (the meta model before peft), the checks Axolotl
-    makes on the model itself done now (an unsupported activation, an attention forward
-    it cannot rewrite: one line, as Axolotl fails there)."""
-    layers = _decoder_layers(model)
-    if layers is None:
-        raise LoraKernelError(
-            f"Axolotl's LoRA kernels find no decoder layers in {type(model).__name__} (its "
-            "get_layers raises NotImplementedError); plan without the --lora-*-kernel options"
-        )
+    makes on the model itself done now, in its order (the attention class rewritten before
+    the model loads, then the layers its get_layers finds, the MLP's activation): one line
+    where Axolotl fails."""
     parts: list[str] = []
     targets = workload.target_modules
-    attns = [a for layer in layers for a in _self_attns(layer)]
+    attns: list[nn.Module] = []
     if workload.lora_qkv_kernel or workload.lora_o_kernel:
-        for cls in {type(a) for a in attns}:
-            patched_attention_forward(cls)
+        rewritten = axolotl_attention_class(model.config)
+        patched_attention_forward(rewritten)
+    layers = _layers(model)
+    if workload.lora_qkv_kernel or workload.lora_o_kernel:
+        attns = [a for layer in layers for a in _self_attns(layer)
+                 if type(a).forward is rewritten.forward]
     if workload.lora_mlp_kernel:
         mlps = [m for layer in layers for m, _ in _mlps(layer)]
         act = _activation(model)
