@@ -29,6 +29,8 @@ from qplan.report import load_schema
 KERNELS = dict(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
 KERNEL_FLAGS = ["--lora-mlp-kernel", "--lora-qkv-kernel", "--lora-o-kernel"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _write(tmp_path, text, name="config.yml"):
     path = tmp_path / name
@@ -184,3 +186,34 @@ def test_a_plan_without_kernels_emits_them_off(tiny_model_dir, tmp_path):
     assert all(settings[k] is False for k in KERNELS)
     again = read_axolotl(_write(tmp_path, emit_axolotl(report, "bf16")))
     assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
+
+
+def test_kernels_in_trl_dpo(tiny_model_dir):
+    """Axolotl patches the kernels into an rl run too (explicit keys): TRL's DPOTrainer,
+    the reference pass with the adapter disabled (the kernels' A/B-less path). The plan
+    is as far from the real run as without the kernels (TRL's loop holds the same few
+    bytes the plan leaves out either way), well within 2%."""
+    pytest.importorskip("trl")
+    from preference_loops import dpo_peak
+    from user_loops import lora_model
+
+    from qplan.loaders.measure import random_model
+    from qplan.planner.lora_kernels import apply_lora_kernels
+
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    gaps = {}
+    for kernels in (True, False):
+        options = KERNELS if kernels else {}
+        predicted = estimate(str(folder), gpu="80GiB", mode="dpo", precisions="bf16",
+                             target="cpu", batch=2, seq_len=96, lora_r=8, adapter="lora",
+                             gradient_checkpointing=False, **options).candidate("bf16")
+        model = lora_model(random_model(config, "bf16", "bfloat16", "cpu", str(folder)), r=8,
+                           quantized=False)
+        if kernels:
+            assert apply_lora_kernels(model, True, True, True).mlp == 2
+        measured = dpo_peak(model, 2, 40, 55, loss_type="sigmoid", ref_model=None,
+                            precompute=False, gradient_checkpointing=False)
+        gaps[kernels] = predicted.peak_allocated_bytes - measured.peak_bytes
+        assert abs(gaps[kernels]) <= 0.02 * measured.peak_bytes
+    assert gaps[True] == gaps[False]
