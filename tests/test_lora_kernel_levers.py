@@ -217,3 +217,65 @@ def test_kernels_in_trl_dpo(tiny_model_dir):
         gaps[kernels] = predicted.peak_allocated_bytes - measured.peak_bytes
         assert abs(gaps[kernels]) <= 0.02 * measured.peak_bytes
     assert gaps[True] == gaps[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("name", "act"), [("swiglu", "silu"), ("geglu", "gelu")])
+def test_activations_match_axolotls_triton_kernels(monkeypatch, name, act, dtype):
+    """Axolotl's own Triton activation kernels, run by Triton's CPU interpreter where
+    both packages are installed (neither is a qplan dependency: skipped otherwise).
+    Their wrappers allocate on "cuda" whatever the input, so the raw kernels are launched
+    as the wrappers launch them. float16: bit for bit; float32: within an ulp (numpy's
+    exp/erf in the interpreter). The interpreter cannot load bfloat16 (numpy has none)."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("axolotl") is None:
+        pytest.skip("triton and axolotl are not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton
+
+    from qplan.planner.lora_kernels import _glu_backward, _glu_forward
+
+    # axolotl.kernels.op_registry imports Axolotl's logging (the whole package): a
+    # stand-in registering nothing, as its own fallback does.
+    registry = types.ModuleType("axolotl.kernels.op_registry")
+
+    class _Unregistered:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+        def register_fake(self, fn):
+            return fn
+
+    registry.register_kernel_op = lambda _name, mutates_args=(): _Unregistered
+    monkeypatch.setitem(sys.modules, "axolotl.kernels.op_registry", registry)
+    folder = importlib.util.find_spec("axolotl").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location(f"_axolotl_{name}",
+                                                  f"{folder}/kernels/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = {"swiglu": "block_size", "geglu": "BLOCK_SIZE"}[name]
+    torch.manual_seed(0)
+    gate = torch.randn(2, 7, 37, dtype=dtype)
+    up, grad = torch.randn_like(gate), torch.randn_like(gate)
+    n = gate.numel()
+
+    def grid(meta):
+        return (triton.cdiv(n, 1024),)
+
+    out = torch.empty_like(gate)
+    getattr(module, f"_{name}_fwd_kernel")[grid](gate, up, out, n, **{block: 1024})
+    theirs = (grad.clone(), gate.clone(), up.clone())
+    getattr(module, f"_{name}_bwd_kernel")[grid](*theirs, n, **{block: 1024})
+    ours = _glu_backward(grad.clone(), gate.clone(), up.clone(), act)
+    pairs = [(out, _glu_forward(gate, up, act)), *zip(theirs, ours, strict=True)]
+    for a, b in pairs:
+        if dtype == torch.float16:
+            assert torch.equal(a, b)
+        else:
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
