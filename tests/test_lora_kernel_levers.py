@@ -43,15 +43,23 @@ def _peft_tiny(arch, dropout=0.0):
     from tiny_models import make_config
     from transformers import AutoModelForCausalLM
 
+    if arch == "qwen3":  # its q_norm / k_norm attention: Axolotl's second QKV rewrite
+        config = AutoConfig.for_model("qwen3", vocab_size=1000, hidden_size=96,
+                                      intermediate_size=200, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=24, max_position_embeddings=256)
+    else:
+        config = make_config(arch, "float32")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config(arch, "float32"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random B (not peft's zeros) so every LoRA gradient is non-trivial.
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                         lora_dropout=dropout, init_lora_weights=False)
     return get_peft_model(model, config)
 
 
-@pytest.mark.parametrize(("arch", "patched"), [("llama", (2, 2, 2)), ("qwen2", (2, 2, 2))])
+@pytest.mark.parametrize(("arch", "patched"), [("llama", (2, 2, 2)), ("qwen2", (2, 2, 2)),
+                                               ("qwen3", (2, 2, 2))])
 def test_kernels_compute_peft_loss_and_gradients(arch, patched):
     """The Functions' forward and hand-written backward against peft's LoRA layers."""
     from qplan.planner.lora_kernels import apply_lora_kernels
