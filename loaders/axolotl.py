@@ -86,6 +86,8 @@ READ_KEYS = frozenset(
         "lora_mlp_kernel",
         "lora_qkv_kernel",
         "lora_o_kernel",
+        "liger_rope",
+        "liger_layer_norm",
         "optimizer",
         "lora_r",
         "lora_alpha",
@@ -371,7 +373,8 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     kwargs.update(_checkpointing(raw, path, not_modelled))
     kwargs.update(_unfrozen(raw, adapter, path, not_modelled))
     kwargs.update(_multimodal(raw, path, kwargs["mode"], notes, not_modelled))
-    # Liger's kernels (its plugin swaps the model's RMSNorm and SwiGLU MLP classes).
+    # Liger's kernels (its plugin swaps the model's RMSNorm and SwiGLU MLP classes, its
+    # RoPE helper and LayerNorm where liger-kernel's patch for the family does).
     if _flag(raw, "liger_rms_norm", path) is True:
         kwargs["liger_rms_norm"] = True
     if _flag(raw, "liger_glu_activation", path) is True:
@@ -380,6 +383,10 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
         if _flag(raw, key, path) is True:
             kwargs[key] = True
+    if _flag(raw, "liger_rope", path) is True:
+        kwargs["liger_rope"] = True
+    if _flag(raw, "liger_layer_norm", path) is True:
+        kwargs["liger_layer_norm"] = True
     if _flag(raw, "sample_packing", path) is True:
         # One row of micro_batch_size x sequence_len tokens (Axolotl's multipack sampler).
         kwargs["sample_packing"] = True

@@ -23,8 +23,6 @@ NOT_MODELLED: dict[str, str] = {
     "flex_attention": "flex attention (planned as sdpa)",
     "sage_attention": "SageAttention (planned as sdpa)",
     "s2_attention": "shifted-sparse attention (planned as sdpa)",
-    "liger_layer_norm": "Liger's fused LayerNorm kernel",
-    "liger_rope": "Liger's fused RoPE kernel",
     "liger_cross_entropy": "Liger's cross-entropy kernel",
     "chunked_cross_entropy": "chunked cross-entropy over the logits",
     "tiled_mlp": "tiled MLP forward",

@@ -330,14 +330,15 @@ def axolotl_settings(report: Any, precision: str | None = None) -> dict[str, Any
     out.update(_axolotl_image_keys(report, workload))
     if workload.fused_ce is not None:
         out.update(AXOLOTL_FUSED_CE[workload.fused_ce])
-    if workload.liger_rms_norm or workload.liger_glu:
+    liger_keys = {"liger_rms_norm": workload.liger_rms_norm,
+                  "liger_glu_activation": workload.liger_glu,
+                  "liger_rope": workload.liger_rope,
+                  "liger_layer_norm": workload.liger_layer_norm}
+    if any(liger_keys.values()):
         plugins = out.setdefault("plugins", [])
         if LIGER_PLUGIN not in plugins:
             out["plugins"] = [*plugins, LIGER_PLUGIN]
-        if workload.liger_rms_norm:
-            out["liger_rms_norm"] = True
-        if workload.liger_glu:
-            out["liger_glu_activation"] = True
+        out.update({key: True for key, on in liger_keys.items() if on})
     if workload.is_lora:
         # Written either way: Axolotl 0.19 turns the three on for a LoRA / QLoRA YAML that
         # leaves them unset (check_auto_enable_lora_kernels), which is not what was planned.
@@ -477,6 +478,10 @@ def estimate_kwargs_of(report: Any, precision: str | None = None) -> dict[str, A
     for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
         if getattr(workload, key):
             kwargs[key] = True
+    if workload.liger_rope:
+        kwargs["liger_rope"] = True
+    if workload.liger_layer_norm:
+        kwargs["liger_layer_norm"] = True
     if workload.is_lora:
         kwargs["lora_r"] = workload.lora_r
         kwargs["lora_alpha"] = workload.alpha

@@ -164,8 +164,8 @@ def target_parameters(targets: Sequence[str], model: nn.Module | None) -> list[s
     return out
 
 
-# Streaming multiprocessors a CUDA plan assumes for Liger's RMSNorm backward (one float32
-# row of partial weight gradients each): H100/H200 SXM.
+# Streaming multiprocessors a CUDA plan assumes for Liger's RMSNorm / LayerNorm backward
+# (one float32 row of partial weight (and bias) gradients each): H100/H200 SXM.
 PLANNED_SMS = 132
 
 
@@ -187,11 +187,13 @@ def prepare_for_training(
     ``target``: the device the step runs on (cuda, cpu), where a kernel's buffers depend
     on it (Liger's RMSNorm backward).
     """
-    if workload.liger_rms_norm or workload.liger_glu:
+    if (workload.liger_rms_norm or workload.liger_glu or workload.liger_rope
+            or workload.liger_layer_norm):
         from qplan.planner.liger_kernels import DEFAULT_SMS, apply_liger_kernels
 
         apply_liger_kernels(model, workload.liger_rms_norm, workload.liger_glu,
-                            sms=PLANNED_SMS if target == "cuda" else DEFAULT_SMS)
+                            sms=PLANNED_SMS if target == "cuda" else DEFAULT_SMS,
+                            rope=workload.liger_rope, layer_norm=workload.liger_layer_norm)
     gc = workload.gradient_checkpointing
     # With activation offloading the Trainer's own checkpointing is off: the layers are
     # wrapped instead (below); peft's k-bit preparation still turns it on, as in Axolotl.

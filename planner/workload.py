@@ -68,6 +68,9 @@ class Workload:
     lora_mlp_kernel: bool = False
     lora_qkv_kernel: bool = False
     lora_o_kernel: bool = False
+    # Liger's RoPE / LayerNorm kernels where its patch for the family swaps them.
+    liger_rope: bool = False
+    liger_layer_norm: bool = False
     # Vision-language models (planner/vision.py): images per sequence (their placeholder
     # tokens count in seq_len), their size before the processor (height, width; None: the
     # processor's, or qplan's default for dynamic resolution), and whether the vision tower

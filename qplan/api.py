@@ -195,6 +195,8 @@ def make_workload(
     unfrozen_parameters: Sequence[str] | None = None,
     liger_rms_norm: bool = False,
     liger_glu: bool = False,
+    liger_rope: bool = False,
+    liger_layer_norm: bool = False,
     images: int = 0,
     image_size: int | str | Sequence[int] | None = None,
     train_vision: bool | None = None,
@@ -231,6 +233,9 @@ def make_workload(
     if (liger_rms_norm or liger_glu) and mode not in TRAINING_MODES:
         raise UsageError(f"--liger-rms-norm / --liger-glu are Axolotl's training kernels; use "
                          f"them with --mode lora, qlora or full, not {mode}")
+    if (liger_rope or liger_layer_norm) and mode not in TRAINING_MODES:
+        raise UsageError(f"--liger-rope / --liger-layer-norm are Axolotl's training kernels; "
+                         f"use them with --mode lora, qlora or full, not {mode}")
     if isinstance(lora_target_parameters, str):
         lora_target_parameters = [t.strip() for t in lora_target_parameters.split(",")
                                   if t.strip()]
@@ -333,6 +338,8 @@ def make_workload(
         unfrozen_parameters=unfrozen,
         liger_rms_norm=liger_rms_norm,
         liger_glu=liger_glu,
+        liger_rope=liger_rope,
+        liger_layer_norm=liger_layer_norm,
         images=images,
         image_size=size,
         train_vision=train_vision,
@@ -590,8 +597,8 @@ def estimate(
     ``workload_options``: batch, seq_len, kv_dtype, lora_r, lora_alpha, lora_targets,
     lora_target_regex, lora_dropout, gradient_checkpointing, gc_reentrant, optimizer, attn,
     fused_ce, activation_offloading, sample_packing, unfrozen_parameters, liger_rms_norm,
-    liger_glu, quantize_moe_experts, lora_target_parameters, kbit_upcast, lora_mlp_kernel,
-    lora_qkv_kernel, lora_o_kernel.
+    liger_glu, liger_rope, liger_layer_norm, quantize_moe_experts, lora_target_parameters,
+    kbit_upcast, lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel.
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """
@@ -674,6 +681,11 @@ def estimate(
     text_note = text_class_note(spec.config)
     if text_note is not None:
         notes.append(text_note)
+    if workload.liger_rope or workload.liger_layer_norm:
+        from qplan.planner.liger_kernels import check_liger
+
+        notes.extend(check_liger(getattr(meta.config, "model_type", None),
+                                 workload.liger_rope, workload.liger_layer_norm))
     if stored is None:
         # A pre-quantised checkpoint keeps its own skip list; a bnb plan leaves out what the
         # model cannot run quantised, and the report and kwargs carry that list.

@@ -248,6 +248,22 @@ LigerGluOpt = Annotated[
         "the gate and up projections, backward in place.",
     ),
 ]
+LigerRopeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--liger-rope/--no-liger-rope",
+        help="Liger's RoPE kernel (Axolotl's liger_rope): query and key rotated in place, "
+        "where Liger patches the family's apply_rotary_pos_emb.",
+    ),
+]
+LigerLayerNormOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--liger-layer-norm/--no-liger-layer-norm",
+        help="Liger's LayerNorm kernel (Axolotl's liger_layer_norm): float32 mean and "
+        "inverse std per row, where Liger patches the family's LayerNorm (vision towers).",
+    ),
+]
 ImagesOpt = Annotated[
     int | None,
     typer.Option(
@@ -548,6 +564,8 @@ def estimate(
     unfrozen_parameters: UnfrozenOpt = None,
     liger_rms_norm: LigerNormOpt = None,
     liger_glu: LigerGluOpt = None,
+    liger_rope: LigerRopeOpt = None,
+    liger_layer_norm: LigerLayerNormOpt = None,
     images: ImagesOpt = None,
     image_size: ImageSizeOpt = None,
     train_vision: TrainVisionOpt = None,
@@ -588,7 +606,8 @@ def estimate(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
-                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, liger_rope=liger_rope,
+                liger_layer_norm=liger_layer_norm, images=images,
                 image_size=image_size, train_vision=train_vision,
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,
@@ -686,6 +705,8 @@ def measure(
     unfrozen_parameters: UnfrozenOpt = None,
     liger_rms_norm: LigerNormOpt = None,
     liger_glu: LigerGluOpt = None,
+    liger_rope: LigerRopeOpt = None,
+    liger_layer_norm: LigerLayerNormOpt = None,
     images: ImagesOpt = None,
     image_size: ImageSizeOpt = None,
     train_vision: TrainVisionOpt = None,
@@ -724,7 +745,8 @@ def measure(
                 lora_target_regex=lora_target_regex, fused_ce=fused_ce,
                 activation_offloading=activation_offloading,
                 sample_packing=sample_packing, unfrozen_parameters=unfrozen_parameters,
-                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, images=images,
+                liger_rms_norm=liger_rms_norm, liger_glu=liger_glu, liger_rope=liger_rope,
+                liger_layer_norm=liger_layer_norm, images=images,
                 image_size=image_size, train_vision=train_vision,
                 quantize_moe_experts=quantize_moe_experts,
                 lora_target_parameters=lora_target_parameters,

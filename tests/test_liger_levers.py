@@ -100,3 +100,158 @@ def test_liger_keys_round_trip(tiny_model_dir, tmp_path):
     again = read_axolotl(_write(tmp_path, text, "again.yml"))
     assert again.estimate_kwargs == estimate_kwargs_of(report, "nf4")
     assert again.keys.not_modelled == {}
+
+
+# --- RoPE and LayerNorm (Axolotl's liger_rope / liger_layer_norm) ----------------------
+
+ROPE_LN = dict(liger_rope=True, liger_layer_norm=True)
+VLM_SHAPE = dict(batch=2, seq_len=96, images=2, lora_r=8)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same_loss_and_gradients(model, run, **kernels) -> dict[str, int]:
+    """transformers' loss and gradients, then Liger's kernels swapped in: the same."""
+    from qplan.planner.liger_kernels import apply_liger_kernels
+
+    reference = run()
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    counts = apply_liger_kernels(model, False, False, **kernels)
+    loss = run()
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    got = _grads(model)
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    return counts
+
+
+@pytest.mark.parametrize(("arch", "attentions"), [("llama", 2), ("qwen2", 2), ("gemma", 2),
+                                                  ("gemma3", 20), ("mixtral", 2)])
+def test_rope_computes_transformers_loss_and_gradients(arch, attentions):
+    """liger_rotary_pos_emb in place of each family's apply_rotary_pos_emb (rotated in
+    place, the backward too); these decoders have no LayerNorm, so none is swapped."""
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(arch, "float32"), dtype=torch.float32)
+    model.gradient_checkpointing_enable()  # the recompute calls Liger's RoPE again
+    model.train()
+    ids = torch.randint(0, 1000, (2, 40))
+    counts = _same_loss_and_gradients(model, lambda: model(input_ids=ids, labels=ids).loss,
+                                      rope=True, layer_norm=True)
+    assert counts == {"rms_norm": 0, "swiglu": 0, "rope": attentions, "layer_norm": 0}
+
+
+def _gemma3_vlm_batch(config):
+    tokens = config.mm_tokens_per_image
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.image_token_index, (2, 48), generator=generator)
+    ids[:, 1:1 + tokens] = config.image_token_index
+    side = config.vision_config.image_size
+    pixels = torch.rand((2, 3, side, side), generator=generator)
+    labels = ids.masked_fill(ids == config.image_token_index, -100)
+    return dict(input_ids=ids, pixel_values=pixels, labels=labels,
+                token_type_ids=(ids == config.image_token_index).long())
+
+
+def test_layer_norm_computes_transformers_loss_and_gradients():
+    """Gemma 3's vision-language model: Liger's gemma3 patch rebinds nn.LayerNorm (SigLIP's
+    two per layer and the post-layernorm) and the text model's RoPE."""
+    from tiny_models import make_config
+    from transformers import AutoModelForImageTextToText
+
+    config = make_config("gemma3_vlm", "float32")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    batch = _gemma3_vlm_batch(config)
+    counts = _same_loss_and_gradients(model, lambda: model(**batch).loss, rope=True,
+                                      layer_norm=True)
+    assert counts == {"rms_norm": 0, "swiglu": 0, "rope": 2, "layer_norm": 5}
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("lora", "bf16"), ("full", "bf16"),
+                                                 ("qlora", "nf4")])
+def test_rope_against_a_real_step(tiny_model_dir, mode, precision):
+    """Llama with Liger's RoPE (and the LayerNorm flag, which changes nothing on a Llama:
+    the plan says so): peak and components exact against the real CPU step."""
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    options = dict(SHAPE, **ROPE_LN)
+    report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                      target="cpu", **options)
+    predicted = report.candidate(precision)
+    measured = measure(config, make_workload(mode, config, **options), precision,
+                       predicted.compute_dtype)
+    assert predicted.peak_allocated_bytes == measured.peak_bytes
+    assert predicted.components == {**measured.components,
+                                    "cuda_context": predicted.components["cuda_context"]}
+    assert any("liger_layer_norm" in note and "llama" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_layer_norm_against_a_real_step_with_images(tiny_model_dir, mode):
+    """Gemma 3 with images: SigLIP's LayerNorms as Liger's (trained under full fine-tuning:
+    float32 partial weight and bias gradients), with RoPE, RMSNorm and GeGLU flags."""
+    folder = tiny_model_dir("gemma3_vlm")
+    config = AutoConfig.from_pretrained(folder)
+    for options in (dict(VLM_SHAPE, liger_layer_norm=True),
+                    dict(VLM_SHAPE, **ROPE_LN, **LIGER)):
+        predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions="bf16",
+                             target="cpu", **options).candidate("bf16")
+        measured = measure(config, make_workload(mode, config, **options), "bf16",
+                           predicted.compute_dtype)
+        assert predicted.peak_allocated_bytes == measured.peak_bytes, options
+        assert predicted.components == {**measured.components,
+                                        "cuda_context": predicted.components["cuda_context"]}
+
+
+@pytest.mark.parametrize(("arch", "needle"), [("llama4", "Llama 4 RoPE"),
+                                              ("qwen2_5_vl", "multimodal RoPE")])
+def test_rope_liger_does_not_model_is_refused(tiny_model_dir, arch, needle):
+    """Families whose liger_rope is another kernel: refused in one line, not planned wrong."""
+    from test_cli import assert_one_line_error
+    from test_cli import estimate as cli_estimate
+
+    result = cli_estimate(str(tiny_model_dir(arch)), "--gpu", "80GiB", "--mode", "lora",
+                          "--precisions", "bf16", "--seq-len", "64", "--liger-rope")
+    assert_one_line_error(result, 2, needle)
+
+
+def test_rope_and_layer_norm_are_training_kernels(tiny_model_dir):
+    from qplan.errors import UsageError
+
+    with pytest.raises(UsageError, match="--liger-rope / --liger-layer-norm"):
+        estimate(str(tiny_model_dir("llama")), gpu="80GiB", mode="inference",
+                 precisions="bf16", liger_rope=True)
+
+
+def test_rope_and_layer_norm_keys_round_trip(tiny_model_dir, tmp_path):
+    plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\nplugins:\n"
+                                         "  - axolotl.integrations.liger.LigerPlugin\n"
+                                         "liger_rope: true\nliger_layer_norm: true\n"))
+    assert plan.estimate_kwargs["liger_rope"] and plan.estimate_kwargs["liger_layer_norm"]
+    assert not plan.keys.not_modelled
+    folder = tiny_model_dir("gemma3_vlm")
+    result = CliRunner().invoke(app, ["estimate", str(folder), "--gpu", "80GiB", "--mode",
+                                      "lora", "--precisions", "bf16", "--batch", "2",
+                                      "--seq-len", "96", "--images", "2", "--liger-rope",
+                                      "--liger-layer-norm", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    jsonschema.validate(data, load_schema())
+    assert data["workload"]["liger_rope"] and data["workload"]["liger_layer_norm"]
+    report = estimate(str(folder), gpu="80GiB", mode="lora", precisions="bf16", **ROPE_LN,
+                      **VLM_SHAPE)
+    text = emit_axolotl(report, "bf16")
+    assert "axolotl.integrations.liger.LigerPlugin" in text
+    again = read_axolotl(_write(tmp_path, text, "again.yml"))
+    assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
+    assert again.estimate_kwargs["liger_rope"] and again.estimate_kwargs["liger_layer_norm"]
+    assert again.keys.not_modelled == {}
