@@ -1,11 +1,14 @@
-"""Liger's RMSNorm and SwiGLU kernels (Axolotl's ``liger_rms_norm`` / ``liger_glu_activation``).
+"""Liger's RMSNorm, SwiGLU, RoPE and LayerNorm kernels (Axolotl's ``liger_rms_norm``,
+``liger_glu_activation``, ``liger_rope``, ``liger_layer_norm``).
 
-Axolotl's Liger plugin calls liger-kernel's ``apply_liger_kernel_to_<model>``, which swaps
-the model's RMSNorm class for ``LigerRMSNorm`` and its MLP for ``LigerSwiGLUMLP``. Their
+Axolotl's Liger plugin calls liger-kernel's ``apply_liger_kernel_to_<model>`` (``model=None``,
+before the model is built), which swaps the model's RMSNorm class for ``LigerRMSNorm``, its
+MLP for ``LigerSwiGLUMLP``, its ``apply_rotary_pos_emb`` and (some families) LayerNorm. Their
 kernels are Triton (GPU only, and the ``triton`` package qplan does not install), so what
 runs here is the PyTorch code around them from liger-kernel 0.8.5, allocation for
-allocation (liger_kernel/ops/rms_norm.py, swiglu.py), with the kernels' arithmetic done in
-PyTorch outside the live-tensor tracker (a kernel writes into buffers allocated before it):
+allocation (liger_kernel/ops/rms_norm.py, swiglu.py, rope.py, layer_norm.py), with the
+kernels' arithmetic done in PyTorch outside the live-tensor tracker (a kernel writes into
+buffers allocated before it):
 
 * RMSNorm (``LigerRMSNormFunction``, casting mode "llama" with ``in_place=True``, or
   "gemma" with offset 1.0 and ``in_place=False``): the input made contiguous; the output
