@@ -255,3 +255,27 @@ def test_rope_and_layer_norm_keys_round_trip(tiny_model_dir, tmp_path):
     assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
     assert again.estimate_kwargs["liger_rope"] and again.estimate_kwargs["liger_layer_norm"]
     assert again.keys.not_modelled == {}
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("qlora", "nf4"), ("full", "bf16")])
+def test_rope_with_the_other_levers_against_a_real_step(tiny_model_dir, mode, precision):
+    """Axolotl's Liger example (llama-3/fft-8b-liger-fsdp.yaml) turns RoPE, RMSNorm, SwiGLU
+    and the fused cross-entropy on with sample packing; with activation offloading too
+    (test_offload_levers' combination, whose QLoRA peak moves by 64 KiB with the cyclic
+    garbage collector, RoPE or not): resident parts and host memory exact, peak within 2%."""
+    folder = tiny_model_dir("llama", vocab_size=6000)
+    config = AutoConfig.from_pretrained(folder)
+    for extra in (dict(gc_reentrant=False), dict(activation_offloading=True, gc_reentrant=True)):
+        options = dict(SHAPE, sample_packing=True, fused_ce="liger", liger_rope=True, **LIGER,
+                       **extra)
+        predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                             target="cpu", **options).candidate(precision)
+        measured = measure(config, make_workload(mode, config, **options), precision,
+                           predicted.compute_dtype)
+        error = (predicted.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes
+        assert abs(error) <= 0.02, (extra, error)
+        for name in ("weights", "adapters"):
+            assert predicted.components[name] == measured.components[name], name
+        assert predicted.host_bytes == measured.host_bytes
+        if not extra.get("activation_offloading"):
+            assert predicted.peak_allocated_bytes == measured.peak_bytes
