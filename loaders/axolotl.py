@@ -185,6 +185,8 @@ class AxolotlPlan:
     unused_keys: tuple[str, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
     keys: KeyAccount | None = None
+    # Liger's plugin is listed and liger_rope left unset: Axolotl turns it on for Qwen-VL.
+    liger_rope_unset: bool = False
 
     @property
     def gpu(self) -> str | None:
@@ -453,6 +455,7 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         unused_keys=unused,
         notes=tuple(notes),
         keys=keys,
+        liger_rope_unset=LIGER_PLUGIN in _plugins(raw) and raw.get("liger_rope") is None,
     )
 
 
@@ -628,6 +631,12 @@ def _activation_offloading(raw: dict[str, Any], path: Path,
         )
         return False
     return _flag(raw, "activation_offloading", path) is True
+
+
+def _plugins(raw: dict[str, Any]) -> list[str]:
+    """The YAML's plugins (one string or a list; checked by _fused_ce)."""
+    plugins = raw.get("plugins") or []
+    return [plugins] if isinstance(plugins, str) else list(plugins)
 
 
 def _fused_ce(raw: dict[str, Any], path: Path, not_modelled: dict[str, str]) -> str | None:

@@ -284,6 +284,11 @@ ROPE_REFUSED: dict[str, str] = {
                "modelled",
     **{t: _NOT_AVAILABLE for t in ("glm4", "glm4v", "glm4v_moe")},
 }
+# Axolotl's plugin passes rope=True for these when liger_rope is unset (its Qwen-VL default).
+AXOLOTL_ROPE_DEFAULT = frozenset({
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_vl_text", "qwen2_5_vl_text",
+    "qwen3_vl_text", "qwen3_vl_moe_text",
+})
 ROPE_HELPER = "apply_rotary_pos_emb"
 
 

@@ -1122,6 +1122,16 @@ def estimate_axolotl(
             extra_warnings = (
                 f"processor_type: qplan does not lay out {target.config.model_type}'s image "
                 "inputs; planned on text only (not modelled: images)",)
+    if plan_file.liger_rope_unset and "liger_rope" not in options:
+        from qplan.planner.liger_kernels import AXOLOTL_ROPE_DEFAULT, ROPE_REFUSED
+
+        target = resolve(target, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+        model_type = target.config.model_type
+        if model_type in AXOLOTL_ROPE_DEFAULT:
+            extra_warnings += (
+                f"liger_rope: Axolotl's Liger plugin turns Liger's RoPE on for {model_type} "
+                f"when liger_rope is unset ({ROPE_REFUSED[model_type]}); planned with "
+                "transformers' RoPE (set liger_rope: false to run what is planned)",)
     keys = plan_file.keys
     try:
         report = estimate(target, gpu=gpu, **kwargs)

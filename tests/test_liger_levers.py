@@ -279,3 +279,33 @@ def test_rope_with_the_other_levers_against_a_real_step(tiny_model_dir, mode, pr
         assert predicted.host_bytes == measured.host_bytes
         if not extra.get("activation_offloading"):
             assert predicted.peak_allocated_bytes == measured.peak_bytes
+
+
+def test_axolotl_qwen_vl_liger_rope_default_is_warned(tiny_model_dir, tmp_path):
+    """Axolotl's plugin passes rope=True for Qwen-VL when liger_rope is unset (its multimodal
+    RoPE kernel, not modelled): planned with transformers' RoPE and a warning; set to false,
+    nothing to warn about; set to true, refused in one line."""
+    from qplan.api import estimate_axolotl
+    from qplan.errors import UsageError
+
+    folder = tiny_model_dir("qwen2_5_vl")
+    head = (f"base_model: {folder}\nbf16: true\nadapter: lora\nlora_r: 8\n"
+            "lora_target_linear: true\nsequence_len: 64\nmicro_batch_size: 2\nplugins:\n"
+            "  - axolotl.integrations.liger.LigerPlugin\nliger_rms_norm: true\n")
+    report = estimate_axolotl(str(_write(tmp_path, head, "unset.yml")), gpu="80GiB",
+                              precisions="bf16", target="cpu")
+    assert any(w.startswith("liger_rope: Axolotl's Liger plugin turns Liger's RoPE on for "
+                            "qwen2_5_vl") for w in report.warnings)
+    off = estimate_axolotl(str(_write(tmp_path, head + "liger_rope: false\n", "off.yml")),
+                           gpu="80GiB", precisions="bf16", target="cpu")
+    assert not any("liger_rope" in w for w in off.warnings)
+    assert off.candidate("bf16").peak_allocated_bytes == \
+        report.candidate("bf16").peak_allocated_bytes
+    with pytest.raises(UsageError, match="multimodal RoPE"):
+        estimate_axolotl(str(_write(tmp_path, head + "liger_rope: true\n", "on.yml")),
+                         gpu="80GiB", precisions="bf16", target="cpu")
+    # A Llama under the same plugin: nothing to warn about.
+    llama = head.replace(str(folder), str(tiny_model_dir("llama")))
+    plain = estimate_axolotl(str(_write(tmp_path, llama, "llama.yml")), gpu="80GiB",
+                             precisions="bf16", target="cpu")
+    assert not any("liger_rope" in w for w in plain.warnings)
