@@ -382,13 +382,14 @@ def _calls_rope_helper(module: nn.Module) -> ModuleType | None:
 # Families whose apply function (as Axolotl calls it, model=None) rebinds LayerNorm:
 # ``modeling_<m>.nn.LayerNorm = LigerLayerNorm`` (torch.nn's own attribute: every
 # nn.LayerNorm built afterwards) for Gemma 3 and PaliGemma (SigLIP), Mllama, InternVL,
-# SmolVLM; Axolotl's own branches for Jamba, Gemma4Unified, CohereCompass, MuseGlimmer;
+# SmolVLM; Axolotl's own branches for Jamba, Gemma4Unified, CohereCompass;
 # ``modeling_qwen2_vl.LayerNorm`` (its vision blocks' and merger's, all of Qwen2-VL's).
-# Elsewhere liger_layer_norm changes nothing (Llama 4 patches only a passed model).
+# Elsewhere liger_layer_norm changes nothing: Llama 4's and MuseGlimmer's functions patch
+# only a passed model (Axolotl's MuseGlimmer branch is never reached: liger's table has the
+# family, and the plugin calls liger's function first).
 LAYER_NORM_TYPES = frozenset({
     "gemma3", "paligemma", "mllama", "mllama_text_model", "internvl", "smolvlm", "jamba",
-    "gemma4_unified", "gemma4_unified_text", "cohere_compass", "muse_glimmer", "qwen2_vl",
-    "qwen2_vl_text",
+    "gemma4_unified", "gemma4_unified_text", "cohere_compass", "qwen2_vl", "qwen2_vl_text",
 })
 
 
