@@ -282,7 +282,10 @@ ROPE_REFUSED: dict[str, str] = {
        for t in ("qwen3_vl", "qwen3_vl_text", "qwen3_vl_moe", "qwen3_vl_moe_text")},
     "gpt_oss": "Liger's half-width GPT-OSS RoPE (liger_rotary_pos_emb_gpt_oss) is not "
                "modelled",
-    **{t: _NOT_AVAILABLE for t in ("glm4", "glm4v", "glm4v_moe")},
+    # Axolotl runs its own Qwen3.5 patch (no RoPE) for qwen3_5 / qwen3_5_moe, but liger's,
+    # which raises, for their _text model types.
+    **{t: _NOT_AVAILABLE for t in ("glm4", "glm4v", "glm4v_moe", "qwen3_5_text",
+                                    "qwen3_5_moe_text")},
 }
 # Axolotl's plugin passes rope=True for these when liger_rope is unset (its Qwen-VL default).
 AXOLOTL_ROPE_DEFAULT = frozenset({
