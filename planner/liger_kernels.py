@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from qplan.errors import UsageError
+from qplan.planner.patching import swapped
 
 # RMSNorm classes liger-kernel patches, by casting mode: (casting mode, offset, in_place).
 LLAMA_STYLE = ("llama", 0.0, True)
@@ -364,8 +365,6 @@ def liger_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def _rope_patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # Liger rebinds the modeling module's helper for the whole process; here it is rebound
     # while this attention runs (the gradient-checkpointing recompute included).
-    from qplan.planner.trace import swapped
-
     with swapped((self._liger_rope_module, ROPE_HELPER, liger_rotary_pos_emb)):
         return self._liger_rope_forward(*args, **kwargs)
 
