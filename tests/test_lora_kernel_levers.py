@@ -149,7 +149,9 @@ def test_peft_upcast_fails_a_real_kernel_step(tiny_model_dir):
     ("llama", "full", "bf16", KERNELS, "use them with --mode lora or qlora"),
     # Attention classes Axolotl cannot rewrite (its assertion fails the run).
     ("gpt2", "lora", "bf16", KERNELS, "Original QKV code not found"),
-    ("llama4", "lora", "bf16", KERNELS, "Original QKV code not found"),
+    # Llama 4 is planned as the text class transformers 5.24 runs (llama4_text), whose
+    # attention Axolotl does not import either way.
+    ("llama4", "lora", "bf16", KERNELS, "could not import attention class"),
     # Axolotl's get_layers finds no model.layers on GPT-2 (NotImplementedError).
     ("gpt2", "lora", "bf16", dict(lora_mlp_kernel=True), "no decoder layers"),
 ])
