@@ -178,3 +178,38 @@ def test_shared_traces_answer_the_proxy_row_equal_to_the_reference_path():
                             seq_len=128, precisions="bf16,fp8")
     assert '"solutions": []' not in fast
     assert fast == reference
+
+
+def test_patch_holders_follow_every_change_of_sys_modules(monkeypatch):
+    # The trace patches swap a transformers helper in every module that imported it by
+    # name (planner/trace.py: modules_holding). Asked again with sys.modules unchanged,
+    # the answer is the remembered one; a module imported, replaced or removed since is
+    # looked at (or dropped) as before.
+    import types
+
+    from qplan.planner.trace import modules_holding
+
+    def helper() -> None: ...
+
+    def module(name: str, **attrs) -> types.ModuleType:
+        made = types.ModuleType(name)
+        for key, value in attrs.items():
+            setattr(made, key, value)
+        return made
+
+    first = module("transformers.qplan_test_first", helper=helper)
+    monkeypatch.setitem(sys.modules, first.__name__, first)
+    assert modules_holding("transformers", "helper", helper) == [first]
+    assert modules_holding("transformers", "helper", helper) == [first]
+    second = module("transformers.qplan_test_second", helper=helper)
+    monkeypatch.setitem(sys.modules, second.__name__, second)
+    monkeypatch.setitem(sys.modules, "elsewhere.qplan_test", module("elsewhere", helper=helper))
+    assert modules_holding("transformers", "helper", helper) == [first, second]
+    # Replaced under the same name by a module that does not hold it.
+    monkeypatch.setitem(sys.modules, first.__name__, module(first.__name__))
+    assert modules_holding("transformers", "helper", helper) == [second]
+    monkeypatch.delitem(sys.modules, second.__name__)
+    assert modules_holding("transformers", "helper", helper) == []
+    again = module(second.__name__, helper=helper)
+    monkeypatch.setitem(sys.modules, second.__name__, again)
+    assert modules_holding("transformers", "helper", helper) == [again]
