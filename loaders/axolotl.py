@@ -187,6 +187,16 @@ class AxolotlPlan:
     keys: KeyAccount | None = None
     # Liger's plugin is listed and liger_rope left unset: Axolotl turns it on for Qwen-VL.
     liger_rope_unset: bool = False
+    # The LoRA kernels are on because Axolotl turns them on (lora_kernels_auto_enabled),
+    # not because the YAML says so; their lora_embedding_kernel is on too.
+    lora_kernels_auto: bool = False
+    # fsdp_config set and the top-level fsdp_version not 2: Axolotl's FSDP1 (on more than
+    # one GPU it neither auto-enables the kernels nor accepts them).
+    fsdp1_config: bool = False
+    # fused_attn_kernel: true (Gemma 4 unified's QKV/O kernels need it).
+    fused_attn_kernel: bool = False
+    # The embeddings are a LoRA target, so lora_embedding_kernel (when on) patches them.
+    lora_embeddings_targeted: bool = False
 
     @property
     def gpu(self) -> str | None:
@@ -381,10 +391,21 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         kwargs["liger_rms_norm"] = True
     if _flag(raw, "liger_glu_activation", path) is True:
         kwargs["liger_glu"] = True
-    # Axolotl's LoRA kernels (its autograd Functions patched into the peft model).
-    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+    # Axolotl's LoRA kernels (its autograd Functions patched into the peft model): the
+    # keys set true, or all three when Axolotl turns them on for a YAML that leaves them
+    # unset (lora_kernels_auto_enabled; what the model and the GPU count decide is left
+    # to qplan.api.estimate_axolotl, which knows them).
+    for key in LORA_KERNEL_KEYS:
         if _flag(raw, key, path) is True:
             kwargs[key] = True
+    auto_kernels = lora_kernels_auto_enabled(raw)
+    if auto_kernels:
+        kwargs.update(dict.fromkeys(LORA_KERNEL_KEYS, True))
+    if any(kwargs.get(k) for k in LORA_KERNEL_KEYS) and raw.get("trust_remote_code"):
+        # check_lora_kernels_trust_remote_code (axolotl/utils/schemas/validation.py:686).
+        raise _bad(path, "lora_*_kernel with trust_remote_code: Axolotl 0.19 refuses it "
+                   "(check_lora_kernels_trust_remote_code); set the lora_*_kernel keys "
+                   "false or drop trust_remote_code")
     if _flag(raw, "liger_rope", path) is True:
         kwargs["liger_rope"] = True
     if _flag(raw, "liger_layer_norm", path) is True:
@@ -446,6 +467,16 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
     not_modelled.update(dict(sharding.not_modelled))
     limit = parse_memory_limit(raw.get("gpu_memory_limit"), path)
     keys = account_keys(raw, path, not_modelled, _workload_keys(kwargs["mode"]))
+    if "lora_embedding_kernel" in keys.not_modelled and not (
+            _embeddings_targeted(kwargs) and any(kwargs.get(k) for k in LORA_KERNEL_KEYS)):
+        # Axolotl's embedding kernel patches only embeddings that carry LoRA
+        # (monkeypatch/lora_kernels.py:669-681), and only inside apply_lora_kernel_patches,
+        # which runs when one of the other three kernels is on (patch_manager.py:1147):
+        # otherwise the key changes nothing and the plan is what it runs.
+        keys = replace(keys, read=tuple(k for k in raw if k in keys.read
+                                        or k == "lora_embedding_kernel"),
+                       not_modelled={k: v for k, v in keys.not_modelled.items()
+                                     if k != "lora_embedding_kernel"})
     # A key left empty (``fsdp:``) does nothing in Axolotl, so it is not worth a mention.
     unused = tuple(sorted(k for k in raw if k not in READ_KEYS and _is_set(raw[k])))
     return AxolotlPlan(
@@ -456,7 +487,87 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         notes=tuple(notes),
         keys=keys,
         liger_rope_unset=LIGER_PLUGIN in _plugins(raw) and raw.get("liger_rope") is None,
+        lora_kernels_auto=auto_kernels,
+        fsdp1_config=_fsdp1_config(raw),
+        fused_attn_kernel=bool(raw.get("fused_attn_kernel")),
+        lora_embeddings_targeted=adapter is not None and _embeddings_targeted(kwargs),
     )
+
+
+# The kernel keys qplan plans, and the four check_auto_enable_lora_kernels looks at.
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+AUTO_KERNEL_KEYS = (*LORA_KERNEL_KEYS, "lora_embedding_kernel")
+# Model types whose axolotl/model_support descriptor (0.19.0) declares lora_kernels
+# Unsupported; normalize_config (axolotl/utils/config/__init__.py:304-323) then sets all
+# four kernel keys false, auto-enabled or set by the YAML, with a warning.
+LORA_KERNELS_UNSUPPORTED = {
+    # model_support/muse_glimmer/__init__.py:44
+    "muse_glimmer": "its attention gates the output through self_attn.gate_proj",
+    # model_support/paddleocr_vl/__init__.py:39
+    "paddleocr_vl": "the QKV/O rewrite does not match PaddleOCRAttention's forward",
+    # model_support/qwen4_exp/__init__.py:42
+    "qwen4_exp": "its GDN projections match the linear-attention rewrite on name only",
+    "qwen4_exp_text": "its GDN projections match the linear-attention rewrite on name only",
+}
+
+
+def lora_kernels_auto_enabled(raw: dict[str, Any]) -> bool:
+    """Whether Axolotl 0.19.0 turns the LoRA kernels on for this YAML, as far as the YAML
+    decides: ``check_auto_enable_lora_kernels`` (axolotl/utils/schemas/config.py:1974-2083),
+    a validator run on the raw YAML before any other:
+
+    * not when ``rl`` is set (:1978) or ``nvfp4_merge_aware`` (:1981);
+    * only for ``adapter: lora`` / ``qlora`` (:1985);
+    * not when any of the four kernel keys is set, true or false (:1987-1998), nor for
+      ``adapter: lora`` with ``load_in_8bit`` (:1995);
+    * not with ``trust_remote_code`` (:2001).
+
+    The rest of the validator needs the model or the machine: a model type whose
+    model_support says lora_kernels Unsupported (:2007-2018, normally undone later by
+    normalize_config: LORA_KERNELS_UNSUPPORTED), MoE models on torch < 2.9 (:2020-2051:
+    qplan plans for torch 2.9+, where grouped_mm exists, so it never applies), and more
+    than one GPU with an FSDP1 fsdp_config (:2053-2063: lora_kernels_fsdp1_multi_gpu)."""
+    if raw.get("rl") or raw.get("nvfp4_merge_aware"):
+        return False
+    if raw.get("adapter") not in ("lora", "qlora"):
+        return False
+    if any(raw.get(k) is not None for k in AUTO_KERNEL_KEYS):
+        return False
+    if raw.get("adapter") == "lora" and raw.get("load_in_8bit"):
+        return False
+    return not raw.get("trust_remote_code")
+
+
+def _fsdp1_config(raw: dict[str, Any]) -> bool:
+    """Axolotl's FSDP1 test for the kernels (config.py:2056-2057, validation.py's
+    check_multigpu_lora_kernels alike): an fsdp_config, even an empty mapping, with the
+    top-level fsdp_version other than 2 (a version inside fsdp_config does not count)."""
+    return raw.get("fsdp_config") is not None and str(raw.get("fsdp_version")) != "2"
+
+
+def lora_kernels_fsdp1_multi_gpu(fsdp1_config: bool, n_gpu: int) -> bool:
+    """More than one GPU under FSDP1 (config.py:2053-2063): Axolotl leaves the kernels off."""
+    return fsdp1_config and n_gpu > 1
+
+
+# Where _patch_embedding_layers looks for the embeddings (monkeypatch/lora_kernels.py:669).
+EMBEDDING_PATHS = ("model.embed_tokens", "model.language_model.embed_tokens")
+
+
+def _embeddings_targeted(kwargs: dict[str, Any]) -> bool:
+    """Whether peft puts LoRA on the embeddings Axolotl's embedding kernel patches: a target
+    name matching the module's name or its tail (peft's rule), or a regex fully matching it.
+    all-linear adapts linear layers only."""
+    import re
+
+    regex = kwargs.get("lora_target_regex")
+    if regex is not None:
+        try:
+            return any(re.fullmatch(regex, name) for name in EMBEDDING_PATHS)
+        except re.error:
+            return False  # peft refuses it when the plan builds the adapter
+    names = [t for t in kwargs.get("lora_targets", ()) if t != "all-linear"]
+    return any(name == t or name.endswith("." + t) for name in EMBEDDING_PATHS for t in names)
 
 
 def _moe_levers(raw: dict[str, Any], path: Path) -> dict[str, Any]:

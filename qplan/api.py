@@ -1132,16 +1132,20 @@ def estimate_axolotl(
                 f"liger_rope: Axolotl's Liger plugin turns Liger's RoPE on for {model_type} "
                 f"when liger_rope is unset ({ROPE_REFUSED[model_type]}); planned with "
                 "transformers' RoPE (set liger_rope: false to run what is planned)",)
+    target, kwargs, kernel_notes, kernel_warnings = _axolotl_lora_kernels(
+        plan_file, target, kwargs, options, gpu)
+    extra_warnings += kernel_warnings
     keys = plan_file.keys
     try:
-        report = estimate(target, gpu=gpu, **kwargs)
+        report = _estimate_axolotl_kernels(plan_file, target, gpu, kwargs, options)
     except ExpertDropoutError:
         # Axolotl patches peft's ParamWrapper to build fused-expert adapters without
         # dropout and keeps it on the other LoRA layers (loaders/adapter.py); qplan's
         # trace has no such patch, so the file is planned without dropout anywhere.
         if "lora_dropout" in options or not kwargs.get("lora_dropout"):
             raise
-        report = estimate(target, gpu=gpu, **{**kwargs, "lora_dropout": 0.0})
+        report = _estimate_axolotl_kernels(plan_file, target, gpu,
+                                           {**kwargs, "lora_dropout": 0.0}, options)
         keys = keys.with_not_modelled(
             "lora_dropout",
             "dropout on the non-expert LoRA layers (Axolotl drops it on fused expert "
@@ -1152,5 +1156,108 @@ def estimate_axolotl(
         axolotl=keys.as_dict() if keys is not None else None,
         warnings=report.warnings + (keys.warnings if keys is not None else ()) + extra_warnings,
         notes=report.notes + tuple(n for n in plan_file.notes
-                                   if not (extra_warnings and n.startswith("processor_type:"))),
+                                   if not (extra_warnings and n.startswith("processor_type:")))
+        + kernel_notes,
     )
+
+
+# Gemma 4 unified: patch_self_attn_lora skips the QKV/O rewrite without fused_attn_kernel
+# (axolotl/monkeypatch/lora_kernels.py:283-299); the MLP kernel still applies.
+_QKV_O_SKIPPED_UNFUSED = ("gemma4_unified", "gemma4_unified_text")
+_TURN_OFF = "lora_mlp_kernel: false, lora_qkv_kernel: false, lora_o_kernel: false"
+
+
+def _axolotl_lora_kernels(
+    plan_file: Any, target: str | ModelSpec, kwargs: dict[str, Any], options: dict[str, Any],
+    gpu: str | GpuTarget,
+) -> tuple[str | ModelSpec, dict[str, Any], tuple[str, ...], tuple[str, ...]]:
+    """The LoRA kernels of an Axolotl YAML (set true, or turned on by Axolotl as
+    ``read_axolotl`` found), after what Axolotl decides from the model and the GPU count:
+    off for a model type its model_support marks unsupported (normalize_config), off when
+    auto-enabled on more than one GPU under FSDP1 (refused when set), QKV/O skipped on
+    Gemma 4 unified without fused_attn_kernel. ``options`` (the user's) win over the file.
+    Returns (target, kwargs, notes, warnings)."""
+    from qplan.loaders.axolotl import (
+        LORA_KERNEL_KEYS,
+        LORA_KERNELS_UNSUPPORTED,
+        lora_kernels_fsdp1_multi_gpu,
+    )
+
+    from_file = [k for k in LORA_KERNEL_KEYS if kwargs.get(k) and k not in options]
+    if not from_file:
+        return target, kwargs, (), ()
+    auto = plan_file.lora_kernels_auto
+    if auto and options.get("mode") not in (None, "lora", "qlora"):
+        # --mode overrides the file's adapter: Axolotl's rule is about LoRA runs.
+        return target, {k: v for k, v in kwargs.items() if k not in from_file}, (), ()
+    target = resolve(target, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+    model_type = str(getattr(target.config, "model_type", ""))
+    names = ", ".join(from_file)
+    why_off = None
+    if model_type in LORA_KERNELS_UNSUPPORTED:
+        why_off = (f"Axolotl 0.19's model support marks them unsupported for {model_type} "
+                   f"({LORA_KERNELS_UNSUPPORTED[model_type]}) and normalize_config turns "
+                   "them off")
+    elif plan_file.fsdp1_config:
+        n_gpu = resolve_target(gpu, kwargs.get("num_gpus")).count
+        if lora_kernels_fsdp1_multi_gpu(True, n_gpu):
+            if not auto:
+                # check_multigpu_lora_kernels (axolotl/utils/schemas/config.py:1929-1947).
+                raise UsageError(
+                    f"axolotl config {plan_file.keys.path if plan_file.keys else ''}: "
+                    f"{names} on {n_gpu} GPUs with FSDP1 (fsdp_config without fsdp_version: "
+                    "2): Axolotl 0.19 refuses it; set fsdp_version: 2 or the kernel keys false"
+                )
+            why_off = (f"Axolotl 0.19 does not turn them on for {n_gpu} GPUs under FSDP1 "
+                       "(fsdp_config without a top-level fsdp_version: 2)")
+    if why_off is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k not in from_file}
+        if auto:
+            return target, kwargs, (
+                f"LoRA kernels: {why_off}; planned without them",), ()
+        return target, kwargs, (), (
+            f"axolotl keys {names}: {why_off}; planned without them",)
+    notes: list[str] = []
+    warnings: list[str] = []
+    if model_type in _QKV_O_SKIPPED_UNFUSED and not plan_file.fused_attn_kernel:
+        skipped = [k for k in ("lora_qkv_kernel", "lora_o_kernel") if k in from_file]
+        if skipped:
+            kwargs = {k: v for k, v in kwargs.items() if k not in skipped}
+            notes.append(f"{', '.join(skipped)}: Axolotl 0.19 skips the QKV/O rewrite on "
+                         f"{model_type} without fused_attn_kernel: true; planned without "
+                         "them")
+    if auto:
+        notes.append(
+            "LoRA kernels: Axolotl 0.19 turns lora_mlp_kernel, lora_qkv_kernel and "
+            "lora_o_kernel on for a LoRA / QLoRA YAML that leaves them unset "
+            "(check_auto_enable_lora_kernels), so the plan has them; set "
+            f"{_TURN_OFF} to train without them"
+            + ("" if plan_file.lora_embeddings_targeted else
+               " (its lora_embedding_kernel, on too, changes nothing here: the "
+               "embeddings carry no LoRA)"))
+        if plan_file.lora_embeddings_targeted:
+            warnings.append(
+                "lora_embedding_kernel: Axolotl 0.19 turns it on with the others and it "
+                "runs the LoRA embeddings through its fused kernel: not modelled, the plan "
+                "is made without it (set lora_embedding_kernel: false to run what is planned)")
+    return target, kwargs, tuple(notes), tuple(warnings)
+
+
+def _estimate_axolotl_kernels(plan_file: Any, target: str | ModelSpec, gpu: str | GpuTarget,
+                              kwargs: dict[str, Any], options: dict[str, Any]) -> Report:
+    """``estimate``, with a LoRA-kernel refusal on auto-enabled kernels naming the YAML fix:
+    Axolotl fails there too (an attention it cannot rewrite, an activation its MLP kernel
+    does not run), and the YAML never asked for them."""
+    from qplan.planner.lora_kernels import LoraKernelError
+
+    try:
+        return estimate(target, gpu=gpu, **kwargs)
+    except LoraKernelError as exc:
+        if not plan_file.lora_kernels_auto or any(k in options for k in
+                                                  ("lora_mlp_kernel", "lora_qkv_kernel",
+                                                   "lora_o_kernel")):
+            raise
+        why = re.sub(r"; plan without .*$", "", str(exc))
+        raise LoraKernelError(
+            f"Axolotl 0.19 turns its LoRA kernels on for this YAML, which leaves them unset, "
+            f"and fails: {why}; set {_TURN_OFF} in the YAML") from None

@@ -95,7 +95,12 @@ def test_realistic_qlora_config(tmp_path):
         "lora_dropout": 0.05,
         # Axolotl casts norms and embeddings back to bf16 after peft's k-bit preparation.
         "kbit_upcast": False,
+        # Axolotl 0.19 turns its LoRA kernels on for a QLoRA YAML that leaves them unset.
+        "lora_mlp_kernel": True,
+        "lora_qkv_kernel": True,
+        "lora_o_kernel": True,
     }
+    assert plan.lora_kernels_auto
     assert plan.gpu_memory_limit == 20 * 2**30
     assert plan.gpu == "20480MiB"
     assert plan.notes == ()  # sample_packing: false changes nothing

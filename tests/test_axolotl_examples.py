@@ -40,9 +40,14 @@ PATHS = examples()
 REFUSED = {
     # peft has no IA3 planning in qplan: only lora, qlora or none.
     "llama-2/ia3.yml": "adapter 'ia3' is not planned",
-    # A regex written for transformers 4's module names (language_model.model.layers);
-    # transformers 5 names them model.language_model.layers, so peft matches nothing.
-    "llava/lora-7b.yaml": "match no module",
+    # Axolotl 0.19 turns the LoRA kernels on for this LoRA YAML (it leaves them unset)
+    # and, before the model loads, finds no LlavaAttention to rewrite: the run fails
+    # there (axolotl/monkeypatch/lora_kernels.py:229), before peft would match nothing
+    # with its regex written for transformers 4's module names.
+    "llava/lora-7b.yaml": "could not import attention class",
+    # The same: transformers (5.16.1, Axolotl's pin, as 5.24) maps no causal-LM class to
+    # qwen2_5_vl, so Axolotl looks for Qwen25VlAttention, which does not exist.
+    "qwen2_5-vl/lora-7b.yaml": "could not import attention class",
     # lora_*_kernel with load_in_8bit: Axolotl 0.19's check_lora_kernels_8bit refuses it.
     "llama-3/lora-8b-kernels.yml": "8-bit LoRA base",
 }

@@ -114,7 +114,9 @@ def test_per_gpu_bytes_are_the_planners_for_that_strategy(tiny_model_dir, tmp_pa
                               gpu="80GiB", num_gpus=2, precisions="bf16")
     assert report.strategy.name == strategy
     assert [o.name for o in report.strategy.options] == [strategy]
-    lora = {"lora_r": 8, "lora_targets": ("all-linear",)} if mode == "lora" else {}
+    # The LoRA YAML leaves the kernels unset: Axolotl 0.19 turns them on (FSDP2 allows it).
+    lora = {"lora_r": 8, "lora_targets": ("all-linear",), "lora_mlp_kernel": True,
+            "lora_qkv_kernel": True, "lora_o_kernel": True} if mode == "lora" else {}
     free = estimate(model, gpu="80GiB", num_gpus=2, mode=mode, precisions="bf16", batch=2,
                     seq_len=32, gradient_checkpointing=False, **lora)
     option = next(o for o in free.strategy.options if o.name == strategy)
