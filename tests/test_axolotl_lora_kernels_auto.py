@@ -104,8 +104,8 @@ def test_auto_kernels_where_axolotl_fails_name_the_yaml_fix(tiny_model_dir, tmp_
     kernels fail the run in Axolotl (its assertion), so the plan is refused, naming the
     keys to set false."""
     folder = str(tiny_model_dir("gpt2"))
-    with pytest.raises(UsageError, match="turns its LoRA kernels on for this YAML.*"
-                       "Original QKV code not found.*lora_mlp_kernel: false"):
+    with pytest.raises(UsageError, match=r"turns its LoRA kernels on for this YAML.*"
+                       r"Original QKV code not found.*lora_mlp_kernel: false"):
         estimate_axolotl(str(_write(tmp_path, LORA)), model=folder, gpu="80GiB",
                          batch=1, seq_len=16)
     # With them off, as the message says, it plans.
