@@ -184,3 +184,23 @@ def test_embedding_kernel_matters_only_on_lora_embeddings(tmp_path):
     auto = read_axolotl(_write(tmp_path, BASE + "adapter: lora\nlora_target_modules:\n"
                                "  - q_proj\n  - embed_tokens\n", "auto.yml"))
     assert auto.lora_kernels_auto and auto.lora_embeddings_targeted
+
+
+def test_gemma4_unified_skips_qkv_o_without_fused_attention(tmp_path):
+    """patch_self_attn_lora returns without rewriting Gemma 4 unified's attention unless
+    fused_attn_kernel is on (monkeypatch/lora_kernels.py:283-299, "MLP/embedding kernels
+    still apply"): planned with the MLP kernel only."""
+    config = AutoConfig.for_model("gemma4_unified")
+    text = config.get_text_config()
+    for key, value in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           vocab_size=512, num_kv_shared_layers=0,
+                           per_layer_config={}).items():
+        setattr(text, key, value)
+    text.layer_types = ["sliding_attention", "full_attention"]
+    config.save_pretrained(tmp_path / "g4u")
+    report = estimate_axolotl(str(_write(tmp_path, LORA)), model=str(tmp_path / "g4u"),
+                              gpu="80GiB", batch=1, seq_len=16)
+    assert (report.workload["lora_mlp_kernel"], report.workload["lora_qkv_kernel"],
+            report.workload["lora_o_kernel"]) == (True, False, False)
+    assert any("skips the QKV/O rewrite on gemma4_unified" in n for n in report.notes)
