@@ -8,6 +8,8 @@ mirrored here:
 * ``adapter: lora`` with ``load_in_8bit`` is LLM.int8; 4-bit only happens with qlora;
 * ``bf16`` / ``fp16`` pick the load dtype; no adapter means full fine-tuning;
 * ``gpu_memory_limit`` (an int is GiB) caps each GPU, so it is used as the GPU size;
+* a LoRA / QLoRA YAML that leaves the LoRA kernel keys unset gets the kernels, as Axolotl
+  0.19 turns them on (``lora_kernels_auto_enabled``);
 * ``deepspeed`` / ``fsdp`` / ``fsdp_config`` / ``fsdp_version`` / ``ddp`` name the multi-GPU
   strategy the run uses (``loaders/axolotl_sharding.py``), planned instead of qplan's choice.
 
