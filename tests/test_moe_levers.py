@@ -62,16 +62,21 @@ def test_expert_weights_are_bitsandbytes_bytes(tiny_model_dir, precision):
     assert not any("does not quantise" in w for w in report.warnings)
 
 
-@pytest.mark.parametrize(("precision", "params"), [("nf4", ()),
-                                                   ("bf16", EXPERTS)])
-def test_expert_levers_against_a_real_step(tiny_model_dir, precision, params):
-    """QLoRA on quantised experts (with and without expert adapters) and LoRA on bf16
-    experts through target_parameters: the traced step equals the real one."""
+@pytest.mark.parametrize(("precision", "params", "quantize"), [
+    ("nf4", (), True), ("bf16", EXPERTS, False),
+    # Experts that reach torch's _grouped_mm in float32: Axolotl's int8 experts dequantise
+    # to it, and k-bit preparation casts unquantised experts to it.
+    ("int8", (), True), ("int8", (), False), ("nf4", (), False),
+])
+def test_expert_levers_against_a_real_step(tiny_model_dir, precision, params, quantize):
+    """QLoRA on quantised experts (with and without expert adapters), LoRA on int8 layers
+    with and without int8 experts, QLoRA on float32 experts, and LoRA on bf16 experts
+    through target_parameters: the traced step equals the real one."""
     folder = tiny_model_dir("mixtral")
     config = AutoConfig.from_pretrained(folder)
     mode = "qlora" if precision == "nf4" else "lora"
     options = dict(SHAPE, lora_targets="q_proj,v_proj", lora_target_parameters=params,
-                   quantize_moe_experts=precision != "bf16")
+                   quantize_moe_experts=quantize)
     predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
                          target="cpu", **options).candidate(precision)
     workload = make_workload(mode, config, **options)
