@@ -339,9 +339,10 @@ _MODEL_CODE = (f"transformers{os.sep}models{os.sep}", f"transformers{os.sep}cach
                f"transformers{os.sep}integrations{os.sep}moe.py")
 
 
-# Frames between a model's code and the op that raised: torch and qplan's tracker.
+# Frames between a model's code and the op that raised: torch, qplan's tracker and its
+# stand-in for torch's grouped_mm meta kernel.
 _OP_MACHINERY = (f"{os.sep}torch{os.sep}", f"planner{os.sep}live_tensors.py",
-                 f"planner{os.sep}meta_memo.py")
+                 f"planner{os.sep}meta_memo.py", f"planner{os.sep}grouped_mm_meta.py")
 
 
 def _shape_error(exc: Exception) -> bool:
