@@ -78,30 +78,6 @@ def test_kernels_against_a_real_step(tiny_model_dir, mode, precision):
     assert predicted.components["activations"] <= plain.components["activations"]
 
 
-def test_liger_keys_round_trip(tiny_model_dir, tmp_path):
-    plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\nplugins:\n"
-                                         "  - axolotl.integrations.liger.LigerPlugin\n"
-                                         "liger_rms_norm: true\nliger_glu_activation: true\n"))
-    assert plan.estimate_kwargs["liger_rms_norm"] and plan.estimate_kwargs["liger_glu"]
-    assert not plan.keys.not_modelled
-    folder = tiny_model_dir("llama")
-    result = CliRunner().invoke(app, ["estimate", str(folder), "--gpu", "80GiB", "--mode",
-                                      "qlora", "--precisions", "nf4", "--batch", "2",
-                                      "--seq-len", "32", "--liger-rms-norm", "--liger-glu",
-                                      "--fused-ce", "cce", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    jsonschema.validate(data, load_schema())
-    assert data["workload"]["liger_rms_norm"] and data["workload"]["liger_glu"]
-    report = estimate(str(folder), gpu="80GiB", mode="qlora", precisions="nf4",
-                      fused_ce="cce", **LIGER, **SHAPE)
-    text = emit_axolotl(report, "nf4")
-    assert "axolotl.integrations.liger.LigerPlugin" in text and "CutCrossEntropyPlugin" in text
-    again = read_axolotl(_write(tmp_path, text, "again.yml"))
-    assert again.estimate_kwargs == estimate_kwargs_of(report, "nf4")
-    assert again.keys.not_modelled == {}
-
-
 # --- RoPE and LayerNorm (Axolotl's liger_rope / liger_layer_norm) ----------------------
 
 ROPE_LN = dict(liger_rope=True, liger_layer_norm=True)
@@ -232,28 +208,40 @@ def test_rope_and_layer_norm_are_training_kernels(tiny_model_dir):
                  precisions="bf16", liger_rope=True)
 
 
-def test_rope_and_layer_norm_keys_round_trip(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("keys", "arch", "mode", "precision", "flags", "options"), [
+    ({"liger_rms_norm": "liger_rms_norm", "liger_glu_activation": "liger_glu"}, "llama",
+     "qlora", "nf4", ["--seq-len", "32", "--liger-rms-norm", "--liger-glu", "--fused-ce", "cce"],
+     dict(fused_ce="cce", **LIGER, **SHAPE)),
+    ({"liger_rope": "liger_rope", "liger_layer_norm": "liger_layer_norm"}, "gemma3_vlm",
+     "lora", "bf16", ["--seq-len", "96", "--images", "2", "--liger-rope", "--liger-layer-norm"],
+     dict(**ROPE_LN, **VLM_SHAPE)),
+])
+def test_liger_keys_round_trip(tiny_model_dir, tmp_path, keys, arch, mode, precision, flags,
+                               options):
+    """Each Liger key is read from the YAML, set by its CLI flag (schema-valid JSON), and
+    written back by --emit axolotl with the plugin, reading back as the same plan."""
+    yaml_keys = "".join(f"{key}: true\n" for key in keys)
     plan = read_axolotl(_write(tmp_path, "base_model: m/x\nbf16: true\nplugins:\n"
                                          "  - axolotl.integrations.liger.LigerPlugin\n"
-                                         "liger_rope: true\nliger_layer_norm: true\n"))
-    assert plan.estimate_kwargs["liger_rope"] and plan.estimate_kwargs["liger_layer_norm"]
+                                         + yaml_keys))
+    assert all(plan.estimate_kwargs[kwarg] for kwarg in keys.values())
     assert not plan.keys.not_modelled
-    folder = tiny_model_dir("gemma3_vlm")
+    folder = tiny_model_dir(arch)
     result = CliRunner().invoke(app, ["estimate", str(folder), "--gpu", "80GiB", "--mode",
-                                      "lora", "--precisions", "bf16", "--batch", "2",
-                                      "--seq-len", "96", "--images", "2", "--liger-rope",
-                                      "--liger-layer-norm", "--json"])
+                                      mode, "--precisions", precision, "--batch", "2", *flags,
+                                      "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     jsonschema.validate(data, load_schema())
-    assert data["workload"]["liger_rope"] and data["workload"]["liger_layer_norm"]
-    report = estimate(str(folder), gpu="80GiB", mode="lora", precisions="bf16", **ROPE_LN,
-                      **VLM_SHAPE)
-    text = emit_axolotl(report, "bf16")
+    assert all(data["workload"][kwarg] for kwarg in keys.values())
+    report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision, **options)
+    text = emit_axolotl(report, precision)
     assert "axolotl.integrations.liger.LigerPlugin" in text
+    if options.get("fused_ce") == "cce":
+        assert "CutCrossEntropyPlugin" in text
     again = read_axolotl(_write(tmp_path, text, "again.yml"))
-    assert again.estimate_kwargs == estimate_kwargs_of(report, "bf16")
-    assert again.estimate_kwargs["liger_rope"] and again.estimate_kwargs["liger_layer_norm"]
+    assert again.estimate_kwargs == estimate_kwargs_of(report, precision)
+    assert all(again.estimate_kwargs[kwarg] for kwarg in keys.values())
     assert again.keys.not_modelled == {}
 
 
