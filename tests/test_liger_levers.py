@@ -279,7 +279,9 @@ def test_axolotl_qwen_vl_liger_rope_default_is_warned(tiny_model_dir, tmp_path):
     folder = tiny_model_dir("qwen2_5_vl")
     head = (f"base_model: {folder}\nbf16: true\nadapter: lora\nlora_r: 8\n"
             "lora_target_linear: true\nsequence_len: 64\nmicro_batch_size: 2\nplugins:\n"
-            "  - axolotl.integrations.liger.LigerPlugin\nliger_rms_norm: true\n")
+            "  - axolotl.integrations.liger.LigerPlugin\nliger_rms_norm: true\n"
+            # Axolotl's auto-enabled LoRA kernels find no Qwen-VL attention class to rewrite.
+            "lora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n")
     report = estimate_axolotl(str(_write(tmp_path, head, "unset.yml")), gpu="80GiB",
                               precisions="bf16", target="cpu")
     assert any(w.startswith("liger_rope: Axolotl's Liger plugin turns Liger's RoPE on for "
