@@ -1,7 +1,7 @@
 """Remember what a meta op returns, so a trace runs each distinct op once per process.
 
 On the meta device an op's outputs depend only on its inputs' metadata (dtype, shape,
-strides, offset) and its other arguments; most of a trace's time goes to PyTorch's Python
+strides) and its other arguments; most of a trace's time goes to PyTorch's Python
 meta kernels (``torch._refs``, decompositions, bitsandbytes' fake kernels) recomputing the
 same answers: every decoder layer repeats the previous one's ops, the deeper trace repeats
 the shallower one's, and precisions that share activations repeat each other's.
@@ -57,9 +57,13 @@ def _key(value: Any) -> Any:
         if (not _plain(cls) or not value.is_meta
                 or value.layout != torch.strided or value.is_conj() or value.is_neg()):
             raise _Unhashable
-        # torch.Size hashes and compares as the tuple of its sizes.
-        return (value.dtype, value.shape, value.stride(), value.storage_offset(),
-                value.requires_grad)
+        # torch.Size hashes and compares as the tuple of its sizes. No storage offset: a
+        # functional op's fresh outputs (the only ones replayed) take their shape, strides
+        # and dtype from the inputs' shapes, strides and dtypes, never from where a view
+        # starts in its storage (TensorIterator and the meta kernels read no pointer). A
+        # per-token loop over slices (the Mamba selective scan's reference path,
+        # ``discrete_A[:, :, i] * state``) is then one entry, not one per token.
+        return (value.dtype, value.shape, value.stride(), value.requires_grad)
     if cls in _SCALAR_TYPES or isinstance(value, _SCALARS):
         # 1, 1.0 and True hash alike but may type an output differently.
         return (cls, value)
