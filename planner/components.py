@@ -464,7 +464,10 @@ def workload_components(
             and PRECISIONS[precision].trainable("lora")):
         # LoRA on a GPTQ / AWQ checkpoint: peft's k-bit preparation, as for the real model.
         common["stored_method"] = stored.quant_method
-    if plan.depths is None:
+    if plan.depths is None or sum(plan.depths) > depth:
+        # Whole, also where the two shallow traces would hold more layers together than
+        # the model (Nemotron-H-56B: 110 and 112 of 118 layers): one trace of every layer
+        # is the figure the extrapolation reproduces, for fewer ops and no part snapshots.
         outcome = tracer(config, workload, traced_as, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)
     else:

@@ -101,3 +101,43 @@ def test_extrapolated_peak_matches_the_deep_model(tiny_model_dir, arch, layers, 
     assert abs(error) <= 0.01, f"{error:+.2%}"
     for part in ("weights", "adapters", "kv_cache"):
         assert predicted.components[part] == measured.components[part], part
+
+
+def test_a_plan_deeper_than_the_model_traces_it_whole_with_the_same_figures():
+    # An irregular prefix, then a short repeating block (Nemotron-H-56B's shape: 107 layers
+    # before a block of 2, traced at 110 and 112 of 118): the two shallow traces would hold
+    # more layers than the model, so it is traced whole, and every figure is the one the
+    # extrapolation from those two depths gives.
+    from qplan.planner.components import (
+        CUBLAS_WORKSPACE_DEFAULT,
+        FRAGMENTATION_ALLOWANCE,
+        _extrapolate,
+        trace_components,
+        workload_components,
+    )
+    from qplan.planner.depths import num_layers
+
+    kinds = ["attention", "mamba", "attention", "mlp", "attention"] + ["mamba", "mlp"] * 3
+    config = make_config("nemotron_h", layers_block_type=kinds)
+    inventory = take_inventory(build_meta_model(copy.deepcopy(config)))
+    depth = num_layers(config)
+    plan = trace_plan(layer_signatures(inventory, config), depth)
+    assert plan.depths is not None and sum(plan.depths) > depth
+    for mode in ("inference", "full"):
+        workload = make_workload(mode, config, batch=1, seq_len=32)
+        whole = workload_components(inventory, workload, "bf16", "bfloat16", config=config,
+                                    depth_plan=plan)
+        assert whole.traced_layers == (depth,)
+        low, high = (trace_components(config, workload, "bf16", "bfloat16", layers=layers,
+                                      pattern=plan.pattern) for layers in plan.depths)
+        line = _extrapolate(low, high, plan.depths, depth)
+        # What workload_components adds to a trace on CUDA: cuBLAS's workspace, and the
+        # allocator's allowance on what churns.
+        expected = dict(line.components)
+        expected["transients"] += CUBLAS_WORKSPACE_DEFAULT
+        churn = sum(expected[k] for k in ("activations", "logits", "transients", "gradients"))
+        expected["allocator"] = int(churn * FRAGMENTATION_ALLOWANCE)
+        assert whole.components == expected
+        assert whole.peak_allocated_bytes == line.peak_bytes + CUBLAS_WORKSPACE_DEFAULT
+        assert {k: v for k, v in line.phase_peaks.items() if ":" not in k} == {
+            k: v for k, v in whole.phase_peaks.items() if ":" not in k}
