@@ -356,6 +356,10 @@ def _is_set(value: Any) -> bool:
     return value is not None and value != "" and value != [] and value != {}
 
 
+# The adapters Axolotl 0.19's load_adapter builds itself.
+AXOLOTL_BUILTIN_ADAPTERS = ("lora", "qlora", "llama-adapter")
+
+
 def read_axolotl(path: str | Path) -> AxolotlPlan:
     """Read an Axolotl YAML; a malformed file or missing base_model is a ConfigError."""
     path = Path(path)
@@ -365,6 +369,12 @@ def read_axolotl(path: str | Path) -> AxolotlPlan:
         raise _bad(path, "has no base_model; set base_model to a Hub id or a local folder")
     adapter_raw = raw.get("adapter")
     if adapter_raw not in (None, "", *ADAPTERS):
+        if adapter_raw not in AXOLOTL_BUILTIN_ADAPTERS:
+            # axolotl/loaders/adapter.py load_adapter (0.19.0): anything but these raises
+            # NotImplementedError unless a plugin registers the adapter.
+            raise _bad(path, f"adapter {adapter_raw!r} is not one of Axolotl 0.19's built-in "
+                             "adapters (lora, qlora, llama-adapter): Axolotl fails on it unless "
+                             "a plugin registers it; use adapter: lora or qlora")
         raise _bad(path, f"adapter {adapter_raw!r} is not planned by qplan (lora, qlora or none)")
     adapter = ADAPTERS.get(adapter_raw) if adapter_raw else None
     mode = adapter or "full"
