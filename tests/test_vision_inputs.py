@@ -463,7 +463,9 @@ def test_axolotl_multimodal_keys_plan_images_and_round_trip(tiny_model_dir, tmp_
         f"base_model: {folder}\nprocessor_type: AutoProcessor\nskip_prepare_dataset: true\n"
         "remove_unused_columns: false\nsample_packing: false\nimage_size: 112\n"
         "image_resize_algorithm: bilinear\nfreeze_mm_modules: true\nadapter: lora\n"
-        "lora_r: 8\nlora_target_linear: true\nsequence_len: 64\nmicro_batch_size: 2\n")
+        "lora_r: 8\nlora_target_linear: true\nsequence_len: 64\nmicro_batch_size: 2\n"
+        # Axolotl's auto-enabled LoRA kernels find no Qwen-VL attention class to rewrite.
+        "lora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n")
     plan_file = read_axolotl(path)
     assert plan_file.estimate_kwargs["images"] == 1
     assert plan_file.estimate_kwargs["image_size"] == (112, 112)
