@@ -126,3 +126,48 @@ def test_trainer_peak(tiny_model_dir, arch, mode, precision, gc):
         model = lora_model(model, r=8, quantized=precision == "nf4")
     measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (arch, mode))
+
+
+def test_trainer_peak_int8_moe_lora(tiny_model_dir):
+    """LLM.int8 LoRA on a Mixtral (experts stay bf16 under bitsandbytes, upcast by peft's
+    k-bit preparation, run through torch's _grouped_mm): transformers' Trainer."""
+    folder = tiny_model_dir("mixtral")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "lora", "int8", gradient_checkpointing=True, lora_r=8,
+                     lora_dropout=0.0)
+    model = lora_model(random_model(config, "int8", "bfloat16", "cpu", str(folder)), r=8,
+                       quantized=True)
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=True)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "mixtral int8 lora")
+
+
+def test_trainer_peak_with_axolotls_lora_kernels(tiny_model_dir):
+    """Axolotl's LoRA_MLP / LoRA_QKV / LoRA_O (as planner/lora_kernels.py runs them) put
+    into a peft model, trained by transformers' Trainer."""
+    from qplan.planner.lora_kernels import apply_lora_kernels
+
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "lora", "bf16", gradient_checkpointing=False, lora_r=8,
+                     lora_dropout=0.0, lora_mlp_kernel=True, lora_qkv_kernel=True,
+                     lora_o_kernel=True)
+    model = lora_model(random_model(config, "bf16", "bfloat16", "cpu", str(folder)), r=8,
+                       quantized=False)
+    apply_lora_kernels(model, True, True, True)
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=False)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "lora kernels")
+
+
+def test_trainer_peak_with_liger_rope_and_norms(tiny_model_dir):
+    """Liger's RoPE, RMSNorm and SwiGLU (planner/liger_kernels.py) on a model that
+    transformers' Trainer fine-tunes in full."""
+    from qplan.planner.liger_kernels import DEFAULT_SMS, apply_liger_kernels
+
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "full", "bf16", gradient_checkpointing=True,
+                     liger_rms_norm=True, liger_glu=True, liger_rope=True)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    apply_liger_kernels(model, True, True, sms=DEFAULT_SMS, rope=True)
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=True)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "liger")
