@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplan.planner.kernel_math import is_meta
+
 FUSED_CE = ("cce", "liger")
 IGNORE_INDEX = -100
 
@@ -46,10 +48,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_meta(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "meta"
 
 
 def _row_grad(logits_row: torch.Tensor, target: int, scale: float) -> tuple[torch.Tensor, Any]:
@@ -77,7 +75,7 @@ class LigerFusedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         loss_1d = torch.zeros(bt, dtype=torch.float32, device=hidden.device)
         target_mask = target != IGNORE_INDEX
-        count = 1 if _is_meta(target) else max(1, int(target_mask.sum()))
+        count = 1 if is_meta(target) else max(1, int(target_mask.sum()))
         del target_mask
         # CUDA, grad disabled inside the autograd function: one reused logits buffer.
         storage = torch.empty((chunk, v), dtype=hidden.dtype, device=hidden.device)
@@ -86,7 +84,7 @@ class LigerFusedLinearCrossEntropy(torch.autograd.Function):
             rows = hidden[start:end]
             logits = storage[: end - start]
             torch.mm(rows, weight.t(), out=logits)
-            if not _is_meta(logits):  # the Triton kernel: loss and gradient in place
+            if not is_meta(logits):  # the Triton kernel: loss and gradient in place
                 for i in range(end - start):
                     t = int(target[start + i])
                     if t == IGNORE_INDEX:
@@ -117,7 +115,7 @@ def _valid_offsets(targets: torch.Tensor) -> torch.Tensor:
     """CCE's ``_build_flat_valids`` with shift=True: one flat offset per predicted token."""
     shifted = targets[..., 1:]
     mask = shifted != IGNORE_INDEX
-    if _is_meta(mask):  # nonzero is data dependent: every token of the batch is valid
+    if is_meta(mask):  # nonzero is data dependent: every token of the batch is valid
         valids = torch.empty((mask.numel(), mask.dim()), dtype=torch.int64, device=mask.device)
     else:
         valids = mask.nonzero()
@@ -141,7 +139,7 @@ class CutCrossEntropy(torch.autograd.Function):
         logit_avg = e.new_full((v,), 0.0, dtype=torch.float32)
         neg_dot = e.new_zeros((n,), dtype=torch.float32)
         flat_targets = targets.flatten()
-        if not _is_meta(e):  # the forward kernels: log-sum-exp and the target logits
+        if not is_meta(e):  # the forward kernels: log-sum-exp and the target logits
             for i in range(n):
                 row = int(valids[i])
                 x = (e[row] @ c.t()).float()
@@ -165,7 +163,7 @@ class CutCrossEntropy(torch.autograd.Function):
         nd_locks = _cdiv(c.shape[1], 64)
         de_locks = e.new_zeros((_cdiv(n, nd_locks), nd_locks), dtype=torch.int32)
         dc_locks = c.new_zeros((_cdiv(c.shape[0], nd_locks), nd_locks), dtype=torch.int32)
-        if not _is_meta(e):  # the backward kernel, a token at a time
+        if not is_meta(e):  # the backward kernel, a token at a time
             scale = float(grad_out) / n
             for i in range(n):
                 row = int(valids[i])

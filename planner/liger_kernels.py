@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 
 from qplan.errors import UsageError
+from qplan.planner.kernel_math import KernelMath, is_meta
 from qplan.planner.patching import swapped
 
 # RMSNorm classes liger-kernel patches, by casting mode: (casting mode, offset, in_place).
@@ -76,24 +76,6 @@ RMS_NORMS: dict[str, tuple[str, float, bool]] = {
 DEFAULT_SMS = 1
 
 
-def _is_meta(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "meta"
-
-
-class _KernelMath:
-    """Run a kernel's arithmetic outside the tracker: a GPU kernel allocates nothing."""
-
-    def __enter__(self) -> None:
-        self._modes = _disable_current_modes()
-        self._modes.__enter__()
-        self._grad = torch.no_grad()
-        self._grad.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._grad.__exit__(*exc)
-        self._modes.__exit__(*exc)
-
-
 class LigerRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
@@ -103,8 +85,8 @@ class LigerRMSNormFunction(torch.autograd.Function):
         x2 = x.view(-1, shape[-1])
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        if not _is_meta(x):
-            with _KernelMath():
+        if not is_meta(x):
+            with KernelMath():
                 xf = x2.float()
                 r = torch.rsqrt(xf.pow(2).mean(-1) + eps)
                 rstd.copy_(r)
@@ -127,8 +109,8 @@ class LigerRMSNormFunction(torch.autograd.Function):
         partial = (torch.empty((ctx.sms, shape[-1]), dtype=torch.float32, device=weight.device)
                    if needs_dw else None)
         dx = dy2 if ctx.in_place else torch.zeros_like(dy2)
-        if not _is_meta(dy):
-            with _KernelMath():
+        if not is_meta(dy):
+            with KernelMath():
                 xf, g = x2.float(), dy2.float()
                 r = rstd[:, None]
                 w = (ctx.offset + weight.float())
@@ -151,8 +133,8 @@ class LigerSiLUMulFunction(torch.autograd.Function):
         shape = a.shape
         a2, b2 = a.view(-1, shape[-1]), b.view(-1, shape[-1])
         c = torch.empty_like(a2)
-        if not _is_meta(a):
-            with _KernelMath():
+        if not is_meta(a):
+            with KernelMath():
                 c.copy_(nn.functional.silu(a2.float()).to(a2.dtype) * b2)
         ctx.save_for_backward(a2, b2)
         return c.view(shape)
@@ -162,8 +144,8 @@ class LigerSiLUMulFunction(torch.autograd.Function):
         a2, b2 = ctx.saved_tensors
         dc = dc.contiguous()
         shape = dc.shape
-        if not _is_meta(dc):
-            with _KernelMath():
+        if not is_meta(dc):
+            with KernelMath():
                 g = dc.view(-1, shape[-1]).float()
                 af, bf = a2.float(), b2.float()
                 sig = torch.sigmoid(af)
@@ -321,8 +303,8 @@ def _rope_run(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     rd = min(cos.shape[-1], head_dim) if rotary_dim is None else rotary_dim
     q, k = q.contiguous(), k.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    if not _is_meta(q):
-        with _KernelMath():
+    if not is_meta(q):
+        with KernelMath():
             half = rd // 2
             # One row per (batch, position): cos / sin of [1 or batch, seq, width].
             c = cos[..., :half].float().unsqueeze(2)
@@ -406,8 +388,8 @@ class LigerLayerNormFunction(torch.autograd.Function):
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        if not _is_meta(x):
-            with _KernelMath():
+        if not is_meta(x):
+            with KernelMath():
                 xf = x2.float()
                 m = xf.mean(-1)
                 centred = xf - m[:, None]
@@ -432,8 +414,8 @@ class LigerLayerNormFunction(torch.autograd.Function):
         partial_b = (torch.empty((ctx.sms, cols), dtype=torch.float32, device=weight.device)
                      if needs_db else None)
         dx = torch.empty((rows, cols), dtype=x2.dtype, device=x2.device)
-        if not _is_meta(dy):
-            with _KernelMath():
+        if not is_meta(dy):
+            with KernelMath():
                 xhat = (x2.float() - mean[:, None]) * rstd[:, None]
                 g = dy2.float()
                 wdy = weight.float() * g

@@ -49,16 +49,12 @@ import torch
 from torch import nn
 
 from qplan.errors import UsageError
-from qplan.planner.liger_kernels import _KernelMath
+from qplan.planner.kernel_math import KernelMath, is_meta
 
 LORA_KERNELS = ("mlp", "qkv", "o")
 # hidden_act values Axolotl's lora_mlp_kernel runs ("gelu*" maps to gelu: gemma's
 # gelu_pytorch_tanh runs its exact-erf GeGLU kernel).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu")
-
-
-def _is_meta(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "meta"
 
 
 # --------------------------------------------------------------------------------------
@@ -82,10 +78,10 @@ def dequantize(W: torch.Tensor, quant_state: Any) -> torch.Tensor:
     out = torch.empty(tuple(quant_state.shape), dtype=quant_state.dtype, device=W.device)
     out_absmax = (torch.empty(quant_state.absmax.numel(), dtype=torch.float32,
                               device=W.device) if nested else None)
-    if not _is_meta(W):
+    if not is_meta(W):
         import bitsandbytes.functional as bnb_f
 
-        with _KernelMath():
+        with KernelMath():
             packed = W.t() if W.shape[0] == 1 else W
             out.copy_(bnb_f.dequantize_4bit(packed, quant_state).reshape(out.shape))
     del out_absmax  # freed when the C call returns
@@ -131,8 +127,8 @@ def _glu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor
     kernel's wrapper allocates it); activation in float32, cast to up's dtype, times up."""
     batch, seq_len, hidden = gate.shape
     out = torch.empty((batch, seq_len, hidden), dtype=gate.dtype, device=gate.device)
-    if not _is_meta(gate):
-        with _KernelMath():
+    if not is_meta(gate):
+        with KernelMath():
             g = gate.float()
             f = _silu_f32(g) if act == "silu" else _gelu_partial(g) * g
             out.copy_(f.to(up.dtype) * up)
@@ -143,8 +139,8 @@ def _glu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                   act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``swiglu_backward`` / ``geglu_backward``: in place, nothing new; the incoming
     gradient becomes h, gate its gradient, up its gradient."""
-    if not _is_meta(grad):
-        with _KernelMath():
+    if not is_meta(grad):
+        with KernelMath():
             g = gate.float()
             if act == "silu":
                 sig = torch.sigmoid(g)
