@@ -57,6 +57,8 @@ class MultiGpuPlanner:
     # DeepSpeed or FSDP config of an Axolotl YAML).
     strategies: tuple[str, ...] = STRATEGIES
     found: dict[str, Strategy] = field(default_factory=dict)
+    # The Trainer's parameter groups of ``meta`` (the same for every precision).
+    _param_groups: tuple[tuple[int, ...], ...] | None = None
 
     def strategy(self, precision: str, plan: ComponentPlan) -> Strategy:
         if precision not in self.found:
@@ -107,11 +109,16 @@ class MultiGpuPlanner:
             optimizer=self.workload.optimizer,
             # Adapters (no decay exemption: lora_A/B weights) as one group; their shapes are
             # not in the layout, so ZeRO-3 partitions them as one tensor.
-            param_groups=((trainable,),) if lora else _trainer_param_groups(self.meta),
+            param_groups=((trainable,),) if lora else self._trainer_param_groups(),
         )
         layer_class = type(self.meta.get_submodule(layers[0])).__name__ if layers else None
         strategy = plan_training(data, self.budgets, strategies=self.strategies)
         return replace(strategy, layer_class=layer_class)
+
+    def _trainer_param_groups(self) -> tuple[tuple[int, ...], ...]:
+        if self._param_groups is None:
+            self._param_groups = _trainer_param_groups(self.meta)
+        return self._param_groups
 
 
 def _trainer_param_groups(model: Any) -> tuple[tuple[int, ...], ...]:
