@@ -43,6 +43,7 @@ from qplan.planner.workloads import IMAGE_MODES, WORKLOADS, modes_help
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
 from qplan.render.table import render_listing, render_loaded
+from qplan.startup import import_planning_libraries
 
 ERROR_SCHEMA_ID = "qplan.error/v1"
 
@@ -593,6 +594,7 @@ def estimate(
     """Estimate the memory MODEL needs per precision for a workload on a GPU; recommend one."""
 
     def run() -> None:
+        import_planning_libraries()
         from qplan.api import estimate as plan
 
         files = {"plot": plot, "html": html}
@@ -728,6 +730,7 @@ def measure(
     """Run real steps of a workload on random weights here, and compare with the prediction."""
 
     def run() -> None:
+        import_planning_libraries()
         from qplan.api import measure_workload
 
         report = measure_workload(
@@ -861,6 +864,7 @@ def load(
     and report predicted against measured memory."""
 
     def run() -> None:
+        import_planning_libraries()
         from qplan.loading import load as load_model
 
         options = _set_only(
