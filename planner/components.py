@@ -40,6 +40,7 @@ from qplan.planner.depths import (
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size, find_precision
+from qplan.planner.prepared_models import state_of
 from qplan.planner.steps import StepTensors
 from qplan.planner.weights import WeightBytes, load_dtype_for, weight_bytes
 from qplan.planner.workload import Workload
@@ -224,18 +225,29 @@ def trace_components(
         return built, inventory
 
     key = meta_models.config_key(config)
-    if not workload.kind.training and not trust_remote_code and key is not None:
+    skips = tuple(skip_modules) if skip_modules is not None else None
+    # A prepared training model serves the next step of the same preparation (the same
+    # workload but for its batch and sequence length) if the step leaves it as prepared.
+    prepared_key = None
+    as_prepared: tuple | None = None
+    if (workload.kind.prepare is not None and not trust_remote_code and key is not None
+            and not workload.activation_offloading):
+        prepared_key = ("prepared", key, layers, precision, compute_dtype, quant_storage,
+                        skips, stored_method, target, replace(workload, batch=1, seq_len=1))
+    prepared = meta_models.take(prepared_key) if prepared_key is not None else None
+    if prepared is not None:
+        model, inventory, as_prepared = prepared
+    elif not workload.kind.training and not trust_remote_code and key is not None:
         # A step that only runs the model (inference) leaves it as built: one build serves
         # every trace of this model at this precision and depth (planner/meta_models.py).
         model, inventory = meta_models.shared(
             (key, layers, workload.attn, workload.quantize_moe_experts, precision,
-             compute_dtype, quant_storage,
-             tuple(skip_modules) if skip_modules is not None else None),
+             compute_dtype, quant_storage, skips),
             build,
         )
     else:
         model, inventory = build()
-    if workload.kind.prepare is not None:
+    if workload.kind.prepare is not None and prepared is None:
         with _new_tensors_on_meta():
             packed = tuple(t.module for t in inventory.tensors
                            if stored_method is not None and t.kind == "parameter"
@@ -243,6 +255,7 @@ def trace_components(
             model = workload.kind.prepare(model, workload, PRECISIONS[precision].quantized,
                                           stored_method=stored_method, packed_modules=packed,
                                           target=target)
+        as_prepared = state_of(model) if prepared_key is not None and reuse.enabled() else None
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     try:
@@ -253,6 +266,8 @@ def trace_components(
         _raise_if_data_dependent(exc, model, workload)
         _raise_if_model_code(exc, model, workload)
         raise
+    if prepared_key is not None and as_prepared is not None and state_of(model) == as_prepared:
+        meta_models.keep(prepared_key, (model, inventory, as_prepared))
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes

@@ -6,7 +6,11 @@ precision's layout, planner/quantize_meta.py) costs as much as tracing it. A ste
 only runs the model (inference: ``eval()``, a forward under ``no_grad``, its hooks removed
 afterwards) leaves the module tree as it found it, so the traces of one model at one
 precision and depth (the default plan, ``--solve``'s probes, the advice) can share one
-build. Steps that change the model (peft's adapters, k-bit preparation) build their own.
+build. A training step runs on the model its workload prepared (peft's adapters, k-bit
+preparation, checkpointing): the prepared model is taken out (``take``) while a step runs
+on it, and kept for the next step of the same preparation (``--solve``'s probes and the
+advice differ only in batch and sequence length) when the step left it as prepared
+(planner/prepared_models.py).
 
 ``QPLAN_REUSE=0`` (``reuse.disabled()``) builds every model afresh: the reference path.
 """
@@ -49,6 +53,24 @@ def shared(key: tuple, build: Callable[[], T]) -> T:
     if len(_MODELS) > MAX_MODELS:
         _MODELS.popitem(last=False)
     return made
+
+
+def take(key: tuple) -> Any | None:
+    """The entry ``keep`` left under ``key``, removed: its user changes it while it runs,
+    and gives it back with ``keep`` only if it is left as it was."""
+    if not reuse.enabled():
+        return None
+    return _MODELS.pop(key, None)
+
+
+def keep(key: tuple, value: Any) -> None:
+    """Leave ``value`` under ``key`` for the next ``take``."""
+    if not reuse.enabled():
+        return
+    _MODELS[key] = value
+    _MODELS.move_to_end(key)
+    if len(_MODELS) > MAX_MODELS:
+        _MODELS.popitem(last=False)
 
 
 def clear() -> None:

@@ -213,3 +213,61 @@ def test_patch_holders_follow_every_change_of_sys_modules(monkeypatch):
     again = module(second.__name__, helper=helper)
     monkeypatch.setitem(sys.modules, second.__name__, again)
     assert modules_holding("transformers", "helper", helper) == [again]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_solves_reuse_prepared_models_equal_to_the_reference_path(monkeypatch, mode):
+    # Nothing fits: the report solves batch and seq_len, each probe a training step of
+    # the same preparation at another shape. The prepared model (adapters, k-bit
+    # preparation, checkpointing) of the first probe serves the next ones.
+    from qplan.planner import meta_models
+
+    taken = []
+    real_take = meta_models.take
+    monkeypatch.setattr(meta_models, "take",
+                        lambda key: taken.append(real_take(key)) or taken[-1])
+    meta_models.clear()
+    # LoRA on a 4-bit base (peft's k-bit preparation), full fine-tuning.
+    fast, reference = _both(_spec("Qwen/Qwen3-0.6B"), gpu="800MiB", mode=mode, seq_len=32,
+                            precisions="nf4" if mode == "lora" else "bf16")
+    assert '"solutions": []' not in fast
+    assert sum(found is not None for found in taken) >= 4
+    assert fast == reference
+
+
+def test_a_step_that_changes_the_model_leaves_another_record():
+    # What a meta training step does to a prepared model (an in-place update, gradients
+    # set then cleared, its hooks removed) keeps the record; anything else changes it.
+    import torch
+
+    from qplan.planner.prepared_models import state_of
+
+    def model() -> torch.nn.Module:
+        with torch.device("meta"):
+            return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+
+    net = model()
+    before = state_of(net)
+    weight = net[0].weight
+    with torch.no_grad():
+        weight.add_(1.0)
+    weight.grad = torch.empty_like(weight)
+    weight.grad = None
+    net[0].register_forward_hook(lambda *a: None).remove()
+    net.train()
+    assert state_of(net) == before
+
+    changes = [
+        lambda m: m[0].register_buffer("cached", torch.empty(4, device="meta")),
+        lambda m: m[1].weight.requires_grad_(False),
+        lambda m: setattr(m[0].weight, "grad", torch.empty(4, 4, device="meta")),
+        lambda m: m[0].register_forward_pre_hook(lambda *a: None),
+        lambda m: m.eval(),
+        lambda m: setattr(m[1], "eps", 1e-3),
+        lambda m: setattr(m[0], "weight", torch.nn.Parameter(torch.empty(4, 4, device="meta"))),
+    ]
+    for change in changes:
+        net = model()
+        before = state_of(net)
+        change(net)
+        assert state_of(net) != before
