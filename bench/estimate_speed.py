@@ -17,7 +17,10 @@ and, ``--catalog-runs`` times (default once: it takes minutes), the whole bundle
 every mode in ONE process through ``qplan.api.estimate`` (cache off): wall per mode and the
 slowest model. ``--reference`` times the same sweep on the reference path too
 (``QPLAN_REUSE=0``: every candidate traced from scratch, as qplan did before it shared
-work between traces). ``--check`` runs the catalog x every mode on both paths in one process
+work between traces). ``--baseline PYTHON`` sweeps the same catalog models with the qplan
+installed for PYTHON (a venv of the commit issue #10 called "today") and prints the
+speed-up in wall and CPU time (target 3x). ``--check`` runs the catalog x every mode on both
+paths in one process
 and compares every report byte for byte. ``--profile`` adds ``python -X importtime`` per
 top-level package and a cProfile of one CLI run.
 
@@ -33,6 +36,7 @@ fresh worker. ``--digests FILE`` compares each report digest with an earlier swe
 Usage::
 
     python bench/estimate_speed.py [--runs 5] [--catalog-runs 1] [--reference] [--check]
+                                   [--baseline OLD_VENV/bin/python]
                                    [--profile] [--json results.json]
     python bench/estimate_speed.py --sweep-configs ../shared/model-configs --sweep-catalog
                                    [--modes load,inference,lora,qlora,full,dpo]
@@ -59,6 +63,8 @@ from pathlib import Path
 MODEL_70B = "meta-llama/Llama-2-70b-hf"
 GPU = "4090"
 TARGET_VS_ACCELERATE = 0.7
+# The catalog x every mode in one process, against the commit issue #10 measured "today".
+TARGET_CATALOG_SPEEDUP = 3.0
 MODES = ("load", "inference", "lora", "qlora", "full")
 # What an item may take (CPU seconds) before the sweep lists it as slow (issue #10).
 SLOW_ITEM_S = 20.0
@@ -91,7 +97,8 @@ CATALOG_SCRIPT = textwrap.dedent(
                 text = f"error: {type(exc).__name__}: {exc}"
             times[f"{mode} {model_id}"] = time.perf_counter() - t
             reports[f"{mode} {model_id}"] = text
-    print(json.dumps({"import": t_import, "times": times, "reports": reports}))
+    print(json.dumps({"import": t_import, "times": times, "reports": reports,
+                      "cpu": time.process_time()}))
     """
 )
 
@@ -215,8 +222,11 @@ def local_folder(model_id: str, cwd: str) -> str:
     return str(folder)
 
 
-def catalog_ids(cwd: str) -> list[str]:
-    _, listing = run([*qplan_command(), "models", "--json"], cwd)
+def catalog_ids(cwd: str, python: str | None = None) -> list[str]:
+    """The catalog's model ids; with ``python``, those of the qplan installed there."""
+    command = (qplan_command() if python is None
+               else [str(Path(python).with_name("qplan"))])
+    _, listing = run([*command, "models", "--json"], cwd)
     return [entry["id"] for entry in json.loads(listing)]
 
 
@@ -284,10 +294,11 @@ def measure(runs: int, cwd: str) -> dict:
     return results
 
 
-def sweep(cwd: str, ids: list[str], reuse: bool) -> dict:
-    """The catalog x every mode in one process (cache off); wall per mode, slowest model."""
+def sweep(cwd: str, ids: list[str], reuse: bool, python: str = sys.executable) -> dict:
+    """The catalog x every mode in one process (cache off); wall per mode, slowest model.
+    ``python``: the interpreter whose qplan runs it (``--baseline``: an older install)."""
     env = {**ENV, "QPLAN_CACHE": "0", "QPLAN_REUSE": "1" if reuse else "0"}
-    cmd = [sys.executable, "-c", CATALOG_SCRIPT, json.dumps(ids), json.dumps(MODES)]
+    cmd = [python, "-c", CATALOG_SCRIPT, json.dumps(ids), json.dumps(MODES)]
     wall, out = run(cmd, cwd, env)
     data = json.loads(out.strip().splitlines()[-1])
     per_mode = {
@@ -296,7 +307,8 @@ def sweep(cwd: str, ids: list[str], reuse: bool) -> dict:
     }
     slowest = max(data["times"].items(), key=lambda kv: kv[1])
     errors = sorted(key for key, text in data["reports"].items() if text.startswith("error:"))
-    return {"process_s": wall, "import_s": data["import"], "per_mode_s": per_mode,
+    return {"process_s": wall, "cpu_s": data.get("cpu"), "import_s": data["import"],
+            "per_mode_s": per_mode,
             "slowest": slowest, "errors": errors, "times": data["times"],
             "reports": data["reports"]}
 
@@ -337,6 +349,8 @@ def print_sweep(label: str, s: dict) -> None:
     modes = ", ".join(f"{m} {t:.1f}" for m, t in s["per_mode_s"].items())
     print(f"\ncatalog x every mode in one process ({label}): {s['process_s']:.1f} s wall "
           f"(import {s['import_s']:.1f} s; per mode: {modes})")
+    if s.get("cpu_s") is not None:
+        print(f"  CPU {s['cpu_s']:.1f} s")
     print(f"  slowest: {s['slowest'][0]} {s['slowest'][1]:.1f} s; "
           f"{len(s['errors'])} errors {s['errors'][:5]}")
 
@@ -533,6 +547,10 @@ def main() -> None:
                         help="catalog x every mode sweeps (0: none)")
     parser.add_argument("--reference", action="store_true",
                         help="also sweep on the reference path (QPLAN_REUSE=0)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also sweep the catalog with the qplan installed for this "
+                             "interpreter (an older commit's venv), over the models both "
+                             "catalogs hold, and print the speed-up")
     parser.add_argument("--check", action="store_true",
                         help="compare every catalog report, fast vs reference path")
     parser.add_argument("--profile", action="store_true", help="also profile qplan's start-up")
@@ -564,13 +582,26 @@ def main() -> None:
         results = measure(args.runs, cwd)
         print_results(results)
         ids = catalog_ids(cwd) if args.catalog_runs or args.check else []
-        sweeps: dict[str, list] = {"fast": [], "reference": []}
+        if args.baseline:
+            # The same models on both sides: those the older catalog holds too.
+            older = set(catalog_ids(cwd, args.baseline))
+            ids = [i for i in ids if i in older]
+        sweeps: dict[str, list] = {"fast": [], "reference": [], "baseline": []}
         for _ in range(args.catalog_runs):
             sweeps["fast"].append(sweep(cwd, ids, reuse=True))
             print_sweep("fast path", sweeps["fast"][-1])
             if args.reference:
                 sweeps["reference"].append(sweep(cwd, ids, reuse=False))
                 print_sweep("reference path, QPLAN_REUSE=0", sweeps["reference"][-1])
+            if args.baseline:
+                sweeps["baseline"].append(sweep(cwd, ids, reuse=True, python=args.baseline))
+                print_sweep(f"baseline {args.baseline}", sweeps["baseline"][-1])
+        if sweeps["fast"] and sweeps["baseline"]:
+            for unit, key in (("wall", "process_s"), ("CPU", "cpu_s")):
+                now = statistics.median(s[key] for s in sweeps["fast"])
+                then = statistics.median(s[key] for s in sweeps["baseline"])
+                print(f"\nbaseline / now ({unit}, {len(ids)} models x {len(MODES)} modes): "
+                      f"{then / now:.2f}x (target >= {TARGET_CATALOG_SPEEDUP}x)")
         if sweeps["fast"] and sweeps["reference"]:
             fast = statistics.median(s["process_s"] for s in sweeps["fast"])
             ref = statistics.median(s["process_s"] for s in sweeps["reference"])
