@@ -265,7 +265,15 @@ def test_a_step_that_changes_the_model_leaves_another_record():
         lambda m: m.eval(),
         lambda m: setattr(m[1], "eps", 1e-3),
         lambda m: setattr(m[0], "weight", torch.nn.Parameter(torch.empty(4, 4, device="meta"))),
+        # A plain tensor attribute (a layer caching a converted weight), then replaced.
+        lambda m: setattr(m[0], "cached", torch.empty(4, device="meta")),
     ]
+    with torch.device("meta"):
+        held = torch.nn.Linear(4, 4)
+    held.cached = torch.empty(2, device="meta")
+    before = state_of(held)
+    held.cached = torch.empty(2, device="meta")
+    assert state_of(held) != before
     for change in changes:
         net = model()
         before = state_of(net)
