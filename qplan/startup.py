@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import sys
 
 # Imported by every plan: torch; transformers' configuration and modelling core (its
 # config classes pull torch.distributed.tensor through the weight-loading helpers, its
@@ -31,7 +32,14 @@ _EVERY_PLAN = (
 
 
 def import_planning_libraries() -> None:
-    """Import what every plan imports, collector paused; freeze what they made."""
+    """Import what every plan imports, collector paused; freeze what they made.
+
+    Only in a process that has not imported torch yet (a command line's): there the
+    objects frozen are the imports' own and the little the command made before. A process
+    that already holds torch (a notebook, a test session calling the CLI in-process) has
+    paid for its imports, and its garbage is not to be frozen: nothing changes there."""
+    if "torch" in sys.modules:
+        return
     was_enabled = gc.isenabled()
     gc.disable()
     try:
