@@ -40,7 +40,7 @@ from qplan.planner.depths import (
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size, find_precision
-from qplan.planner.prepared_models import state_of
+from qplan.planner.prepared_models import CHANGES_THE_MODEL, state_of
 from qplan.planner.steps import StepTensors
 from qplan.planner.weights import WeightBytes, load_dtype_for, weight_bytes
 from qplan.planner.workload import Workload
@@ -235,6 +235,11 @@ def trace_components(
         prepared_key = ("prepared", key, layers, precision, compute_dtype, quant_storage,
                         skips, stored_method, target, replace(workload, batch=1, seq_len=1))
     prepared = meta_models.take(prepared_key) if prepared_key is not None else None
+    if prepared is CHANGES_THE_MODEL:
+        # This preparation's step changed the model before (GRPO's generation): build and
+        # prepare afresh, without recording.
+        meta_models.keep(prepared_key, CHANGES_THE_MODEL)
+        prepared_key = prepared = None
     if prepared is not None:
         model, inventory, as_prepared = prepared
     elif not workload.kind.training and not trust_remote_code and key is not None:
@@ -266,8 +271,10 @@ def trace_components(
         _raise_if_data_dependent(exc, model, workload)
         _raise_if_model_code(exc, model, workload)
         raise
-    if prepared_key is not None and as_prepared is not None and state_of(model) == as_prepared:
-        meta_models.keep(prepared_key, (model, inventory, as_prepared))
+    if prepared_key is not None and as_prepared is not None:
+        kept = state_of(model) == as_prepared
+        meta_models.keep(prepared_key,
+                         (model, inventory, as_prepared) if kept else CHANGES_THE_MODEL)
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes

@@ -31,6 +31,11 @@ _SEQUENCES = (list, tuple, set, frozenset)
 _CONTAINERS = (dict, *_SEQUENCES)
 
 
+# Kept in place of a prepared model whose step left it changed: the next steps of that
+# preparation are prepared afresh without recording.
+CHANGES_THE_MODEL = object()
+
+
 def state_of(model: nn.Module) -> tuple:
     """A record of everything a step could change on ``model`` (equal records: the same
     modules, tensors, flags, hooks and attributes)."""
