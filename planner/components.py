@@ -207,14 +207,91 @@ def trace_components(
     layers: int | None = None,
     pattern: LayerPattern = HOMOGENEOUS,
     stored_method: str | None = None,
+    recorder: Any = None,
 ) -> TraceOutcome:
     """Trace ``workload`` at ``precision`` on a meta model of ``config`` (all its layers,
     or the first ``layers``, whose structure is ``pattern``) and split the peak into
     components, at the peak and at the peak of every phase and part of a phase.
     ``stored_method``: ``precision`` is the dequantised stand-in of a checkpoint stored in
-    this method (gptq, awq), trained the way peft prepares that checkpoint."""
-    from qplan.planner.quantize_meta import quantize_meta_model
+    this method (gptq, awq), trained the way peft prepares that checkpoint. ``recorder``:
+    keep the step's log for deriving other candidates from it (planner/derived_traces.py)."""
     from qplan.planner.trace import trace
+
+    prepared_key = _prepared_key(config, workload, precision, compute_dtype, quant_storage,
+                                 skip_modules, trust_remote_code, layers, stored_method, target)
+    prepared = meta_models.take(prepared_key) if prepared_key is not None else None
+    if prepared is CHANGES_THE_MODEL:
+        # This preparation's step changed the model before (GRPO's generation): build and
+        # prepare afresh, without recording.
+        meta_models.keep(prepared_key, CHANGES_THE_MODEL)
+        prepared_key = prepared = None
+    as_prepared: tuple | None = None
+    if prepared is not None:
+        model, inventory, as_prepared = prepared
+    else:
+        model, inventory = step_model(
+            config, workload, precision, compute_dtype, quant_storage=quant_storage,
+            skip_modules=skip_modules, trust_remote_code=trust_remote_code, layers=layers,
+        )
+        if workload.kind.prepare is not None:
+            with _new_tensors_on_meta():
+                packed = tuple(t.module for t in inventory.tensors
+                               if stored_method is not None and t.kind == "parameter"
+                               and t.quantizable)
+                model = workload.kind.prepare(model, workload,
+                                              PRECISIONS[precision].quantized,
+                                              stored_method=stored_method,
+                                              packed_modules=packed, target=target)
+            if prepared_key is not None:
+                as_prepared = state_of(model)
+    # A shallow trace of a deeper model is extrapolated part by part, which needs the
+    # components at every part's peak; a full-depth trace needs only the phase peaks.
+    try:
+        snapshot, seen, phase_peaks, phase_snapshots = trace(
+            model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None,
+            recorder=recorder,
+        )
+    except Exception as exc:
+        _raise_if_data_dependent(exc, model, workload)
+        _raise_if_model_code(exc, model, workload)
+        raise
+    if prepared_key is not None and as_prepared is not None:
+        kept = state_of(model) == as_prepared
+        meta_models.keep(prepared_key,
+                         (model, inventory, as_prepared) if kept else CHANGES_THE_MODEL)
+    return trace_outcome(snapshot, seen, phase_peaks, phase_snapshots, target)
+
+
+def _prepared_key(config: Any, workload: Workload, precision: str, compute_dtype: str,
+                  quant_storage: str, skip_modules: list[str] | None, trust_remote_code: bool,
+                  layers: int | None, stored_method: str | None, target: str) -> tuple | None:
+    """What identifies a prepared training model (planner/prepared_models.py): the same
+    workload but for its batch and sequence length, at the same precision and depth; None
+    where no prepared model is kept (no training preparation, remote code, activation
+    offloading, a config that does not serialise, the reference path)."""
+    key = meta_models.config_key(config)
+    if (workload.kind.prepare is None or trust_remote_code or key is None
+            or workload.activation_offloading or not reuse.enabled()):
+        return None
+    skips = tuple(skip_modules) if skip_modules is not None else None
+    return ("prepared", key, layers, precision, compute_dtype, quant_storage, skips,
+            stored_method, target, replace(workload, batch=1, seq_len=1))
+
+
+def step_model(
+    config: Any,
+    workload: Workload,
+    precision: str,
+    compute_dtype: str,
+    *,
+    quant_storage: str = "uint8",
+    skip_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+    layers: int | None = None,
+) -> tuple[Any, Inventory]:
+    """The meta model a step of ``workload`` at ``precision`` runs on (before any training
+    preparation), and its inventory: shared between the traces that leave it as built."""
+    from qplan.planner.quantize_meta import quantize_meta_model
 
     def build() -> tuple[Any, Inventory]:
         cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
@@ -225,56 +302,21 @@ def trace_components(
         return built, inventory
 
     key = meta_models.config_key(config)
-    skips = tuple(skip_modules) if skip_modules is not None else None
-    # A prepared training model serves the next step of the same preparation (the same
-    # workload but for its batch and sequence length) if the step leaves it as prepared.
-    prepared_key = None
-    as_prepared: tuple | None = None
-    if (workload.kind.prepare is not None and not trust_remote_code and key is not None
-            and not workload.activation_offloading):
-        prepared_key = ("prepared", key, layers, precision, compute_dtype, quant_storage,
-                        skips, stored_method, target, replace(workload, batch=1, seq_len=1))
-    prepared = meta_models.take(prepared_key) if prepared_key is not None else None
-    if prepared is CHANGES_THE_MODEL:
-        # This preparation's step changed the model before (GRPO's generation): build and
-        # prepare afresh, without recording.
-        meta_models.keep(prepared_key, CHANGES_THE_MODEL)
-        prepared_key = prepared = None
-    if prepared is not None:
-        model, inventory, as_prepared = prepared
-    elif not workload.kind.training and not trust_remote_code and key is not None:
+    if not workload.kind.training and not trust_remote_code and key is not None:
         # A step that only runs the model (inference) leaves it as built: one build serves
         # every trace of this model at this precision and depth (planner/meta_models.py).
-        model, inventory = meta_models.shared(
+        return meta_models.shared(
             (key, layers, workload.attn, workload.quantize_moe_experts, precision,
-             compute_dtype, quant_storage, skips),
+             compute_dtype, quant_storage,
+             tuple(skip_modules) if skip_modules is not None else None),
             build,
         )
-    else:
-        model, inventory = build()
-    if workload.kind.prepare is not None and prepared is None:
-        with _new_tensors_on_meta():
-            packed = tuple(t.module for t in inventory.tensors
-                           if stored_method is not None and t.kind == "parameter"
-                           and t.quantizable)
-            model = workload.kind.prepare(model, workload, PRECISIONS[precision].quantized,
-                                          stored_method=stored_method, packed_modules=packed,
-                                          target=target)
-        as_prepared = state_of(model) if prepared_key is not None and reuse.enabled() else None
-    # A shallow trace of a deeper model is extrapolated part by part, which needs the
-    # components at every part's peak; a full-depth trace needs only the phase peaks.
-    try:
-        snapshot, seen, phase_peaks, phase_snapshots = trace(
-            model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None
-        )
-    except Exception as exc:
-        _raise_if_data_dependent(exc, model, workload)
-        _raise_if_model_code(exc, model, workload)
-        raise
-    if prepared_key is not None and as_prepared is not None:
-        kept = state_of(model) == as_prepared
-        meta_models.keep(prepared_key,
-                         (model, inventory, as_prepared) if kept else CHANGES_THE_MODEL)
+    return build()
+
+
+def trace_outcome(snapshot: PeakSnapshot, seen: StepTensors, phase_peaks: dict[str, int],
+                  phase_snapshots: dict[str, PeakSnapshot], target: str) -> TraceOutcome:
+    """A traced (or derived) step's components at its peak and at every phase's peak."""
     rounded = target == "cuda"
     parts = classify(snapshot, seen, rounded)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes

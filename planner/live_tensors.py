@@ -100,6 +100,13 @@ class LiveTensorTracker(TorchDispatchMode):
                           self._release(key, serial))
         self._live[key] = (serial, nbytes, ref)
         tag = self.tagger(tensor) if self.tagger is not None else None
+        self._count(serial, nbytes, tag)
+        return serial
+
+    def _count(self, serial: int, nbytes: int, tag: str | None) -> None:
+        """Log a new storage in the current phase and part, and update every peak. Also
+        what a replayed log runs (planner/derived_traces.py), so a derived step peaks
+        exactly as a traced one."""
         self._events.append((serial, nbytes, self.phase, tag))
         self.current += nbytes
         self.current_allocated += alloc_size(nbytes)
@@ -112,7 +119,6 @@ class LiveTensorTracker(TorchDispatchMode):
         self._record_phase_peak(self.phase)
         for name in self.segment:
             self._record_phase_peak(f"{self.phase}:{name}")
-        return serial
 
     def _add_host(self, storage: Any, key: int, nbytes: int) -> None:
         self._host_live[key] = nbytes
@@ -143,9 +149,13 @@ class LiveTensorTracker(TorchDispatchMode):
         if known is None or known[0] != serial:
             return
         del self._live[key]
-        self.current -= known[1]
-        self.current_allocated -= alloc_size(known[1])
-        self._events.append((serial, -known[1], self.phase, None))
+        self._uncount(serial, known[1])
+
+    def _uncount(self, serial: int, nbytes: int) -> None:
+        """Log the release of a storage (``_release``; a replayed log)."""
+        self.current -= nbytes
+        self.current_allocated -= alloc_size(nbytes)
+        self._events.append((serial, -nbytes, self.phase, None))
 
     @contextlib.contextmanager
     def untracked(self) -> Iterator[None]:
@@ -189,16 +199,17 @@ class LiveTensorTracker(TorchDispatchMode):
         return snapshots
 
     def _replay(self, events: set[int]) -> dict[int, tuple[LiveStorage, ...]]:
-        live: dict[int, LiveStorage] = {}
+        # The log's own tuples while walking it; LiveStorage only for the snapshots taken.
+        live: dict[int, tuple[int, int, str, str | None]] = {}
         found: dict[int, tuple[LiveStorage, ...]] = {}
         last = max(events, default=-1)
-        for index, (serial, nbytes, phase, tag) in enumerate(self._events[: last + 1]):
-            if nbytes >= 0:
-                live[serial] = LiveStorage(serial, nbytes, phase, tag)
+        for index, event in enumerate(self._events[: last + 1]):
+            if event[1] >= 0:
+                live[event[0]] = event
             else:
-                live.pop(serial, None)
+                live.pop(event[0], None)
             if index in events:
-                found[index] = tuple(live.values())
+                found[index] = tuple(LiveStorage(*e) for e in live.values())
         if -1 in events:
             found[-1] = ()
         return found

@@ -374,24 +374,45 @@ def vocab_tagger(vocab: int):
     return tag
 
 
+# How many steps ran on a model, kept on the model: a step may change its modules (a
+# layer's first call sets its compute type), so what was read off them before is stale
+# (planner/derived_traces.py).
+RUNS_KEY = "_qplan_steps_run"
+
+
+def mark_run(model: Any) -> None:
+    model.__dict__[RUNS_KEY] = model.__dict__.get(RUNS_KEY, 0) + 1
+
+
+def runs_on(model: Any) -> int:
+    return model.__dict__.get(RUNS_KEY, 0)
+
+
 def trace(
     model: Any, workload: Workload, target: str = "cuda", pattern: LayerPattern = HOMOGENEOUS,
-    phase_snapshots: bool = False,
+    phase_snapshots: bool = False, recorder: Any = None,
 ) -> tuple[PeakSnapshot, StepTensors, dict[str, int], dict[str, PeakSnapshot]]:
     """Run ``workload`` on the meta ``model``; returns the peak, the storage roles, the
     peak of each phase (forward, backward, optimizer) and part of a phase
     ("backward:block0-top", ...), and, when asked (for extrapolating in depth), the live
-    storages at each of those peaks."""
+    storages at each of those peaks. ``recorder`` (planner/derived_traces.py: a
+    ``Recorder``) also keeps the step's log and its Linear calls, for deriving the
+    quantised candidates' steps from this one; it changes no storage of the step."""
+    mark_run(model)
     vocab = model.config.get_text_config().vocab_size
-    tracker = LiveTensorTracker(tagger=vocab_tagger(vocab))
+    tagger = vocab_tagger(vocab)
+    tracker = LiveTensorTracker(tagger=tagger) if recorder is None else recorder.tracker(tagger)
     use_static_experts(model)
     # bitsandbytes and transformers warn about dtype casts on every layer call; those are
     # facts of the real run, not news to the user of a plan.
     packing = (workload.batch, workload.seq_len) if workload.sample_packing else None
     with quiet("bitsandbytes"), warnings.catch_warnings(), \
             trace_patches(target, workload.attn, packing), \
-            _reference_path_if(workload.activation_offloading):
+            _reference_path_if(workload.activation_offloading), \
+            (recorder.watching(model) if recorder is not None else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         seen = run_workload(model, workload, tracker, pattern)
+    if recorder is not None:
+        recorder.finish(seen)
     snapshots = tracker.phase_snapshots() if phase_snapshots else {}
     return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks), snapshots

@@ -603,6 +603,8 @@ def estimate(
     checks without a GPU).
     """
     from qplan.loaders.trace_cache import cached as cached_tracer
+    from qplan.planner.components import trace_components
+    from qplan.planner.derived_traces import deriving
     from qplan.planner.families import text_class_note
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
@@ -735,7 +737,9 @@ def estimate(
         layer_signatures(inventory, spec.config), num_layers(spec.config)
     )
     # One config's traces, each run once: the same step comes back for other candidates.
-    tracer = shared_traces(cached_tracer())
+    # bitsandbytes candidates' inference steps are derived from the plain row's
+    # (planner/derived_traces.py), under the on-disk cache.
+    tracer = shared_traces(cached_tracer(deriving(trace_components)))
 
     def plan_for(precision: str, wl: Workload):
         # Candidates of one trace group run the same step: trace one of each group.

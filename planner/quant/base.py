@@ -109,6 +109,10 @@ class QuantMethod:
     # Pre-quantised formats without meta kernels: the workload is traced on the dequantised
     # model (same activations), and only the weights are swapped for the stored ones.
     traced_dequantized: ClassVar[bool] = False
+    # Its replaced layers differ from plain Linears only in the tensors they hold and in
+    # what their forward does inside: an inference step at a precision of this method is
+    # derived from the plain row's (planner/derived_traces.py), not traced.
+    replaces_linear_only: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- checkpoints
     def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:

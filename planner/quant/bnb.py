@@ -90,6 +90,9 @@ class BitsAndBytes(QuantMethod):
     quantizes: ClassVar[bool] = True
     # peft trains LoRA on Linear4bit / Linear8bitLt; the packed weights themselves cannot be.
     trainable: ClassVar[tuple[str, ...]] = ("lora",)
+    # Linear4bit / Linear8bitLt hold other tensors and run other ops in their forward;
+    # everything around them runs as in the compute dtype's model.
+    replaces_linear_only: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- checkpoints
     def read_checkpoint(self, quantization_config: dict[str, Any]) -> StoredQuantization | None:
