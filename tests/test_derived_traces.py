@@ -123,14 +123,18 @@ def test_catalog_architectures_derive_equal_steps(model_type, monkeypatch):
     assert answers and all(answers), model_type
 
 
-@pytest.mark.parametrize("name", ["falcon_mamba", "mamba"])
-def test_models_that_ask_whether_they_are_quantised_are_traced(name, monkeypatch):
+def test_models_that_ask_whether_they_are_quantised_are_traced(monkeypatch):
     # falcon-mamba calls dt_proj as a module once marked quantised (config._is_quantized):
     # its code runs otherwise, so nothing is derived; the traced steps are what it gets.
-    config = _config(name)
+    config = _config("falcon_mamba")
     answers = _compare(config, "cuda", None, monkeypatch)
-    if name == "falcon_mamba":
-        assert answers and not any(answers)
+    assert not any(answers)
+    recorder = derived_traces.Recorder()
+    workload = make_workload("inference", config, batch=1, seq_len=8)
+    trace_components(config, workload, "bf16", "bfloat16", target="cuda", recorder=recorder,
+                     **OPTIONS)
+    assert recorder.recording is not None
+    assert "asks whether it is quantised" in recorder.recording.problem
 
 
 def test_component_plans_equal_and_the_reference_path_derives_nothing(monkeypatch):
