@@ -16,7 +16,7 @@ own storages where the plain call's were. That log is replayed through the track
 counting (``LiveTensorTracker._count`` / ``_uncount``), so every peak, part peak and
 snapshot is the one a trace of the candidate finds: the same figures, byte for byte.
 
-What must hold, else the candidate is traced as before (``derivation`` answers None):
+What must hold, else the candidate is traced as before (``derive`` answers None):
 
 * an inference step (no training, no preparation, no offloading, no images, no quantised
   experts, no remote code), the candidate's method replacing Linear layers only
@@ -24,8 +24,8 @@ What must hold, else the candidate is traced as before (``derivation`` answers N
 * the two models have the same modules, types, parameters and buffers except for the
   replaced Linears, and the same dtype; the model's own code never asks whether it is
   quantised (its modeling files name no quantisation flag);
-* in the plain step, no replaced Linear's weight is touched outside that Linear's own call
-  (a ``.dtype`` read included), every call took one tensor and gave one new storage, and
+* in the plain step, no replaced Linear's weight or bias is touched outside that Linear's
+  own call (a ``.dtype`` read included), every call took one tensor and gave one new storage, and
   made nothing else that outlived it;
 * each micro step keeps only its output, whose layout equals the plain call's output, and
   leaves its module as it found it (or as a second call finds it, with the same storages).
@@ -38,6 +38,7 @@ import inspect
 import itertools
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ from torch import nn
 
 from qplan.planner import meta_models, reuse
 from qplan.planner.live_tensors import LiveTensorTracker
-from qplan.planner.precision import PRECISIONS, find_precision
+from qplan.planner.precision import PRECISIONS, find_precision, trace_group
 from qplan.planner.steps import StepTensors, track_model
 from qplan.planner.weights import load_dtype_for
 from qplan.planner.workload import Workload
@@ -166,7 +167,7 @@ class _Watch:
             return
         for leaf in _leaves(values):
             if isinstance(leaf, _WatchedWeight) and leaf.qplan_owner not in self.active:
-                self.problem = f"{leaf.qplan_owner}'s weight is used outside its own call"
+                self.problem = f"{leaf.qplan_owner}'s tensors are used outside its own call"
                 return
 
 
@@ -182,8 +183,9 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 class _WatchedWeight(nn.Parameter):
-    """A Linear's weight that reports any use (an op, a ``.dtype`` read) to the recording's
-    watch, then runs it as a plain parameter would: same storage, same ops, plain outputs."""
+    """A Linear's weight (or bias) that reports any use (an op, a ``.dtype`` read) to the
+    recording's watch, then runs it as a plain parameter would: same storage, same ops,
+    plain outputs."""
 
     qplan_owner: str
 
@@ -226,7 +228,7 @@ def model_dtypes(model: nn.Module) -> tuple[tuple[str, str], ...]:
 
 
 # id(model) -> (the model, steps run on it when read, what model_shape answers).
-_SHAPES: dict[int, tuple[nn.Module, int, tuple]] = {}
+_SHAPES: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
 def model_shape(model: nn.Module) -> tuple[dict[str, tuple], tuple[tuple[str, str], ...], bool]:
@@ -236,12 +238,12 @@ def model_shape(model: nn.Module) -> tuple[dict[str, tuple], tuple[tuple[str, st
 
     runs = runs_on(model)
     found = _SHAPES.get(id(model))
-    if found is not None and found[0] is model and found[1] == runs:
+    if found is not None and found[0]() is model and found[1] == runs:
         return found[2]
     answer = (structure(model), model_dtypes(model), asks_if_quantized(model))
     if len(_SHAPES) >= meta_models.MAX_MODELS:
         _SHAPES.clear()
-    _SHAPES[id(model)] = (model, runs, answer)
+    _SHAPES[id(model)] = (weakref.ref(model), runs, answer)
     return answer
 
 
@@ -299,16 +301,20 @@ class Recorder:
             self._calls.append(LinearCall(name, start, len(tracker._events), phase, segment,
                                           layout, TensorLayout.of(output), serial))
 
-        originals: dict[str, nn.Parameter] = {}
+        originals: dict[tuple[str, str], nn.Parameter] = {}
         handles = []
         try:
             for name, module in modules.items():
-                weight = module._parameters.get("weight")
-                if weight is not None:
-                    watched = _WatchedWeight(weight.data, requires_grad=weight.requires_grad)
+                # The candidate holds other tensors there (a packed weight, a bias in the
+                # compute dtype): a read outside the call would find them otherwise.
+                for leaf in ("weight", "bias"):
+                    param = module._parameters.get(leaf)
+                    if param is None:
+                        continue
+                    watched = _WatchedWeight(param.data, requires_grad=param.requires_grad)
                     watched.qplan_owner = name
-                    originals[name] = weight
-                    module._parameters["weight"] = watched
+                    originals[name, leaf] = param
+                    module._parameters[leaf] = watched
                 handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
                 handles.append(module.register_forward_hook(after, with_kwargs=True))
             _WATCHES.append(watch)
@@ -318,8 +324,8 @@ class Recorder:
                 _WATCHES.pop()
             for handle in handles:
                 handle.remove()
-            for name, weight in originals.items():
-                modules[name]._parameters["weight"] = weight
+            for (name, leaf), param in originals.items():
+                modules[name]._parameters[leaf] = param
 
     def finish(self, seen: StepTensors) -> None:
         tracker, watch = self._tracker, self._watch
@@ -470,12 +476,12 @@ def _micro_step(module: nn.Module, layout: TensorLayout, phase: str,
 # id(module) -> (the module, the steps run on its model when read, its fingerprint): a
 # module changes only when a step runs it (a trace of its model, planner/trace.py:
 # mark_run; or a micro step, which records what it leaves).
-_FINGERPRINTS: dict[int, tuple[nn.Module, int, Any]] = {}
+_FINGERPRINTS: dict[int, tuple[weakref.ref, int, Any]] = {}
 
 
 def _fingerprint_of(module: nn.Module, runs: int) -> Any:
     found = _FINGERPRINTS.get(id(module))
-    if found is not None and found[0] is module and found[1] == runs:
+    if found is not None and found[0]() is module and found[1] == runs:
         return found[2]
     value = fingerprint(module)
     _remember(module, runs, value)
@@ -485,7 +491,7 @@ def _fingerprint_of(module: nn.Module, runs: int) -> Any:
 def _remember(module: nn.Module, runs: int, value: Any) -> None:
     if len(_FINGERPRINTS) >= MAX_MICRO:
         _FINGERPRINTS.clear()
-    _FINGERPRINTS[id(module)] = (module, runs, value)
+    _FINGERPRINTS[id(module)] = (weakref.ref(module), runs, value)
 
 
 def micro_step(module: nn.Module, layout: TensorLayout, phase: str, vocab: int,
@@ -622,7 +628,7 @@ def derive(recording: Recording, model: nn.Module, target: str, phase_snapshots:
 
 
 # id(model) -> (the model, steps run on it when read, its tensors' log and serials).
-_MODEL_TENSORS: dict[int, tuple[nn.Module, int, tuple[Event, ...], frozenset[int]]] = {}
+_MODEL_TENSORS: dict[int, tuple[weakref.ref, int, tuple[Event, ...], frozenset[int]]] = {}
 
 
 def _model_tensors(model: nn.Module, tagger: Callable[[torch.Tensor], str | None],
@@ -633,7 +639,7 @@ def _model_tensors(model: nn.Module, tagger: Callable[[torch.Tensor], str | None
 
     runs = runs_on(model)
     found = _MODEL_TENSORS.get(id(model))
-    if found is not None and found[0] is model and found[1] == runs:
+    if found is not None and found[0]() is model and found[1] == runs:
         return found[2], found[3]
     tracker = _RecordingTracker(tagger)
     seen = StepTensors()
@@ -642,7 +648,7 @@ def _model_tensors(model: nn.Module, tagger: Callable[[torch.Tensor], str | None
     serials = frozenset(-1 - s for s in seen.weights)
     if len(_MODEL_TENSORS) >= meta_models.MAX_MODELS:
         _MODEL_TENSORS.clear()
-    _MODEL_TENSORS[id(model)] = (model, runs, log, serials)
+    _MODEL_TENSORS[id(model)] = (weakref.ref(model), runs, log, serials)
     return log, serials
 
 
@@ -680,6 +686,7 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
 
     recordings: dict[tuple, Recording | None] = {}
     outcomes: dict[tuple, Any] = {}
+    representatives: dict[tuple, str] = {}
 
     def key_of(config: Any, workload: Workload, precision: str, compute_dtype: str,
                options: dict[str, Any]) -> tuple:
@@ -713,8 +720,12 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
         recording = recordings.get(key_of(config, workload, plain, compute_dtype, options))
         if recording is None or recording.problem:
             return tracer(config, workload, precision, compute_dtype, **options)
+        # Rows of one trace group run the same step (planner/precision.py: trace_group,
+        # fp4 and nf4): the first one asked for stands for the others, one meta model and
+        # one set of micro steps for all of them.
+        built_as = representatives.setdefault((id(config), trace_group(precision)), precision)
         model, _ = step_model(
-            config, workload, precision, compute_dtype,
+            config, workload, built_as, compute_dtype,
             quant_storage=options.get("quant_storage", "uint8"),
             skip_modules=options.get("skip_modules"),
             trust_remote_code=bool(options.get("trust_remote_code")),
@@ -728,8 +739,11 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
                 if not entered:  # once, when a layer first runs alone
                     entered.append(stack.enter_context(_step_context(target, workload)))
 
-            found = derive(recording, model, target, options.get("layers") is not None,
-                           context)
+            try:
+                found = derive(recording, model, target, options.get("layers") is not None,
+                               context)
+            except Exception:  # a layer that cannot run alone: the trace says what fails
+                found = None
         if found is None:
             return tracer(config, workload, precision, compute_dtype, **options)
         return trace_outcome(*found, target)
