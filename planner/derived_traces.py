@@ -508,15 +508,23 @@ def micro_step(module: nn.Module, layout: TensorLayout, phase: str, vocab: int,
         return _MICRO[key]
     context()
     step, after = _micro_step(module, layout, phase, vocab)
-    if step is not None and after != before:
-        again, settled = _micro_step(module, layout, phase, vocab)
-        if again != step or settled != after:
-            step = None
-        after = settled
-    if runs >= 0:
-        _remember(module, runs, after)
     if len(_MICRO) >= MAX_MICRO:
         _MICRO.clear()
+    if step is not None and after != before:
+        changed = (after, layout, phase, vocab, target)
+        if changed in _MICRO:  # a call on a module in that state already ran
+            if _MICRO[changed] != step:
+                step = None
+        else:
+            again, settled = _micro_step(module, layout, phase, vocab)
+            if again != step or settled != after:
+                step = None
+            else:
+                # That second call ran on the changed module: its answer for that state.
+                _MICRO[changed] = again
+            after = settled
+    if runs >= 0:
+        _remember(module, runs, after)
     _MICRO[key] = step
     return step
 
