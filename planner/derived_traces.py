@@ -695,6 +695,7 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
     recordings: dict[tuple, Recording | None] = {}
     outcomes: dict[tuple, Any] = {}
     representatives: dict[tuple, str] = {}
+    failed: set[tuple] = set()
 
     def key_of(config: Any, workload: Workload, precision: str, compute_dtype: str,
                options: dict[str, Any]) -> tuple:
@@ -724,8 +725,15 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
         plain = reference_row(precision, compute_dtype)
         if plain is None:
             return tracer(config, workload, precision, compute_dtype, **options)
-        recorded(config, workload, plain, compute_dtype, options)
-        recording = recordings.get(key_of(config, workload, plain, compute_dtype, options))
+        plain_key = key_of(config, workload, plain, compute_dtype, options)
+        if plain_key not in failed:
+            try:
+                recorded(config, workload, plain, compute_dtype, options)
+            except Exception:
+                # The plain row's step fails (its own error is raised where it is asked
+                # for): the candidate's is traced, as without derivation.
+                failed.add(plain_key)
+        recording = recordings.get(plain_key)
         if recording is None or recording.problem:
             return tracer(config, workload, precision, compute_dtype, **options)
         # Rows of one trace group run the same step (planner/precision.py: trace_group,

@@ -16,6 +16,7 @@ from qplan.api import make_workload
 from qplan.planner import derived_traces, reuse
 from qplan.planner.components import trace_components, workload_components
 from qplan.planner.inventory import build_meta_model, take_inventory
+from qplan.planner.precision import PRECISIONS
 
 BNB = ("int8", "fp4", "nf4", "fp4-dq", "nf4-dq")
 WORKLOADS = ((1, 1), (2, 37), (1, 70))
@@ -183,3 +184,22 @@ def test_a_weight_read_outside_its_layer_stops_the_derivation(monkeypatch):
                                            target="cuda", **OPTIONS)
     # The recording names the problem, so no derivation is even tried.
     assert answers == []
+
+
+def test_a_failing_plain_step_leaves_the_candidates_traced():
+    # Only nf4 planned (--precisions nf4): the bf16 step is recorded on demand; where it
+    # fails, nf4 is traced as without derivation, and bf16 raises where it is asked for.
+    config = make_config("llama")
+    workload = make_workload("inference", config, batch=1, seq_len=8)
+
+    def tracer(config, workload, precision, compute_dtype, **options):
+        if PRECISIONS[precision].full_dtype == "bfloat16":
+            raise RuntimeError("the plain step fails")
+        return trace_components(config, workload, precision, compute_dtype, **options)
+
+    derived = derived_traces.deriving(tracer)
+    for precision in ("nf4", "int8"):
+        assert derived(config, workload, precision, "bfloat16", target="cuda", **OPTIONS) == \
+            trace_components(config, workload, precision, "bfloat16", target="cuda", **OPTIONS)
+    with pytest.raises(RuntimeError, match="plain step fails"):
+        derived(config, workload, "bf16", "bfloat16", target="cuda", **OPTIONS)
