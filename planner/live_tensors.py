@@ -57,8 +57,9 @@ class LiveTensorTracker(TorchDispatchMode):
         self.segment: tuple[str, ...] = ()
         self.tagger = tagger
         self._serials = itertools.count()
-        # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
-        self._live: dict[int, tuple[int, int, Any]] = {}
+        # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it,
+        # nbytes as the CUDA allocator rounds it)
+        self._live: dict[int, tuple[int, int, Any, int]] = {}
         self._events: list[tuple[int, int, str, str | None]] = []  # (serial, ±nbytes, ...)
         self.current = 0
         self.current_allocated = 0
@@ -76,6 +77,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.host_peak = 0
         self._untracked = 0
         self._memo: bool | None = None
+        # (phase, segment) -> the phase_peaks keys a new storage updates.
+        self._peak_keys: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -107,18 +110,29 @@ class LiveTensorTracker(TorchDispatchMode):
         """Log a new storage in the current phase and part, and update every peak. Also
         what a replayed log runs (planner/derived_traces.py), so a derived step peaks
         exactly as a traced one."""
-        self._events.append((serial, nbytes, self.phase, tag))
-        self.current += nbytes
+        events = self._events
+        events.append((serial, nbytes, self.phase, tag))
+        current = self.current = self.current + nbytes
         self.current_allocated += alloc_size(nbytes)
         if self.current_allocated > self.peak_allocated:
             self.peak_allocated = self.current_allocated
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_event = len(self._events) - 1
+        index = len(events) - 1
+        if current > self.peak:
+            self.peak = current
+            self._peak_event = index
             self._peak_phase = self.phase
-        self._record_phase_peak(self.phase)
-        for name in self.segment:
-            self._record_phase_peak(f"{self.phase}:{name}")
+        # The phase's peak, then each named part's ("phase:name"): the keys are made once
+        # per (phase, segment), not at every storage (a Mamba scan makes one per token).
+        names = (self.phase, self.segment)
+        keys = self._peak_keys.get(names)
+        if keys is None:
+            keys = self._peak_keys[names] = (
+                self.phase, *(f"{self.phase}:{name}" for name in self.segment))
+        peaks = self.phase_peaks
+        for name in keys:
+            if current > peaks.get(name, 0):
+                peaks[name] = current
+                self._phase_peak_events[name] = index
 
     def _add_host(self, storage: Any, key: int, nbytes: int) -> None:
         self._host_live[key] = nbytes
@@ -130,11 +144,6 @@ class LiveTensorTracker(TorchDispatchMode):
         nbytes = self._host_live.pop(key, None)
         if nbytes is not None:
             self.host_current -= nbytes
-
-    def _record_phase_peak(self, key: str) -> None:
-        if self.current > self.phase_peaks.get(key, 0):
-            self.phase_peaks[key] = self.current
-            self._phase_peak_events[key] = len(self._events) - 1
 
     def add_all(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:

@@ -34,7 +34,7 @@ MAX_ENTRIES = 200_000
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
             torch.memory_format)
 _SCALAR_TYPES = frozenset(_SCALARS)
-_FUNCTIONAL: dict[Any, bool] = {}
+_FUNCTIONAL: dict[int, tuple[Any, bool]] = {}  # id(op) -> (op, functional)
 _PLAIN_TYPES: dict[type, bool] = {}
 
 
@@ -52,9 +52,19 @@ def _plain(cls: type) -> bool:
 
 
 def _key(value: Any) -> Any:
+    # The commonest kinds first, by exact type (a scan loop keys millions of arguments):
+    # the tests below are exclusive, so the order changes no key.
     cls = type(value)
+    if cls in _SCALAR_TYPES:
+        # 1, 1.0 and True hash alike but may type an output differently.
+        return (cls, value)
+    if cls is tuple or cls is list:
+        return (cls, tuple([_key(v) for v in value]))
     if cls is torch.Tensor or isinstance(value, torch.Tensor):
-        if (not _plain(cls) or not value.is_meta
+        plain = _PLAIN_TYPES.get(cls)
+        if plain is None:
+            plain = _plain(cls)
+        if (not plain or not value.is_meta
                 or value.layout != torch.strided or value.is_conj() or value.is_neg()):
             raise _Unhashable
         # torch.Size hashes and compares as the tuple of its sizes. No storage offset: a
@@ -64,10 +74,9 @@ def _key(value: Any) -> Any:
         # per-token loop over slices (the Mamba selective scan's reference path,
         # ``discrete_A[:, :, i] * state``) is then one entry, not one per token.
         return (value.dtype, value.shape, value.stride(), value.requires_grad)
-    if cls in _SCALAR_TYPES or isinstance(value, _SCALARS):
-        # 1, 1.0 and True hash alike but may type an output differently.
+    if isinstance(value, _SCALARS):
         return (cls, value)
-    if cls is tuple or cls is list or isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)):
         return (cls, tuple([_key(v) for v in value]))
     if isinstance(value, dict):
         return (dict, tuple((k, _key(v)) for k, v in value.items()))
@@ -75,15 +84,17 @@ def _key(value: Any) -> Any:
 
 
 def _functional(func: Any) -> bool:
-    found = _FUNCTIONAL.get(func)
+    # Keyed by the op's id, not the op: an OpOverload hashes in Python (a tenth of the
+    # memo's own time in a scan loop). The op is kept in the value, so its id stays its own.
+    found = _FUNCTIONAL.get(id(func))
     if found is None:
         schema = getattr(func, "_schema", None)
-        found = schema is not None and not any(
+        functional = schema is not None and not any(
             r.alias_info is not None for r in schema.returns
         ) and not any(a.alias_info is not None and a.alias_info.is_write
                       for a in schema.arguments)
-        _FUNCTIONAL[func] = found
-    return found
+        found = _FUNCTIONAL[id(func)] = (func, functional)
+    return found[1]
 
 
 def _spec(tensor: Any, inputs: set[int]) -> tuple | None:
@@ -140,9 +151,12 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+_META = torch.device("meta")
+
+
 def _make(spec: tuple) -> torch.Tensor:
     shape, stride, dtype = spec
-    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device=_META)
 
 
 def _replay(specs: tuple) -> Any:
