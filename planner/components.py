@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qplan.planner import meta_models, reuse
+from qplan.planner.collector import rare_collections
 from qplan.planner.depths import (
     HOMOGENEOUS,
     TRAILING_LAYER_COUNTS,
@@ -194,6 +195,7 @@ class TraceOutcome:
     host_bytes: int = 0
 
 
+@rare_collections()
 def trace_components(
     config: Any,
     workload: Workload,

@@ -1,0 +1,34 @@
+"""The cyclic garbage collector while the planner traces a step."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+# qplan/cli.py sets the same thresholds for a whole command; CPython's are (700, 10, 10).
+TRACE_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+@contextlib.contextmanager
+def rare_collections() -> Iterator[None]:
+    """Run the block with the cyclic garbage collector's thresholds raised.
+
+    A trace makes millions of short-lived objects (tensors, autograd nodes, event tuples;
+    a Mamba scan a few per token and layer), and at CPython's default thresholds about a
+    fifth of a Mamba trace's CPU time went to collections walking them and all that torch
+    and transformers imported. The figures do not depend on the collector: the tracker
+    counts a storage freed when its reference count drops, never in a collection
+    (tests/test_ssm_speed.py checks both that and equal components with a collection every
+    few allocations). A collector turned off (threshold 0) is left off; the thresholds
+    are restored afterwards."""
+    before = gc.get_threshold()
+    if before[0] == 0:
+        yield
+        return
+    gc.set_threshold(*(max(old, new) for old, new in zip(before, TRACE_GC_THRESHOLDS,
+                                                          strict=True)))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
