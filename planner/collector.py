@@ -6,7 +6,9 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-# qplan/cli.py sets the same thresholds for a whole command; CPython's are (700, 10, 10).
+# (allocations before a young collection, young collections before a middle one, middle
+# ones before a full one); CPython's defaults are (700, 10, 10). qplan/cli.py sets the same
+# for a whole command.
 TRACE_GC_THRESHOLDS = (100_000, 50, 100)
 
 

@@ -39,6 +39,7 @@ from qplan.errors import (
     reset_step,
     unexpected_summary,
 )
+from qplan.planner.collector import TRACE_GC_THRESHOLDS
 from qplan.planner.workloads import IMAGE_MODES, WORKLOADS, modes_help
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
@@ -891,9 +892,8 @@ def load(
              model=model or (from_report and f"--from-report {from_report}"))
 
 
-# (allocations before a young collection, young collections before a middle one, middle
-# ones before a full one); CPython's defaults are (700, 10, 10).
-GC_THRESHOLDS = (100_000, 50, 100)
+# The thresholds traces run under (planner/collector.py), for the whole command.
+GC_THRESHOLDS = TRACE_GC_THRESHOLDS
 
 
 def main() -> None:
