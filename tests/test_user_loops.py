@@ -171,3 +171,24 @@ def test_trainer_peak_with_liger_rope_and_norms(tiny_model_dir):
     apply_liger_kernels(model, True, True, sms=DEFAULT_SMS, rope=True)
     measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=True)
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "liger")
+
+
+# The bitsandbytes inference plans are derived from the bf16 step (planner/derived_traces.py),
+# not traced: the real generate on a bitsandbytes-quantised model (bnb runs LLM.int8 and
+# 4-bit layers on CPU) against the derived plan.
+@pytest.mark.parametrize("precision", ["int8", "nf4", "nf4-dq"])
+def test_generate_peak_of_derived_bitsandbytes_plans(tiny_model_dir, monkeypatch, precision):
+    from qplan.planner import derived_traces
+
+    derived = []
+    real_derive = derived_traces.derive
+    monkeypatch.setattr(derived_traces, "derive",
+                        lambda *a, **k: derived.append(1) or real_derive(*a, **k))
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "inference", precision)
+    assert derived, "the plan was traced, not derived"
+    model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+    measured = generate_peak(model, BATCH, SEQ)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, precision)
+    assert predicted.components["kv_cache"] == measured.kv_cache_bytes
