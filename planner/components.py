@@ -330,6 +330,14 @@ def trace_outcome(snapshot: PeakSnapshot, seen: StepTensors, phase_peaks: dict[s
     return TraceOutcome(parts, peak, phase_peaks, phase_components, host)
 
 
+def step_key(config: Any, workload: Workload, precision: str, compute_dtype: str,
+             options: dict[str, Any]) -> tuple:
+    """What identifies one traced step among the plans of one config (its arguments)."""
+    return (id(config), workload, precision, compute_dtype,
+            tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                         for k, v in options.items())))
+
+
 def shared_traces(tracer: Callable[..., TraceOutcome]) -> Callable[..., TraceOutcome]:
     """``tracer`` for the plans of one config: a step traced with the same arguments again
     returns the first outcome. Precisions traced as another row (fp8 as its bf16 proxy,
@@ -341,9 +349,7 @@ def shared_traces(tracer: Callable[..., TraceOutcome]) -> Callable[..., TraceOut
               **options: Any) -> TraceOutcome:
         if not reuse.enabled():
             return tracer(config, workload, precision, compute_dtype, **options)
-        key = (id(config), workload, precision, compute_dtype,
-               tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                            for k, v in options.items())))
+        key = step_key(config, workload, precision, compute_dtype, options)
         found = outcomes.get(key)
         if found is None:
             found = outcomes[key] = tracer(config, workload, precision, compute_dtype,

@@ -34,6 +34,7 @@ What must hold, else the candidate is traced as before (``derive`` answers None)
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import sys
@@ -686,26 +687,26 @@ def reference_row(precision: str, compute_dtype: str) -> str | None:
     return find_precision("none", full_dtype=load_dtype_for(prec, compute_dtype))
 
 
+@functools.cache
+def _plain_rows(compute_dtype: str) -> frozenset[str | None]:
+    """The rows other candidates derive from, at ``compute_dtype``."""
+    return frozenset(reference_row(name, compute_dtype) for name in PRECISIONS)
+
+
 def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
     """``tracer`` (``trace_components``) for the plans of one config, with the inference
     steps of candidates whose method ``replaces_linear_only`` derived from their plain
     row's recorded step (traced first when it was not yet). Off on the reference path."""
-    from qplan.planner.components import step_model, trace_outcome
+    from qplan.planner.components import step_key, step_model, trace_outcome
 
     recordings: dict[tuple, Recording | None] = {}
     outcomes: dict[tuple, Any] = {}
     representatives: dict[tuple, str] = {}
     failed: set[tuple] = set()
 
-    def key_of(config: Any, workload: Workload, precision: str, compute_dtype: str,
-               options: dict[str, Any]) -> tuple:
-        return (id(config), workload, precision, compute_dtype,
-                tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                             for k, v in options.items())))
-
     def recorded(config: Any, workload: Workload, precision: str, compute_dtype: str,
                  options: dict[str, Any]) -> Any:
-        key = key_of(config, workload, precision, compute_dtype, options)
+        key = step_key(config, workload, precision, compute_dtype, options)
         if key not in outcomes:
             recorder = Recorder()
             outcomes[key] = tracer(config, workload, precision, compute_dtype,
@@ -719,13 +720,12 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
                   and meta_models.config_key(config) is not None)
         if not usable:
             return tracer(config, workload, precision, compute_dtype, **options)
-        plain_rows = {reference_row(name, compute_dtype) for name in PRECISIONS}
-        if precision in plain_rows:
+        if precision in _plain_rows(compute_dtype):
             return recorded(config, workload, precision, compute_dtype, options)
         plain = reference_row(precision, compute_dtype)
         if plain is None:
             return tracer(config, workload, precision, compute_dtype, **options)
-        plain_key = key_of(config, workload, plain, compute_dtype, options)
+        plain_key = step_key(config, workload, plain, compute_dtype, options)
         if plain_key not in failed:
             try:
                 recorded(config, workload, plain, compute_dtype, options)
