@@ -49,9 +49,7 @@ def shared(key: tuple, build: Callable[[], T]) -> T:
         _MODELS.move_to_end(key)
         return found
     made = build()
-    _MODELS[key] = made
-    if len(_MODELS) > MAX_MODELS:
-        _MODELS.popitem(last=False)
+    keep(key, made)
     return made
 
 
