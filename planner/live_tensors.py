@@ -57,9 +57,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.segment: tuple[str, ...] = ()
         self.tagger = tagger
         self._serials = itertools.count()
-        # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it,
-        # nbytes as the CUDA allocator rounds it)
-        self._live: dict[int, tuple[int, int, Any, int]] = {}
+        # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
+        self._live: dict[int, tuple[int, int, Any]] = {}
         self._events: list[tuple[int, int, str, str | None]] = []  # (serial, ±nbytes, ...)
         self.current = 0
         self.current_allocated = 0
