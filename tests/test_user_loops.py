@@ -192,3 +192,29 @@ def test_generate_peak_of_derived_bitsandbytes_plans(tiny_model_dir, monkeypatch
     measured = generate_peak(model, BATCH, SEQ)
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, precision)
     assert predicted.components["kv_cache"] == measured.kv_cache_bytes
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("qlora", "nf4"), ("full", "bf16")])
+def test_trainer_peak_on_a_reused_prepared_model(tiny_model_dir, monkeypatch, mode, precision):
+    """A plan at another batch size runs its step on the model the first plan prepared
+    (planner/prepared_models.py, as --solve's probes do): against Trainer at that batch."""
+    from qplan.planner import meta_models
+
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    meta_models.clear()
+    estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision, target="cpu",
+             batch=1, seq_len=SEQ, gradient_checkpointing=True, lora_r=8)
+    taken = []
+    real_take = meta_models.take
+    monkeypatch.setattr(meta_models, "take",
+                        lambda key: taken.append(real_take(key)) or taken[-1])
+    predicted = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                         target="cpu", batch=BATCH, seq_len=SEQ, gradient_checkpointing=True,
+                         lora_r=8).candidate(precision)
+    assert any(found is not None for found in taken), "the prepared model was not reused"
+    model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+    if mode != "full":
+        model = lora_model(model, r=8, quantized=True)
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=True)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, mode)
