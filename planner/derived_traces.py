@@ -235,7 +235,7 @@ _SHAPES: dict[int, tuple[weakref.ref, int, tuple]] = {}
 def model_shape(model: nn.Module) -> tuple[dict[str, tuple], tuple[tuple[str, str], ...], bool]:
     """``structure``, ``model_dtypes`` and ``asks_if_quantized`` of ``model``; read again
     once a step ran on it."""
-    from qplan.planner.trace import runs_on
+    from qplan.planner.step_runs import runs_on
 
     runs = runs_on(model)
     found = _SHAPES.get(id(model))
@@ -499,7 +499,7 @@ def micro_step(module: nn.Module, layout: TensorLayout, phase: str, vocab: int,
                target: str, context: Callable[[], None], runs: int = -1) -> MicroStep | None:
     """``_micro_step``, remembered per module fingerprint, input layout, phase, vocabulary
     (which storages are tagged logits) and target; ``runs``: the steps run on the
-    module's model (``trace.runs_on``), for reusing its fingerprint until one more runs
+    module's model (``step_runs.runs_on``), for reusing its fingerprint until one more runs
     (-1: read it afresh). A call that changes its module (a
     first call sets bitsandbytes' compute type) is run again on the changed module: the
     two must log the same and leave it unchanged, as every later call then finds it."""
@@ -576,7 +576,8 @@ def derive(recording: Recording, model: nn.Module, target: str, phase_snapshots:
     plain row's ``recording``: what ``planner/trace.py: trace`` returns, or None when it
     cannot be derived exactly. ``context()`` enters what a trace runs under, before the
     first layer is run on its own."""
-    from qplan.planner.trace import runs_on, use_static_experts, vocab_tagger
+    from qplan.planner.step_runs import runs_on
+    from qplan.planner.trace import use_static_experts, vocab_tagger
 
     if recording.problem:
         return None
@@ -644,7 +645,7 @@ def _model_tensors(model: nn.Module, tagger: Callable[[torch.Tensor], str | None
                    ) -> tuple[tuple[Event, ...], frozenset[int]]:
     """The log ``track_model`` makes of the model's own tensors (negative serials), as the
     start of a trace logs them, and their serials; read again once a step ran on it."""
-    from qplan.planner.trace import runs_on
+    from qplan.planner.step_runs import runs_on
 
     runs = runs_on(model)
     found = _MODEL_TENSORS.get(id(model))

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplan.planner.step_runs import RUNS_KEY
+
 # How far into plain objects held by modules and tensors (bitsandbytes' int8 state, a
 # 4-bit weight's quant state and its nested state, the model's config) the record looks.
 _OBJECT_DEPTH = 3
@@ -55,6 +57,9 @@ class _Recorder:
             add(name)
             add(id(module))
             for key, value in vars(module).items():
+                if key == RUNS_KEY:
+                    # qplan's count of the steps run on the model: every step adds one.
+                    continue
                 if isinstance(value, _CONTAINERS) and not value:
                     # nn.Module's bookkeeping is mostly empty dictionaries and sets (no
                     # hooks): leaving them out keeps the record short; one that fills

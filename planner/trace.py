@@ -47,6 +47,7 @@ from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.patching import swapped
 from qplan.planner.quant import all_trace_patches
 from qplan.planner.quiet_logs import quiet
+from qplan.planner.step_runs import mark_run
 from qplan.planner.steps import StepTensors, run_workload
 from qplan.planner.workload import Workload
 
@@ -372,20 +373,6 @@ def vocab_tagger(vocab: int):
         return None
 
     return tag
-
-
-# How many steps ran on a model, kept on the model: a step may change its modules (a
-# layer's first call sets its compute type), so what was read off them before is stale
-# (planner/derived_traces.py).
-RUNS_KEY = "_qplan_steps_run"
-
-
-def mark_run(model: Any) -> None:
-    model.__dict__[RUNS_KEY] = model.__dict__.get(RUNS_KEY, 0) + 1
-
-
-def runs_on(model: Any) -> int:
-    return model.__dict__.get(RUNS_KEY, 0)
 
 
 def trace(
