@@ -78,6 +78,9 @@ class LiveTensorTracker(TorchDispatchMode):
         self._memo: bool | None = None
         # (phase, segment) -> the phase_peaks keys a new storage updates.
         self._peak_keys: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        # While a section of the step is recorded for repeating it (planner/
+        # repeated_steps.py): the part of the phase each new storage was made in.
+        self.segment_log: list[tuple[str, ...]] | None = None
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -111,6 +114,8 @@ class LiveTensorTracker(TorchDispatchMode):
         exactly as a traced one."""
         events = self._events
         events.append((serial, nbytes, self.phase, tag))
+        if self.segment_log is not None:
+            self.segment_log.append(self.segment)
         current = self.current = self.current + nbytes
         self.current_allocated += alloc_size(nbytes)
         if self.current_allocated > self.peak_allocated:
@@ -147,6 +152,29 @@ class LiveTensorTracker(TorchDispatchMode):
     def add_all(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
             self.add(tensor)
+
+    def attach(self, tensor: torch.Tensor, serial: int) -> None:
+        """Own ``tensor``'s storage as ``serial``, a storage the log already counted (a
+        repeated section's gradient, planner/repeated_steps.py): its release is logged as
+        that serial's, and nothing is counted now."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
+                          self._release(key, serial))
+        self._live[key] = (serial, storage.nbytes(), ref)
+
+    def new_serial(self) -> int:
+        return next(self._serials)
+
+    def live_serials(self) -> set[int]:
+        return {known[0] for known in self._live.values()}
+
+    def events_since(self, index: int) -> list[tuple[int, int, str, str | None]]:
+        """The log from event ``index`` on (``event_count()`` before a section)."""
+        return self._events[index:]
+
+    def event_count(self) -> int:
+        return len(self._events)
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         known = self._live.get(id(tensor.untyped_storage()))

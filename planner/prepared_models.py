@@ -53,7 +53,17 @@ class _Recorder:
     def model(self, model: nn.Module) -> tuple:
         out: list[Any] = []
         add = out.append
-        for name, module in model.named_modules(remove_duplicate=False):
+        # Every module under every name it has, parents first (named_modules with
+        # remove_duplicate=False), walked with a stack: the nested generators of
+        # named_modules cost more than the record itself on deep peft trees.
+        stack: list[tuple[str, nn.Module]] = [("", model)]
+        while stack:
+            name, module = stack.pop()
+            children = module._modules
+            if children:
+                prefix = name + "." if name else ""
+                stack.extend((prefix + child, sub) for child, sub in reversed(children.items())
+                             if sub is not None)
             add(name)
             add(id(module))
             for key, value in vars(module).items():

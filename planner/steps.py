@@ -11,9 +11,11 @@ What they run is the loops users run (tests/test_user_loops.py runs those for re
   whose labels are a tensor of their own (the default collator stacks them apart from the
   input ids), forward with labels, backward, gradient clipping to norm 1.0 (max_grad_norm),
   the optimizer step (fused AdamW by default), zero_grad; the second step starts with the
-  optimizer states the first one created. No autocast: ``TrainingArguments(bf16=False)``,
-  the default, with the model loaded in the plan's dtype. With a fused linear
-  cross-entropy the forward is the decoder and the fused loss (planner/fused_ce.py).
+  optimizer states the first one created (its forward and backward are counted from the
+  first's log where they provably run the same: planner/repeated_steps.py). No autocast:
+  ``TrainingArguments(bf16=False)``, the default, with the model loaded in the plan's dtype.
+  With a fused linear cross-entropy the forward is the decoder and the fused loss
+  (planner/fused_ce.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from qplan.planner.depths import HOMOGENEOUS, LayerPattern, segment_keys
 from qplan.planner.fused_ce import fused_ce_loss
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.patching import swapped
+from qplan.planner.repeated_steps import StepRepeater, repeatable
 from qplan.planner.workload import Workload
 
 # transformers' TrainingArguments default.
@@ -429,7 +432,12 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, workload.optimizer, device)
     model.train()
-    for micro in range(steps):
+    # The later optimizer steps' forward and backward counted from the first's log where
+    # they provably run the same (planner/repeated_steps.py).
+    repeater = (StepRepeater(model, params, tracker, seen)
+                if repeatable(params, workload, loss_of is not None) else None)
+
+    def forward_backward() -> None:
         with _step_context(model, workload, tracker):
             tracker.phase, tracker.segment = "forward", ("embed",)
             if loss_of is not None:
@@ -451,8 +459,19 @@ def run_training(
                 serial = tracker.serial_of(param.grad)
                 if serial is not None:
                     seen.gradients.add(serial)
-        if (micro + 1) % accumulation:
-            continue
+
+    for first in range(0, steps, accumulation):
+        micros = range(first, min(first + accumulation, steps))
+        whole = len(micros) == accumulation
+        if not (repeater is not None and first > 0 and whole and repeater.repeat()):
+            recording = (repeater.recording() if repeater is not None and first == 0 and whole
+                         else contextlib.nullcontext())
+            with recording:
+                for _ in micros:
+                    forward_backward()
+        if not whole:
+            # An accumulation cut short: no update.
+            break
         tracker.phase = "optimizer"
         # Trainer's max_grad_norm=1.0 (accelerate's clip_grad_norm_ -> torch's).
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

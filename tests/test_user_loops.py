@@ -220,3 +220,28 @@ def test_trainer_peak_on_a_reused_prepared_model(tiny_model_dir, monkeypatch, mo
         model = lora_model(model, r=8, quantized=True)
     measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=True)
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, mode)
+
+
+# The second optimizer step's forward and backward are counted from the first's log
+# (planner/repeated_steps.py), not run: Trainer's two real steps against such plans.
+@pytest.mark.parametrize(("mode", "precision", "gc"),
+                         [("qlora", "nf4", True), ("lora", "bf16", False), ("full", "bf16", False)])
+def test_trainer_peak_of_plans_whose_second_step_was_counted(tiny_model_dir, monkeypatch, mode,
+                                                              precision, gc):
+    from qplan.planner import repeated_steps
+
+    repeated = []
+    real_repeat = repeated_steps.StepRepeater.repeat
+    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat",
+                        lambda self: repeated.append(real_repeat(self)) or repeated[-1])
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, precision, gradient_checkpointing=gc, lora_r=8)
+    assert repeated and all(repeated), "the second step was run, not counted"
+    model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+    if mode != "full":
+        model = lora_model(model, r=8, quantized=precision == "nf4")
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
+    print(mode, precision, predicted.peak_allocated_bytes, measured.peak_bytes,
+          f"{(predicted.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes:+.4%}")
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, precision))

@@ -1,0 +1,188 @@
+"""The forward and backward of a training trace's second optimizer step, counted from
+the first's log instead of run again.
+
+run_training traces two optimizer steps, as Trainer runs them: the second runs beside the
+optimizer state the first update made, which is where training peaks. Its forward and
+backward run the same code, on the same inputs, on a model left as it was, so on meta
+tensors they make and free storages of the same sizes in the same order. Counting the
+first step's log again on top of what the first update left (fresh serials; the same
+sizes, phases, parts and tags, through the tracker's own counting) gives every peak, part
+peak and live set that running them gives, for half the model code. The update itself
+still runs for real, on gradients laid out as the first backward made them.
+
+The log is counted again only where nothing the tracker can see tells the two steps apart:
+
+* the model's record (planner/prepared_models.state_of: its modules, tensors, flags,
+  hooks and attributes) when the second step starts equals the record when the first
+  started; a layer that changes on its first call (bitsandbytes' int8 state) is run again;
+* the first step's forward and backward freed no storage made before them, and when they
+  ended the only storages of theirs still alive were the parameters' gradients, one
+  dense storage each, laid out like their parameter (and empty ones, which weigh nothing);
+* none of their storages is alive when the second step starts;
+* no parameter runs a hook on its gradient (code the log does not hold: an optimizer in
+  the backward), nothing went to host memory (activation offloading), and the loss is the
+  causal-LM one (a workload's own loss may keep state outside the model: a trainer, a
+  reference model).
+
+Otherwise the second step runs for real, and always on the reference path
+(``QPLAN_REUSE=0``), which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qplan.planner import reuse
+from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.prepared_models import state_of
+
+
+@dataclass(frozen=True)
+class _Gradient:
+    param: nn.Parameter
+    serial: int  # in the recorded section
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Section:
+    record: tuple  # state_of(model) when the section started
+    events: tuple[tuple[int, int, str, str | None], ...]
+    segments: tuple[tuple[str, ...], ...]  # the part each new storage was made in
+    made: frozenset[int]
+    gradients: tuple[_Gradient, ...]
+    empty: frozenset[int]  # zero-byte storages still alive when the section ended
+    phase: str  # the tracker's phase and part when the section ended
+    segment: tuple[str, ...]
+
+
+def repeatable(params: list[nn.Parameter], workload: Any, own_loss: bool) -> bool:
+    """Whether a training run may count its later optimizer steps' forward and backward
+    from the first's log (the conditions the step itself cannot check later)."""
+    if own_loss or workload.activation_offloading or not reuse.enabled():
+        return False
+    return not any(getattr(p, "_post_accumulate_grad_hooks", None) or p._backward_hooks
+                   for p in params)
+
+
+class StepRepeater:
+    """Records the forward and backward of one optimizer step (``recording``) and counts
+    them again for a later one (``repeat``) when that step provably runs the same."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter],
+                 tracker: LiveTensorTracker, seen: Any) -> None:
+        self._model = model
+        self._params = params
+        self._tracker = tracker
+        self._seen = seen
+        self._section: _Section | None = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        tracker, seen = self._tracker, self._seen
+        record = state_of(self._model)
+        start = tracker.event_count()
+        before = _other_roles(seen)
+        host = (tracker.host_current, tracker.host_peak)
+        tracker.segment_log = segments = []
+        try:
+            yield
+        finally:
+            tracker.segment_log = None
+        if _other_roles(seen) != before or (tracker.host_current, tracker.host_peak) != host:
+            return
+        self._section = self._section_of(record, tuple(tracker.events_since(start)),
+                                         tuple(segments))
+
+    def _section_of(self, record: tuple, events: tuple, segments: tuple) -> _Section | None:
+        # A storage's first event makes it, its second frees it: the sign alone cannot
+        # tell, as an empty storage's release is logged as -0 bytes.
+        made: set[int] = set()
+        freed: set[int] = set()
+        sizes: dict[int, int] = {}
+        for serial, nbytes, *_ in events:
+            if serial in made:
+                freed.add(serial)
+            elif nbytes < 0:
+                return None  # a storage made before the section
+            else:
+                made.add(serial)
+                sizes[serial] = nbytes
+        if len(segments) != len(made):
+            return None  # an empty storage made before the section, released in it
+        gradients = []
+        for param in self._params:
+            grad = param.grad
+            if grad is None:
+                continue
+            serial = self._tracker.serial_of(grad)
+            storage = grad.untyped_storage().nbytes()
+            dense = (grad.storage_offset() == 0 and grad.is_contiguous()
+                     and storage == grad.numel() * grad.element_size())
+            if (serial is None or not dense or grad.dtype != param.dtype
+                    or grad.shape != param.shape or grad.device != param.device):
+                return None
+            gradients.append(_Gradient(param, serial, tuple(grad.shape), tuple(grad.stride()),
+                                       grad.dtype, storage))
+        serials = [g.serial for g in gradients]
+        # Empty storages the backward leaves to the autograd engine weigh nothing: they
+        # are released with the section's end, which no count can tell from later.
+        empty = frozenset(s for s in made - freed - set(serials) if sizes[s] == 0)
+        if len(set(serials)) != len(serials) or set(serials) != made - freed - empty:
+            return None
+        return _Section(record, events, segments, frozenset(made), tuple(gradients), empty,
+                        self._tracker.phase, self._tracker.segment)
+
+    def repeat(self) -> bool:
+        """Count the recorded section again, as this optimizer step's forward and
+        backward, and give the parameters their gradients; False (nothing counted) when
+        this step could run differently."""
+        section, tracker = self._section, self._tracker
+        if section is None or any(p.grad is not None for p in self._params):
+            return False
+        if tracker.live_serials() & section.made or state_of(self._model) != section.record:
+            return False
+        # The gradients first (nothing counted), so a layout that would differ stops here.
+        with tracker.untracked():
+            grads = [torch.empty_strided(g.shape, g.stride, dtype=g.dtype,
+                                         device=g.param.device) for g in section.gradients]
+        if any(grad.untyped_storage().nbytes() != g.nbytes
+               for grad, g in zip(grads, section.gradients, strict=True)):
+            return False
+        serials: dict[int, int] = {}
+        segments = iter(section.segments)
+        for serial, nbytes, phase, tag in section.events:
+            tracker.phase = phase
+            new = serials.get(serial)
+            if new is None:
+                serials[serial] = new = tracker.new_serial()
+                tracker.segment = next(segments)
+                tracker._count(new, nbytes, tag)
+            else:
+                tracker._uncount(new, -nbytes)
+        for serial in section.empty:
+            tracker._uncount(serials[serial], 0)
+        tracker.phase, tracker.segment = section.phase, section.segment
+        for grad, g in zip(grads, section.gradients, strict=True):
+            g.param.grad = grad
+            tracker.attach(grad, serials[g.serial])
+            self._seen.gradients.add(serials[g.serial])
+        return True
+
+
+def _other_roles(seen: Any) -> dict[str, Any]:
+    """What the step has found so far, but the gradients (which the section adds)."""
+    found = {name: copy.copy(value) for name, value in vars(seen).items()
+             if name != "gradients"}
+    found["roles"] = {name: set(value) for name, value in seen.roles.items()}
+    return found

@@ -1,0 +1,111 @@
+"""A training trace's second optimizer step, its forward and backward counted from the
+first's log (planner/repeated_steps.py), equals the step run: every component at the peak
+and at every phase and part peak, as on the reference path (``QPLAN_REUSE=0``), which runs
+both steps. Where the second step could run differently, it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_config
+
+from qplan.api import make_workload
+from qplan.planner import repeated_steps, reuse
+from qplan.planner.components import trace_components
+
+OPTIONS = dict(quant_storage="uint8", skip_modules=None, trust_remote_code=False)
+
+
+@pytest.fixture
+def repeats(monkeypatch) -> list[bool]:
+    """What every StepRepeater.repeat answered."""
+    answers: list[bool] = []
+    real = repeated_steps.StepRepeater.repeat
+
+    def repeat(self) -> bool:
+        answers.append(real(self))
+        return answers[-1]
+
+    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat", repeat)
+    return answers
+
+
+def _both(config, mode: str, precision: str, layers: int | None = None, seq_len: int = 48,
+          **options):
+    workload = make_workload(mode, config, batch=2, seq_len=seq_len, **options)
+    kwargs = dict(OPTIONS, target="cuda", layers=layers)
+    fast = trace_components(config, workload, precision, "bfloat16", **kwargs)
+    with reuse.disabled():
+        reference = trace_components(config, workload, precision, "bfloat16", **kwargs)
+    return fast, reference
+
+
+CASES = [
+    ("llama", "lora", "bf16", {}),
+    ("llama", "qlora", "nf4", {}),
+    ("llama", "qlora", "fp4-dq", {"gradient_checkpointing": False}),
+    ("llama", "full", "bf16", {"gradient_checkpointing": False}),
+    ("llama", "full", "bf16", {"optimizer": "adamw_8bit"}),
+    ("llama", "lora", "bf16", {"fused_ce": "liger"}),
+    ("llama", "lora", "bf16", {"sample_packing": True, "attn": "flash_attention_2"}),
+    ("mixtral", "lora", "bf16", {}),
+    ("gemma3", "full", "bf16", {}),
+    ("deepseek_v3", "qlora", "nf4", {}),
+    ("qwen2_5_vl", "lora", "bf16", {"images": 1, "seq_len": 300}),
+    ("nemotron_h", "qlora", "nf4", {}),
+]
+
+
+@pytest.mark.parametrize(("arch", "mode", "precision", "options"), CASES,
+                         ids=[f"{a}-{m}-{p}-{'-'.join(o) or 'default'}"
+                              for a, m, p, o in CASES])
+@pytest.mark.parametrize("layers", [None, 1])
+def test_repeated_steps_equal_the_steps_run(arch, mode, precision, options, layers, repeats):
+    # layers=1: a shallow trace of a deeper model, whose phase and part peaks are kept
+    # for extrapolating; None: the whole (tiny) model.
+    fast, reference = _both(make_config(arch), mode, precision, layers, **options)
+    assert repeats == [True], "the second step was run, not counted from the first"
+    assert fast == reference
+
+
+def test_a_layer_that_changes_on_its_first_call_is_run_again(repeats):
+    # bitsandbytes' int8 layers set their state on the first call (the int8 weight's
+    # row index, is_training): the second step may run differently, so it runs.
+    fast, reference = _both(make_config("llama"), "lora", "int8")
+    assert repeats == [False]
+    assert fast == reference
+
+
+def test_a_model_that_keeps_a_tensor_from_its_step_runs_the_next_one(monkeypatch, repeats):
+    # A layer that keeps something its forward made (a cache): the first step's storages
+    # are not all freed, and the model's record changed.
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.LlamaRMSNorm.forward
+
+    def keeping(self, hidden):
+        out = real(self, hidden)
+        self.kept = out.detach()
+        return out
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", keeping)
+    fast, reference = _both(make_config("llama"), "lora", "bf16")
+    assert repeats == [False]
+    assert fast == reference
+
+
+def test_workloads_with_their_own_loss_or_gradient_hooks_run_every_step():
+    workload = make_workload("lora", make_config("llama"), batch=1, seq_len=8)
+    with torch.device("meta"):
+        param = torch.nn.Parameter(torch.empty(4))
+    assert repeated_steps.repeatable([param], workload, own_loss=False)
+    # A trainer's or a reference model's state lives outside the model.
+    assert not repeated_steps.repeatable([param], workload, own_loss=True)
+    with reuse.disabled():
+        assert not repeated_steps.repeatable([param], workload, own_loss=False)
+    # An optimizer in the backward: code the log does not hold.
+    param.register_post_accumulate_grad_hook(lambda p: None)
+    assert not repeated_steps.repeatable([param], workload, own_loss=False)
+    offloading = make_workload("lora", make_config("llama"), batch=1, seq_len=8,
+                               activation_offloading=True)
+    assert not repeated_steps.repeatable([], offloading, own_loss=False)
