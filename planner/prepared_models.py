@@ -18,6 +18,7 @@ step differ.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from qplan.planner.step_runs import RUNS_KEY
 _OBJECT_DEPTH = 3
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device))
 _SEQUENCES = (list, tuple, set, frozenset)
-_CONTAINERS = (dict, *_SEQUENCES)
+# The exact types of nn.Module's own bookkeeping containers (an empty one is left out).
+_CONTAINER_TYPES = frozenset((dict, list, tuple, set, frozenset, OrderedDict))
 
 
 # Kept in place of a prepared model whose step left it changed: the next steps of that
@@ -53,6 +55,7 @@ class _Recorder:
     def model(self, model: nn.Module) -> tuple:
         out: list[Any] = []
         add = out.append
+        value_of = self.value
         # Every module under every name it has, parents first (named_modules with
         # remove_duplicate=False), walked with a stack: the nested generators of
         # named_modules cost more than the record itself on deep peft trees.
@@ -66,11 +69,14 @@ class _Recorder:
                              if sub is not None)
             add(name)
             add(id(module))
-            for key, value in vars(module).items():
-                if key == RUNS_KEY:
-                    # qplan's count of the steps run on the model: every step adds one.
+            for key, value in module.__dict__.items():
+                cls = type(value)
+                if cls in _PLAIN:
+                    if key != RUNS_KEY:  # qplan's count of the steps run: each adds one
+                        add(key)
+                        add((cls, value))
                     continue
-                if isinstance(value, _CONTAINERS) and not value:
+                if cls in _CONTAINER_TYPES and not value:
                     # nn.Module's bookkeeping is mostly empty dictionaries and sets (no
                     # hooks): leaving them out keeps the record short; one that fills
                     # adds its key, and one that empties drops it.
@@ -81,9 +87,9 @@ class _Recorder:
                     add(tuple(map(id, value.values())))
                 elif isinstance(value, dict):
                     # _parameters, _buffers and the hook dictionaries (handle -> hook).
-                    add(tuple((k, self.value(v, _OBJECT_DEPTH)) for k, v in value.items()))
+                    add(tuple([(k, value_of(v, _OBJECT_DEPTH)) for k, v in value.items()]))
                 else:
-                    add(self.value(value, _OBJECT_DEPTH))
+                    add(value_of(value, _OBJECT_DEPTH))
         return tuple(out)
 
     def value(self, value: Any, depth: int) -> Any:
@@ -91,22 +97,23 @@ class _Recorder:
         if cls in _PLAIN:
             return (cls, value)
         if isinstance(value, torch.Tensor):
-            extra = vars(value) if depth > 0 and hasattr(value, "__dict__") else {}
+            extra = getattr(value, "__dict__", None) if depth > 0 else None
             return ("tensor", id(value), id(value.untyped_storage()), tuple(value.shape),
                     value.dtype, value.requires_grad, value.grad is None,
-                    tuple((k, self.value(v, depth - 1)) for k, v in extra.items()))
+                    tuple([(k, self.value(v, depth - 1)) for k, v in extra.items()])
+                    if extra else ())
         if isinstance(value, nn.Module):
             return ("module", id(value))
         if isinstance(value, dict):
-            return (dict, tuple((k, self.value(v, depth)) for k, v in value.items()))
+            return (dict, tuple([(k, self.value(v, depth)) for k, v in value.items()]))
         if isinstance(value, _SEQUENCES):
             items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-            return (cls, tuple(self.value(v, depth) for v in items))
+            return (cls, tuple([self.value(v, depth) for v in items]))
         if depth > 0 and not callable(value) and hasattr(value, "__dict__"):
             first = self._seen.get(id(value))
             if first is not None:
                 return ("seen", first)
             self._seen[id(value)] = len(self._seen)
-            return (cls, tuple((k, self.value(v, depth - 1)) for k, v in vars(value).items()))
+            return (cls, tuple([(k, self.value(v, depth - 1)) for k, v in vars(value).items()]))
         # Functions (hooks), types and anything else: by identity.
         return (cls, id(value))
