@@ -23,13 +23,14 @@ def _signatures(pattern: str) -> list[tuple]:
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
+        # The low trace holds every layer of the block at least twice (depths.py).
         ("a" * 32, (2, 4)),  # homogeneous: Llama, Qwen, Mistral
-        ("ab" * 13, (2, 4)),  # Gemma 2 / gpt-oss: sliding and global alternate
-        ("ab" * 12 + "a", (3, 5)),  # ... with an odd depth: the partial block is kept
-        ("aaaaab" * 4 + "aa", (8, 14)),  # Gemma 3: 5 sliding to 1 global, 26 layers
-        ("ddd" + "m" * 58, (4, 6)),  # DeepSeek-V3: dense prefix, then MoE layers
+        ("ab" * 13, (4, 6)),  # Gemma 2 / gpt-oss: sliding and global alternate
+        ("ab" * 12 + "a", (5, 7)),  # ... with an odd depth: the partial block is kept
+        ("aaaaab" * 4 + "aa", (14, 20)),  # Gemma 3: 5 sliding to 1 global, 26 layers
+        ("ddd" + "m" * 58, (5, 7)),  # DeepSeek-V3: dense prefix, then MoE layers
         ("a" * 4, None),  # shallow: traced whole
-        ("abcabd" + "a" * 10, (7, 9)),  # an irregular prefix, then alike layers
+        ("abcabd" + "a" * 10, (8, 10)),  # an irregular prefix, then alike layers
         ("abcdabcdabcaabdc", None),  # no repeating structure: traced whole
     ],
 )
@@ -40,19 +41,23 @@ def test_trace_depths_keep_every_kind_of_layer(pattern, expected):
         low, high = depths
         # Both traces hold every kind of layer the model has.
         assert set(pattern[:low]) == set(pattern) == set(pattern[:high])
+        # ... each block layer twice in the low one: its top there is not its first.
+        low_counts = {kind: pattern[:low].count(kind) for kind in set(pattern)}
+        repeating = set(pattern[low - 1:])
+        assert all(low_counts[kind] >= 2 for kind in repeating), low_counts
 
 
 def test_layer_signatures_read_the_config_and_the_module_tree():
-    gemma3 = make_config("gemma3")
+    gemma3 = make_config("gemma3", num_hidden_layers=26)
     model = build_meta_model(copy.deepcopy(gemma3))
     signatures = layer_signatures(take_inventory(model), gemma3)
     assert signatures is not None and len(signatures) == gemma3.num_hidden_layers
     kinds = [signatures.index(s) for s in signatures]
     assert kinds[:6] == [0, 0, 0, 0, 0, 5]  # sliding x5, global
-    assert trace_plan(signatures, gemma3.num_hidden_layers).depths == (8, 14)
+    assert trace_plan(signatures, gemma3.num_hidden_layers).depths == (14, 20)
     deepseek = make_config("deepseek_v3", num_hidden_layers=7)
     inventory = take_inventory(build_meta_model(copy.deepcopy(deepseek)))
-    assert trace_plan(layer_signatures(inventory, deepseek), 7).depths == (3, 5)
+    assert trace_plan(layer_signatures(inventory, deepseek), 7).depths == (4, 6)
     llama = make_config("llama", num_hidden_layers=9)
     inventory = take_inventory(build_meta_model(copy.deepcopy(llama)))
     assert trace_plan(layer_signatures(inventory, llama), 9).depths == (2, 4)
@@ -81,7 +86,7 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "layers"), [("llama", 7), ("gemma3", 20), ("deepseek_v3", 7)])
+@pytest.mark.parametrize(("arch", "layers"), [("llama", 7), ("gemma3", 26), ("deepseek_v3", 7)])
 @pytest.mark.parametrize(("mode", "precision", "gc"), CASES)
 def test_extrapolated_peak_matches_the_deep_model(tiny_model_dir, arch, layers, mode,
                                                   precision, gc):
@@ -105,7 +110,7 @@ def test_extrapolated_peak_matches_the_deep_model(tiny_model_dir, arch, layers, 
 
 def test_a_plan_deeper_than_the_model_traces_it_whole_with_the_same_figures():
     # An irregular prefix, then a short repeating block (Nemotron-H-56B's shape: 107 layers
-    # before a block of 2, traced at 110 and 112 of 118): the two shallow traces would hold
+    # before a block of 2, traced at 112 and 114 of 118): the two shallow traces would hold
     # more layers than the model, so it is traced whole, and every figure is the one the
     # extrapolation from those two depths gives.
     from qplan.planner.components import (
@@ -117,7 +122,7 @@ def test_a_plan_deeper_than_the_model_traces_it_whole_with_the_same_figures():
     )
     from qplan.planner.depths import num_layers
 
-    kinds = ["attention", "mamba", "attention", "mlp", "attention"] + ["mamba", "mlp"] * 3
+    kinds = ["attention", "mamba", "attention", "mlp", "attention"] + ["mamba", "mlp"] * 5
     config = make_config("nemotron_h", layers_block_type=kinds)
     inventory = take_inventory(build_meta_model(copy.deepcopy(config)))
     depth = num_layers(config)
@@ -141,3 +146,36 @@ def test_a_plan_deeper_than_the_model_traces_it_whole_with_the_same_figures():
         assert whole.peak_allocated_bytes == line.peak_bytes + CUBLAS_WORKSPACE_DEFAULT
         assert {k: v for k, v in line.phase_peaks.items() if ":" not in k} == {
             k: v for k, v in whole.phase_peaks.items() if ":" not in k}
+
+
+def test_the_shallow_trace_holds_every_block_layer_twice():
+    # gpt-oss alternates sliding and full attention layers. Its prefill holds more at layer
+    # 0, the first sliding layer, than at any later one: traced with one block at the low
+    # depth (2 and 4 layers), layer 0 was the top of its kind there and the line through
+    # the two traces missed the whole model (228 MB over at 24 layers). With every block
+    # layer twice in the low trace, the extrapolation equals the whole model's trace.
+    from dataclasses import replace
+
+    from qplan.api import resolve
+    from qplan.loaders.measure import shrink
+    from qplan.planner.components import workload_components
+    from qplan.planner.depths import HOMOGENEOUS, TracePlan, num_layers
+
+    spec = resolve("openai/gpt-oss-20b", None, False)
+    config = replace(spec, config=shrink(spec.config, 12)).config
+    inventory = take_inventory(build_meta_model(copy.deepcopy(config)))
+    plan = trace_plan(layer_signatures(inventory, config), num_layers(config))
+    assert plan == TracePlan(LayerPattern(0, 2), (4, 6))
+    workload = make_workload("inference", config, batch=1, seq_len=1024)
+
+    def planned(depth_plan: TracePlan):
+        return workload_components(inventory, workload, "bf16", "bfloat16", config=config,
+                                   depth_plan=depth_plan)
+
+    whole = planned(TracePlan(HOMOGENEOUS, None))
+    extrapolated = planned(plan)
+    assert extrapolated.traced_layers == (4, 6) and whole.traced_layers == (12,)
+    assert extrapolated.components == whole.components
+    assert extrapolated.peak_allocated_bytes == whole.peak_allocated_bytes
+    one_block = planned(TracePlan(plan.pattern, (2, 4)))
+    assert one_block.peak_allocated_bytes > whole.peak_allocated_bytes
