@@ -33,6 +33,7 @@ from qplan.planner.depths import (
     TRAILING_LAYER_COUNTS,
     LayerPattern,
     TracePlan,
+    is_index_list,
     layer_signatures,
     num_layers,
     set_depth,
@@ -134,19 +135,6 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
     return parts
 
 
-# Config lists that name layers by index (not one entry per layer): truncating the model
-# keeps the indices below the new depth.
-_INDEX_LIST_SUFFIXES = ("layers", "idxs", "layer_ids", "indices")
-
-
-def _is_index_list(name: str, value: list[Any] | tuple[Any, ...], depth: int) -> bool:
-    return (
-        name.endswith(_INDEX_LIST_SUFFIXES)
-        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
-        and list(value) == sorted(set(value))
-    )
-
-
 def _truncate_layer_lists(text: Any, depth: int, layers: int) -> None:
     """Cut every per-layer list of ``text`` (layer_types, layers_block_type,
     no_rope_layers, ...) to ``layers`` entries and drop indices past them from index lists
@@ -155,7 +143,7 @@ def _truncate_layer_lists(text: Any, depth: int, layers: int) -> None:
     for name, value in list(vars(text).items()):
         if not isinstance(value, (list, tuple)) or name.startswith("_"):
             continue
-        if _is_index_list(name, value, depth):
+        if is_index_list(name, value, depth):
             kept = [i for i in value if i < layers]
         elif len(value) == depth:
             kept = list(value[:layers])

@@ -73,6 +73,19 @@ def num_layers(config: Any) -> int:
     return int(getattr(text, depth_field(text), 0) or 0)
 
 
+# Config lists that name layers by index (not one entry per layer): truncating the model
+# keeps the indices below the new depth (Llama 4's moe_layers, full_attn_idxs).
+INDEX_LIST_SUFFIXES = ("layers", "idxs", "layer_ids", "indices")
+
+
+def is_index_list(name: str, value: Sequence[Any], depth: int) -> bool:
+    return (
+        name.endswith(INDEX_LIST_SUFFIXES)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
+        and list(value) == sorted(set(value))
+    )
+
+
 @dataclass(frozen=True)
 class LayerPattern:
     prefix_layers: int  # s: leading layers that do not repeat
@@ -98,10 +111,17 @@ def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
             rest, tensor.module_type, tensor.kind, tensor.shape, tensor.build_dtype,
             tensor.quantizable, tensor.fp32_under_fp16, tensor.fp32_under_bf16,
         ))
-    per_layer_lists = [
-        (name, value) for name, value in sorted(vars(text).items())
-        if isinstance(value, (list, tuple)) and len(value) == depth
-    ]
+    per_layer_lists = []
+    for name, value in sorted(vars(text).items()):
+        if not isinstance(value, (list, tuple)):
+            continue
+        if is_index_list(name, value, depth):
+            # Which layers it names (Llama 4's moe_layers lists all 48 of Scout's): each
+            # layer's entry is whether it is named, not its own index.
+            named = set(value)
+            per_layer_lists.append((name, [i in named for i in range(depth)]))
+        elif len(value) == depth:
+            per_layer_lists.append((name, value))
     for name in TRAILING_LAYER_COUNTS:
         count = getattr(text, name, None)
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:

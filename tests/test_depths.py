@@ -179,3 +179,34 @@ def test_the_shallow_trace_holds_every_block_layer_twice():
     assert extrapolated.peak_allocated_bytes == whole.peak_allocated_bytes
     one_block = planned(TracePlan(plan.pattern, (2, 4)))
     assert one_block.peak_allocated_bytes > whole.peak_allocated_bytes
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("inference", "bf16"), ("lora", "bf16"),
+                                                 ("qlora", "nf4"), ("full", "bf16")])
+def test_a_list_of_layer_indices_is_read_as_which_layers_it_names(mode, precision):
+    # Llama 4 Scout's moe_layers lists every layer by index (0..47): read entry by entry,
+    # each layer looked unlike every other and the model was traced whole. As the layers
+    # it names, the stack is no_rope_layers' block of 4, traced at 8 and 12 of 24 layers,
+    # and the extrapolation equals the whole model's trace, component for component.
+    from tiny_models import TINY_CONFIGS
+
+    from qplan.planner.components import workload_components
+    from qplan.planner.depths import HOMOGENEOUS, TracePlan, num_layers
+
+    text = {**TINY_CONFIGS["llama4"]["text_config"], "num_hidden_layers": 24,
+            "interleave_moe_layer_step": 1}
+    config = make_config("llama4", text_config=text)
+    assert config.text_config.moe_layers == list(range(24))
+    inventory = take_inventory(build_meta_model(copy.deepcopy(config)))
+    depth = num_layers(config)
+    plan = trace_plan(layer_signatures(inventory, config), depth)
+    assert plan == TracePlan(LayerPattern(0, 4), (8, 12))
+    workload = make_workload(mode, config, batch=1, seq_len=48, lora_r=8)
+    options = dict(config=config, target="cpu")
+    extrapolated = workload_components(inventory, workload, precision, "bfloat16",
+                                       depth_plan=plan, **options)
+    whole = workload_components(inventory, workload, precision, "bfloat16",
+                                depth_plan=TracePlan(HOMOGENEOUS, None), **options)
+    assert extrapolated.traced_layers == (8, 12) and whole.traced_layers == (24,)
+    assert extrapolated.components == whole.components
+    assert extrapolated.peak_allocated_bytes == whole.peak_allocated_bytes
