@@ -34,9 +34,11 @@ from qplan.planner.depths import (
     LayerPattern,
     TracePlan,
     is_index_list,
+    kept_layers,
     layer_signatures,
     num_layers,
     set_depth,
+    shallow_suffix,
     trace_plan,
 )
 from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
@@ -135,36 +137,40 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
     return parts
 
 
-def _truncate_layer_lists(text: Any, depth: int, layers: int) -> None:
-    """Cut every per-layer list of ``text`` (layer_types, layers_block_type,
-    no_rope_layers, ...) to ``layers`` entries and drop indices past them from index lists
-    (moe_layers, full_attn_idxs). Lists a config derives in a read-only property
-    (falcon-mamba's layer_types, Jamba's layers_block_type) follow num_hidden_layers."""
+def _truncate_layer_lists(text: Any, depth: int, kept: list[int]) -> None:
+    """Keep the entries of the layers ``kept`` (indices into the ``depth`` layers, in order)
+    in every per-layer list of ``text`` (layer_types, layers_block_type, no_rope_layers,
+    ...) and renumber index lists (moe_layers, full_attn_idxs) to them, dropping the rest.
+    Lists a config derives in a read-only property (falcon-mamba's layer_types, Jamba's
+    layers_block_type) follow num_hidden_layers."""
+    position = {index: new for new, index in enumerate(kept)}
     for name, value in list(vars(text).items()):
         if not isinstance(value, (list, tuple)) or name.startswith("_"):
             continue
         if is_index_list(name, value, depth):
-            kept = [i for i in value if i < layers]
+            selected = [position[i] for i in value if i in position]
         elif len(value) == depth:
-            kept = list(value[:layers])
+            selected = [value[i] for i in kept]
         else:
             continue
-        setattr(text, name, type(value)(kept))
+        setattr(text, name, type(value)(selected))
 
 
-def _with_layers(config: Any, layers: int) -> Any:
-    """A copy of ``config`` with only the first ``layers`` decoder layers."""
+def _with_layers(config: Any, layers: int, suffix: int = 0) -> Any:
+    """A copy of ``config`` with ``layers`` decoder layers: the first ``layers - suffix``
+    and the last ``suffix`` (planner/depths.py: a suffix that breaks the period)."""
     truncated = copy.deepcopy(config)
     text = truncated.get_text_config()
     depth = num_layers(truncated)
     if layers >= depth:
         return truncated
-    _truncate_layer_lists(text, depth, layers)
+    kept = kept_layers(depth, layers, suffix)
+    _truncate_layer_lists(text, depth, kept)
     for name in TRAILING_LAYER_COUNTS:
         count = getattr(text, name, None)
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            # The first ``layers`` hold those of the last ``count`` that they reach.
-            setattr(text, name, max(0, count - (depth - layers)))
+            # The layers kept hold those of the last ``count`` that they reach.
+            setattr(text, name, sum(1 for i in kept if i >= depth - count))
     # Some configs derive the depth from a per-layer list (Nemotron-H ignores a new
     # num_hidden_layers); the list cut above already set it there.
     if num_layers(truncated) != layers:
@@ -200,15 +206,19 @@ def trace_components(
     recorder: Any = None,
 ) -> TraceOutcome:
     """Trace ``workload`` at ``precision`` on a meta model of ``config`` (all its layers,
-    or the first ``layers``, whose structure is ``pattern``) and split the peak into
+    or ``layers`` of them, whose structure is ``pattern``: the first ones, and the stack's
+    last ``pattern.suffix_layers``) and split the peak into
     components, at the peak and at the peak of every phase and part of a phase.
     ``stored_method``: ``precision`` is the dequantised stand-in of a checkpoint stored in
     this method (gptq, awq), trained the way peft prepares that checkpoint. ``recorder``:
     keep the step's log for deriving other candidates from it (planner/derived_traces.py)."""
     from qplan.planner.trace import trace
 
+    # A shallow model keeps the stack's last ``suffix`` layers (planner/depths.py).
+    suffix = shallow_suffix(layers, pattern)
     prepared_key = _prepared_key(config, workload, precision, compute_dtype, quant_storage,
-                                 skip_modules, trust_remote_code, layers, stored_method, target)
+                                 skip_modules, trust_remote_code, layers, stored_method, target,
+                                 suffix)
     prepared = meta_models.take(prepared_key) if prepared_key is not None else None
     if prepared is CHANGES_THE_MODEL:
         # This preparation's step changed the model before (GRPO's generation): build and
@@ -222,6 +232,7 @@ def trace_components(
         model, inventory = step_model(
             config, workload, precision, compute_dtype, quant_storage=quant_storage,
             skip_modules=skip_modules, trust_remote_code=trust_remote_code, layers=layers,
+            suffix=suffix,
         )
         if workload.kind.prepare is not None:
             with _new_tensors_on_meta():
@@ -254,7 +265,8 @@ def trace_components(
 
 def _prepared_key(config: Any, workload: Workload, precision: str, compute_dtype: str,
                   quant_storage: str, skip_modules: list[str] | None, trust_remote_code: bool,
-                  layers: int | None, stored_method: str | None, target: str) -> tuple | None:
+                  layers: int | None, stored_method: str | None, target: str,
+                  suffix: int = 0) -> tuple | None:
     """What identifies a prepared training model (planner/prepared_models.py): the same
     workload but for its batch and sequence length, at the same precision and depth; None
     where no prepared model is kept (no training preparation, remote code, activation
@@ -264,7 +276,7 @@ def _prepared_key(config: Any, workload: Workload, precision: str, compute_dtype
             or workload.activation_offloading or not reuse.enabled()):
         return None
     skips = tuple(skip_modules) if skip_modules is not None else None
-    return ("prepared", key, layers, precision, compute_dtype, quant_storage, skips,
+    return ("prepared", key, layers, suffix, precision, compute_dtype, quant_storage, skips,
             stored_method, target, replace(workload, batch=1, seq_len=1))
 
 
@@ -278,13 +290,16 @@ def step_model(
     skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     layers: int | None = None,
+    suffix: int = 0,
 ) -> tuple[Any, Inventory]:
     """The meta model a step of ``workload`` at ``precision`` runs on (before any training
-    preparation), and its inventory: shared between the traces that leave it as built."""
+    preparation), and its inventory: shared between the traces that leave it as built.
+    ``layers``: that many decoder layers, the last ``suffix`` of them the stack's last."""
     from qplan.planner.quantize_meta import quantize_meta_model
 
     def build() -> tuple[Any, Inventory]:
-        cfg = _with_layers(config, layers) if layers is not None else copy.deepcopy(config)
+        cfg = (_with_layers(config, layers, suffix) if layers is not None
+               else copy.deepcopy(config))
         built = build_meta_model(cfg, trust_remote_code, attn=workload.attn)
         inventory = replace(take_inventory(built, skip_modules),
                             moe_experts=workload.quantize_moe_experts)
@@ -296,7 +311,7 @@ def step_model(
         # A step that only runs the model (inference) leaves it as built: one build serves
         # every trace of this model at this precision and depth (planner/meta_models.py).
         return meta_models.shared(
-            (key, layers, workload.attn, workload.quantize_moe_experts, precision,
+            (key, layers, suffix, workload.attn, workload.quantize_moe_experts, precision,
              compute_dtype, quant_storage,
              tuple(skip_modules) if skip_modules is not None else None),
             build,
@@ -526,8 +541,9 @@ def workload_components(
         common["stored_method"] = stored.quant_method
     if plan.depths is None or sum(plan.depths) > depth:
         # Whole, also where the two shallow traces would hold more layers together than
-        # the model (Nemotron-H-56B: 110 and 112 of 118 layers): one trace of every layer
-        # is the figure the extrapolation reproduces, for fewer ops and no part snapshots.
+        # the model (Nemotron-H-56B read without its suffix: 112 and 114 of 118 layers):
+        # one trace of every layer is the figure the extrapolation reproduces, for fewer
+        # ops and no part snapshots.
         outcome = tracer(config, workload, traced_as, compute_dtype, **common)
         traced: tuple[int, ...] = (depth,)
     else:

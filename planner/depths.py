@@ -20,6 +20,14 @@ homogeneous model is s=0, p=1). With ``L = s + n*p + r`` layers, tracing at
 ``d1 = s + r + k*p`` (k >= 2) and ``d2 = d1 + m*p`` keeps the prefix, whole blocks and the same
 partial block at the end, so ``L`` lies on the line through the two traces, block for
 block. A model with no such structure short of its full depth is traced at full depth.
+
+A stack may also end in a few layers that break the period (Nemotron-H-56B: a block of 11
+from layer 0, but its last layer is an MLP where the block has attention). The sequence is
+then read as ``L = s + n*p + r + t``, a suffix of ``t <= p`` layers after the partial block,
+and the traces keep the prefix, whole blocks, the partial block and the real stack's last
+``t`` layers (``kept_layers``), at ``d1 = s + r + k*p + t`` and ``d2 = d1 + m*p``. Such a
+reading is taken only where its deeper trace is strictly shallower than that of every
+reading without a suffix, so a stack without one is traced as before.
 """
 
 from __future__ import annotations
@@ -90,6 +98,21 @@ def is_index_list(name: str, value: Sequence[Any], depth: int) -> bool:
 class LayerPattern:
     prefix_layers: int  # s: leading layers that do not repeat
     period: int  # p: layers in the repeating block
+    # t: trailing layers after the last (partial) block that do not follow the period; a
+    # shallow trace keeps the real stack's last t layers.
+    suffix_layers: int = 0
+
+
+def kept_layers(depth: int, layers: int, suffix: int = 0) -> list[int]:
+    """The indices, in a stack of ``depth`` layers, of the ``layers`` layers a shallow trace
+    keeps: the first ``layers - suffix`` and the last ``suffix``."""
+    return list(range(layers - suffix)) + list(range(depth - suffix, depth))
+
+
+def shallow_suffix(layers: int | None, pattern: LayerPattern) -> int:
+    """How many of the stack's last layers a trace of ``layers`` layers keeps: the
+    pattern's suffix for a shallow trace, none for a whole one (``layers`` None)."""
+    return pattern.suffix_layers if layers is not None else 0
 
 
 def layer_signatures(inventory: Inventory, config: Any) -> list[tuple] | None:
@@ -141,8 +164,8 @@ def _prefixes(module: str) -> list[str]:
 
 
 def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
-    s, p = pattern.prefix_layers, pattern.period
-    r = (depth - s) % p
+    s, p, t = pattern.prefix_layers, pattern.period, pattern.suffix_layers
+    r = (depth - t - s) % p
     # The low trace holds every layer of the block twice. A kind of layer's first
     # occurrence runs beside what the step makes once, at the first layer after the
     # embedding or the first layer of its kind (buffers shared by a kind of layer, Gemma
@@ -151,7 +174,8 @@ def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
     # occurrence on, so neither trace may hold a block layer's top at its first occurrence.
     # With one block, gpt-oss-20b's prefill was extrapolated 228 MB above its whole-model
     # trace, Gemma 3 12B's 21 MB (bench and tests/test_depths.py).
-    low = s + r + 2 * p
+    # The suffix follows the blocks at both depths, as it follows them in the real stack.
+    low = s + r + 2 * p + t
     while low < MIN_LOW_DEPTH:
         low += p
     step = p
@@ -161,8 +185,10 @@ def _depths_for(pattern: LayerPattern, depth: int) -> tuple[int, int]:
 
 
 def _repeats(keys: Sequence[int], pattern: LayerPattern) -> bool:
+    """The layers between the prefix and the suffix repeat with the pattern's period."""
     s, p = pattern.prefix_layers, pattern.period
-    return all(keys[i] == keys[i + p] for i in range(s, len(keys) - p))
+    end = len(keys) - pattern.suffix_layers
+    return all(keys[i] == keys[i + p] for i in range(s, end - p))
 
 
 @dataclass(frozen=True)
@@ -182,13 +208,30 @@ def trace_plan(signatures: Sequence[tuple] | None, depth: int) -> TracePlan:
 
     Among the (prefix, period) readings of the layer sequence, the one whose deeper trace
     is shallowest wins; a homogeneous model is (2, 4). Without signatures every layer is
-    taken to be alike.
+    taken to be alike. A reading with a suffix wins only where its deeper trace is
+    shallower still.
     """
     if signatures is None:
         depths = _depths_for(HOMOGENEOUS, depth)
         return TracePlan(HOMOGENEOUS, depths if depths[1] < depth else None)
+    keys = _layer_keys(signatures)
+    best = _periodic_plan(keys, depth)
+    bound = best.depths[1] if best.depths is not None else depth
+    for high, low, pattern in _suffix_candidates(depth, bound):
+        if _repeats(keys, pattern):
+            return TracePlan(pattern, (low, high))
+    return best
+
+
+def _layer_keys(signatures: Sequence[tuple]) -> list[int]:
+    """One small int per layer: equal signatures, equal ints."""
     ids: dict[tuple, int] = {}
-    keys = [ids.setdefault(sig, len(ids)) for sig in signatures]
+    return [ids.setdefault(sig, len(ids)) for sig in signatures]
+
+
+def _periodic_plan(keys: Sequence[int], depth: int) -> TracePlan:
+    """The plan among the readings without a suffix (a prefix, then a block repeating to
+    the last layer)."""
     candidates = sorted(
         ((depths[1], depths[0]), p, s)
         for p in range(1, depth + 1)
@@ -203,6 +246,27 @@ def trace_plan(signatures: Sequence[tuple] | None, depth: int) -> TracePlan:
     return TracePlan(HOMOGENEOUS, None)
 
 
+def _suffix_candidates(depth: int, bound: int) -> list[tuple[int, int, LayerPattern]]:
+    """The readings with a suffix of 1 to p layers whose deeper trace is under ``bound``,
+    shallowest first (then the shallower low trace, the shorter suffix, period, prefix).
+    The low trace holds the prefix, two whole blocks and the suffix, the deeper one a
+    block more: at least ``s + 3p + t`` layers, which bounds the search."""
+    found = []
+    for p in range(1, depth + 1):
+        if 3 * p + 1 >= bound:
+            break
+        for t in range(1, p + 1):
+            for s in range(depth - t - p + 1):
+                if s + 3 * p + t >= bound:
+                    break
+                pattern = LayerPattern(s, p, t)
+                low, high = _depths_for(pattern, depth)
+                if high < bound:
+                    found.append((high, low, pattern))
+    return sorted(found, key=lambda c: (c[0], c[1], c[2].suffix_layers, c[2].period,
+                                        c[2].prefix_layers))
+
+
 def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ...]:
     """Names for the part of a phase that layer ``index`` of ``depth`` layers runs in.
 
@@ -211,14 +275,17 @@ def segment_keys(index: int, depth: int, pattern: LayerPattern) -> tuple[str, ..
     in the block, as the block's topmost or bottommost occurrence (both, when it occurs
     once). The occurrences between lie on the line between those two (per block, the
     gradients made grow and the activations kept shrink by the same amounts), so they are
-    named ``middle`` and left out of the extrapolation.
+    named ``middle`` and left out of the extrapolation. A suffix layer is named by its
+    distance from the last layer, and the blocks end where the suffix begins.
     """
-    s, p = pattern.prefix_layers, pattern.period
+    s, p, t = pattern.prefix_layers, pattern.period, pattern.suffix_layers
     if index < s:
         return (f"prefix{index}",)
+    if index >= depth - t:
+        return (f"suffix{depth - 1 - index}",)
     place = (index - s) % p
     bottom = s + place
-    top = bottom + (depth - 1 - bottom) // p * p
+    top = bottom + (depth - t - 1 - bottom) // p * p
     keys = []
     if index == top:
         keys.append(f"block{place}-top")

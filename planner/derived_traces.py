@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from qplan.planner import meta_models, reuse
+from qplan.planner.depths import HOMOGENEOUS, shallow_suffix
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.precision import PRECISIONS, find_precision, trace_group
 from qplan.planner.steps import StepTensors, track_model
@@ -747,6 +748,7 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
             skip_modules=options.get("skip_modules"),
             trust_remote_code=bool(options.get("trust_remote_code")),
             layers=options.get("layers"),
+            suffix=shallow_suffix(options.get("layers"), options.get("pattern", HOMOGENEOUS)),
         )
         target = options.get("target", "cuda")
         entered: list[None] = []
