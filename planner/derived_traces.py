@@ -13,7 +13,7 @@ replace began and ended), each distinct replaced Linear is run once on its own o
 input shaped as recorded (a micro step, remembered per process), and the candidate's log is
 spliced together: the candidate's weights where the plain row's were, each replaced call's
 own storages where the plain call's were. That log is replayed through the tracker's own
-counting (``LiveTensorTracker._count`` / ``_uncount``), so every peak, part peak and
+counting (``LiveTensorTracker.count_log``), so every peak, part peak and
 snapshot is the one a trace of the candidate finds: the same figures, byte for byte.
 
 What must hold, else the candidate is traced as before (``derive`` answers None):
@@ -119,22 +119,14 @@ class Recording:
 
 
 class _RecordingTracker(LiveTensorTracker):
-    """The tracker, also keeping the part of the phase each storage was made in (None for a
-    release) and where the step itself began (after the model's own tensors)."""
+    """The tracker, keeping the part of the phase each storage was made in from the start
+    (``log``) and where the step itself began (after the model's own tensors)."""
 
     def __init__(self, tagger: Callable[[torch.Tensor], str | None] | None = None) -> None:
         super().__init__(tagger)
-        self.parts: list[tuple[str, ...] | None] = []
+        self.record_parts()
         self.entered_at = -1
         self.armed = False
-
-    def _count(self, serial: int, nbytes: int, tag: str | None) -> None:
-        self.parts.append(self.segment)
-        super()._count(serial, nbytes, tag)
-
-    def _uncount(self, serial: int, nbytes: int) -> None:
-        self.parts.append(None)
-        super()._uncount(serial, nbytes)
 
     def __enter__(self) -> _RecordingTracker:
         if self.entered_at < 0:
@@ -146,9 +138,6 @@ class _RecordingTracker(LiveTensorTracker):
     def __exit__(self, *exc: Any) -> None:
         self.armed = False
         super().__exit__(*exc)
-
-    def log(self) -> list[Event]:
-        return [(*event, part) for event, part in zip(self._events, self.parts, strict=True)]
 
 
 # The watches of the recordings running now (one per trace; traces do not nest).
@@ -625,13 +614,7 @@ def derive(recording: Recording, model: nn.Module, target: str, phase_snapshots:
         position = call.end
     log.extend(recording.events[position:])
     replay = LiveTensorTracker()
-    for serial, nbytes, phase, tag, part in log:
-        replay.phase = phase
-        if part is None:
-            replay._uncount(serial, -nbytes)
-        else:
-            replay.segment = part
-            replay._count(serial, nbytes, tag)
+    replay.count_log(log)
     derived = StepTensors(weights=set(weight_serials),
                           kv_cache=set(recording.kv_cache), host_peak=recording.host_peak)
     snapshots = replay.phase_snapshots() if phase_snapshots else {}

@@ -78,9 +78,11 @@ class LiveTensorTracker(TorchDispatchMode):
         self._memo: bool | None = None
         # (phase, segment) -> the phase_peaks keys a new storage updates.
         self._peak_keys: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
-        # While a section of the step is recorded for repeating it (planner/
-        # repeated_steps.py): the part of the phase each new storage was made in.
-        self.segment_log: list[tuple[str, ...]] | None = None
+        # Once ``record_parts`` is called: for each event from then on, the part of the
+        # phase a new storage was made in, None for a release (the log a derived or
+        # repeated step is counted from: planner/derived_traces.py, repeated_steps.py).
+        self._parts: list[tuple[str, ...] | None] | None = None
+        self._parts_from = 0
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -114,8 +116,8 @@ class LiveTensorTracker(TorchDispatchMode):
         exactly as a traced one."""
         events = self._events
         events.append((serial, nbytes, self.phase, tag))
-        if self.segment_log is not None:
-            self.segment_log.append(self.segment)
+        if self._parts is not None:
+            self._parts.append(self.segment)
         current = self.current = self.current + nbytes
         self.current_allocated += alloc_size(nbytes)
         if self.current_allocated > self.peak_allocated:
@@ -169,12 +171,34 @@ class LiveTensorTracker(TorchDispatchMode):
     def live_serials(self) -> set[int]:
         return {known[0] for known in self._live.values()}
 
-    def events_since(self, index: int) -> list[tuple[int, int, str, str | None]]:
-        """The log from event ``index`` on (``event_count()`` before a section)."""
-        return self._events[index:]
-
-    def event_count(self) -> int:
+    def record_parts(self) -> int:
+        """Keep, from now on, the part each new storage is made in; returns the index of
+        the next event (``log(index)`` starts there)."""
+        if self._parts is None:
+            self._parts, self._parts_from = [], len(self._events)
         return len(self._events)
+
+    def log(self, start: int = 0) -> list[tuple[int, int, str, str | None,
+                                                 tuple[str, ...] | None]]:
+        """The events from ``start`` on (at least where ``record_parts`` began), each with
+        its part: None for a release."""
+        offset = start - self._parts_from
+        assert self._parts is not None and offset >= 0
+        return [(*event, part) for event, part in
+                zip(self._events[start:], self._parts[offset:], strict=True)]
+
+    def count_log(self, log: Iterable[tuple[int, int, str, str | None,
+                                            tuple[str, ...] | None]]) -> None:
+        """Count a log of that form again, in its phases and parts, through the same
+        counting as a traced step (a derived or repeated step peaks exactly as a traced
+        one): a storage where the part is set, a release where it is None."""
+        for serial, nbytes, phase, tag, part in log:
+            self.phase = phase
+            if part is None:
+                self._uncount(serial, -nbytes)
+            else:
+                self.segment = part
+                self._count(serial, nbytes, tag)
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         known = self._live.get(id(tensor.untyped_storage()))
@@ -192,6 +216,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.current -= nbytes
         self.current_allocated -= alloc_size(nbytes)
         self._events.append((serial, -nbytes, self.phase, None))
+        if self._parts is not None:
+            self._parts.append(None)
 
     @contextlib.contextmanager
     def untracked(self) -> Iterator[None]:

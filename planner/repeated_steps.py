@@ -57,8 +57,8 @@ class _Gradient:
 @dataclass(frozen=True)
 class _Section:
     record: tuple  # state_of(model) when the section started
-    events: tuple[tuple[int, int, str, str | None], ...]
-    segments: tuple[tuple[str, ...], ...]  # the part each new storage was made in
+    # The section's log, each event with its part (None: a release): LiveTensorTracker.log.
+    events: tuple[tuple[int, int, str, str | None, tuple[str, ...] | None], ...]
     made: frozenset[int]
     gradients: tuple[_Gradient, ...]
     empty: frozenset[int]  # zero-byte storages still alive when the section ended
@@ -91,35 +91,26 @@ class StepRepeater:
     def recording(self) -> Iterator[None]:
         tracker, seen = self._tracker, self._seen
         record = state_of(self._model)
-        start = tracker.event_count()
+        start = tracker.record_parts()
         before = _other_roles(seen)
         host = (tracker.host_current, tracker.host_peak)
-        tracker.segment_log = segments = []
-        try:
-            yield
-        finally:
-            tracker.segment_log = None
+        yield
         if _other_roles(seen) != before or (tracker.host_current, tracker.host_peak) != host:
             return
-        self._section = self._section_of(record, tuple(tracker.events_since(start)),
-                                         tuple(segments))
+        self._section = self._section_of(record, tuple(tracker.log(start)))
 
-    def _section_of(self, record: tuple, events: tuple, segments: tuple) -> _Section | None:
-        # A storage's first event makes it, its second frees it: the sign alone cannot
-        # tell, as an empty storage's release is logged as -0 bytes.
+    def _section_of(self, record: tuple, events: tuple) -> _Section | None:
         made: set[int] = set()
         freed: set[int] = set()
         sizes: dict[int, int] = {}
-        for serial, nbytes, *_ in events:
-            if serial in made:
-                freed.add(serial)
-            elif nbytes < 0:
-                return None  # a storage made before the section
-            else:
+        for serial, nbytes, _, _, part in events:
+            if part is not None:
                 made.add(serial)
                 sizes[serial] = nbytes
-        if len(segments) != len(made):
-            return None  # an empty storage made before the section, released in it
+            elif serial in made:
+                freed.add(serial)
+            else:
+                return None  # a storage made before the section
         gradients = []
         for param in self._params:
             grad = param.grad
@@ -140,7 +131,7 @@ class StepRepeater:
         empty = frozenset(s for s in made - freed - set(serials) if sizes[s] == 0)
         if len(set(serials)) != len(serials) or set(serials) != made - freed - empty:
             return None
-        return _Section(record, events, segments, frozenset(made), tuple(gradients), empty,
+        return _Section(record, events, frozenset(made), tuple(gradients), empty,
                         self._tracker.phase, self._tracker.segment)
 
     def repeat(self) -> bool:
@@ -159,19 +150,16 @@ class StepRepeater:
         if any(grad.untyped_storage().nbytes() != g.nbytes
                for grad, g in zip(grads, section.gradients, strict=True)):
             return False
+        # The section's log under fresh serials, as the step would make them.
         serials: dict[int, int] = {}
-        segments = iter(section.segments)
-        for serial, nbytes, phase, tag in section.events:
-            tracker.phase = phase
-            new = serials.get(serial)
-            if new is None:
-                serials[serial] = new = tracker.new_serial()
-                tracker.segment = next(segments)
-                tracker._count(new, nbytes, tag)
-            else:
-                tracker._uncount(new, -nbytes)
-        for serial in section.empty:
-            tracker._uncount(serials[serial], 0)
+        log = []
+        for serial, nbytes, phase, tag, part in section.events:
+            if part is not None:
+                serials[serial] = tracker.new_serial()
+            log.append((serials[serial], nbytes, phase, tag, part))
+        phase = section.events[-1][2] if section.events else section.phase
+        log.extend((serials[serial], 0, phase, None, None) for serial in section.empty)
+        tracker.count_log(log)
         tracker.phase, tracker.segment = section.phase, section.segment
         for grad, g in zip(grads, section.gradients, strict=True):
             g.param.grad = grad
