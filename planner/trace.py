@@ -47,6 +47,7 @@ from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.patching import swapped
 from qplan.planner.quant import all_trace_patches
 from qplan.planner.quiet_logs import quiet
+from qplan.planner.recurrent_scan import counted_scans
 from qplan.planner.step_runs import mark_run
 from qplan.planner.steps import StepTensors, run_workload
 from qplan.planner.workload import Workload
@@ -177,6 +178,8 @@ def trace_patches(target: str, attn: str,
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(grouped_mm_as_run())
+        # The Mamba scan's repeated iterations counted from their log (planner/recurrent_scan.py).
+        stack.enter_context(counted_scans())
         stack.enter_context(_image_checks_on_meta())
         if packing is not None:
             from qplan.planner.attention import packed_flash

@@ -1,0 +1,347 @@
+"""The Mamba selective scan's reference path without running every token's ops twice over.
+
+Without the ``mamba_ssm`` kernels, transformers' Mamba and FalconMamba layers run their
+selective scan as a Python loop over the tokens (``mamba_selective_scan``'s recurrent
+branch): a state update, a cast and a matmul per token and layer, a dozen dispatched ops
+each. Where no autograd graph is recorded (inference, the first forward of a checkpointed
+layer), every iteration after the first makes the same storages in the same order and
+frees the same ones: the new state and the token's output stay, the temporaries and the
+previous state go. That is a fact checked on the run itself, not assumed: the first
+``WARMUP`` iterations run as ever, and the log of the last of them must equal the one
+before it (sizes, phases, tags, which storage each release frees) with the same two
+survivors (the state and the output, each a fresh storage of the same shape). Only then
+are the remaining iterations counted from that log through the tracker's own counting
+(``_count`` / ``_uncount``: the same serials in the same order, so every peak, phase peak
+and snapshot is the traced one), with a fresh meta state and output per token attached to
+their serials: the previous state is released when the loop lets go of it, the outputs
+stay in the list ``torch.stack`` reads, exactly as in the real loop. Anything else (a
+graph recorded, a log that differs, a storage released that is neither a temporary of the
+iteration nor the previous state, activation offloading's host copies, no tracker) runs
+the real loop.
+
+The rest of the function is transformers' own code, taken only where the source of the
+installed ``mamba_selective_scan`` is the one read here (its digest): another version
+runs as it is. ``QPLAN_REUSE=0`` (planner/reuse.py) turns this off: the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import operator
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+from qplan.planner import reuse
+from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.patching import swapped
+
+# Iterations run for real before the rest is counted from the last one's log: the first
+# differs (it frees the zero initial state, of the input's dtype), the second and third
+# must agree.
+WARMUP = 3
+
+# sha256 of ``inspect.getsource`` of the reference ``mamba_selective_scan`` this module
+# mirrors (transformers 5.24: models/mamba and models/falcon_mamba hold the same text).
+KNOWN_SOURCES = frozenset({
+    "b43a3221205e6ecd359676030e063c99c008d2aa62c9a9f3165a8260c3ccce74",
+})
+NAME = "mamba_selective_scan"
+
+# id(hub wrapper) -> (the wrapper, its fast stand-in or None where the source is another)
+_STAND_INS: dict[int, tuple[Any, Callable[..., Any] | None]] = {}
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One event of an iteration's log: a new storage (``ordinal``: its place among the
+    iteration's new storages) or a release, of a new storage of the iteration or (ordinal
+    -1) of the previous iteration's state."""
+
+    alloc: bool
+    nbytes: int
+    phase: str
+    tag: str | None
+    ordinal: int
+
+
+@dataclass(frozen=True)
+class _Iteration:
+    events: tuple[_Event, ...]
+    state: int  # ordinal of the storage the new state holds
+    output: int  # ordinal of the storage the token's output holds
+    state_spec: tuple
+    output_spec: tuple
+
+
+def _spec(tensor: torch.Tensor) -> tuple | None:
+    """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly."""
+    if (type(tensor) is not torch.Tensor or not tensor.is_meta or tensor.storage_offset() != 0
+            or tensor.layout != torch.strided or tensor.requires_grad):
+        return None
+    shape, stride = tuple(tensor.shape), tensor.stride()
+    if 0 in shape:
+        return None
+    needed = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if tensor.untyped_storage().nbytes() != needed * tensor.element_size():
+        return None
+    return (shape, stride, tensor.dtype)
+
+
+def _iteration(tracker: LiveTensorTracker, start: int, previous_state: int | None,
+               state: torch.Tensor, output: torch.Tensor) -> _Iteration | None:
+    """The log from event ``start`` on, in the form above; None where it is not one."""
+    ordinals: dict[int, int] = {}
+    events = []
+    for serial, nbytes, phase, tag in tracker._events[start:]:
+        if phase != tracker.phase:
+            return None
+        if nbytes > 0:
+            if serial in ordinals:
+                return None
+            ordinals[serial] = len(ordinals)
+            events.append(_Event(True, nbytes, phase, tag, ordinals[serial]))
+        elif nbytes < 0:
+            if serial in ordinals:
+                ordinal = ordinals[serial]
+            elif serial == previous_state:
+                ordinal = -1
+            else:
+                return None
+            events.append(_Event(False, -nbytes, phase, tag, ordinal))
+        else:
+            return None  # an empty storage: its release reads as a new one
+    # Serials are handed out one by one: the replay takes them from the same counter.
+    serials = list(ordinals)
+    if not serials or serials != list(range(serials[0], serials[0] + len(serials))):
+        return None
+    state_serial, output_serial = tracker.serial_of(state), tracker.serial_of(output)
+    if (state_serial not in ordinals or output_serial not in ordinals
+            or state_serial == output_serial):
+        return None
+    released = {e.ordinal for e in events if not e.alloc}
+    if -1 not in released:
+        return None
+    kept = {o for o in ordinals.values() if o not in released}
+    state_ordinal, output_ordinal = ordinals[state_serial], ordinals[output_serial]
+    if kept != {state_ordinal, output_ordinal}:
+        return None
+    state_spec, output_spec = _spec(state), _spec(output)
+    if state_spec is None or output_spec is None:
+        return None
+    return _Iteration(tuple(events), state_ordinal, output_ordinal, state_spec, output_spec)
+
+
+def _tracker() -> LiveTensorTracker | None:
+    """The tracker counting this trace, where the scan may be counted from its log."""
+    mode = _get_current_dispatch_mode()
+    if (not isinstance(mode, LiveTensorTracker) or mode.on_host or mode._untracked
+            or not reuse.enabled()):
+        return None
+    return mode
+
+
+def _loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
+          batch_size: int, intermediate_size: int, state_size: int, input_dtype: torch.dtype,
+          device: torch.device, seq_len: int, tracker: LiveTensorTracker | None,
+          ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """transformers' recurrent iteration: the final state, the last token's output and
+    the list of every token's output; after ``WARMUP`` iterations the rest are counted
+    from the log where it repeats (``tracker``: None runs every iteration)."""
+    # "Initial hidden state" is not supported by the kernel path, so use
+    # the same zero initialization as the kernel
+    ssm_state = torch.zeros(
+        batch_size,
+        intermediate_size,
+        state_size,
+        dtype=input_dtype,
+        device=device,
+    )
+    scan_outputs: list[torch.Tensor] = []
+    template: _Iteration | None = None
+    before: _Iteration | None = None
+    index = 0
+    while index < seq_len and not (index == WARMUP and template is not None):
+        start = len(tracker._events) if tracker is not None else 0
+        previous = tracker.serial_of(ssm_state) if tracker is not None else None
+        # State calculation
+        ssm_state = discrete_A[:, :, index] * ssm_state + deltaB_u[:, :, index]
+
+        # Subsequent output
+        scan_output = torch.matmul(ssm_state.to(input_dtype), C[:, index, :].unsqueeze(-1))
+        scan_outputs.append(scan_output[:, :, 0])
+        index += 1
+        if tracker is not None and 1 < index <= WARMUP and previous is not None:
+            this = _iteration(tracker, start, previous, ssm_state, scan_output)
+            if this is not None and this == before:
+                template = this
+            before = this
+    if index == seq_len or template is None or tracker is None:
+        return ssm_state, scan_output, scan_outputs
+
+    # The remaining iterations, each counted from ``template``: its new storages take the
+    # next serials, the state and the output get a fresh meta tensor owning theirs (made
+    # outside the tracker, which counts them here), the temporaries are released where
+    # the log releases them, and the previous state where the loop lets go of it.
+    serials = tracker._serials
+    count_new, uncount, attach = tracker._count, tracker._uncount, tracker.attach
+    state_shape, state_stride, state_dtype = template.state_spec
+    out_shape, out_stride, out_dtype = template.output_spec
+    meta = torch.device("meta")
+    made = [0] * sum(1 for e in template.events if e.alloc)
+    plan = [(e.alloc, e.nbytes, e.tag, e.ordinal,
+             1 if e.ordinal == template.state else 2 if e.ordinal == template.output else 0)
+            for e in template.events]
+    with _disable_current_modes():
+        for _ in range(index, seq_len):
+            new_state = new_output = None
+            for alloc, nbytes, tag, ordinal, role in plan:
+                if alloc:
+                    serial = made[ordinal] = next(serials)
+                    count_new(serial, nbytes, tag)
+                    if role == 1:
+                        new_state = torch.empty_strided(state_shape, state_stride,
+                                                        dtype=state_dtype, device=meta)
+                        attach(new_state, serial)
+                    elif role == 2:
+                        new_output = torch.empty_strided(out_shape, out_stride,
+                                                         dtype=out_dtype, device=meta)
+                        attach(new_output, serial)
+                elif ordinal < 0:
+                    # The last reference to the previous state: its release is logged now.
+                    ssm_state = None  # type: ignore[assignment]
+                else:
+                    uncount(made[ordinal], nbytes)
+            assert new_state is not None and new_output is not None
+            ssm_state, scan_output = new_state, new_output
+            scan_outputs.append(scan_output[:, :, 0])
+    return ssm_state, scan_output, scan_outputs
+
+
+def _selective_scan(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    use_mambapy: bool = False,
+    use_associative_scan: bool = False,
+    *,
+    tracker: LiveTensorTracker,
+    **kwargs: Any,
+) -> Any:
+    """transformers' ``mamba_selective_scan`` on its recurrent branch (the caller took
+    the others away), its statements as there, the loop in ``_loop``."""
+    batch_size, intermediate_size, seq_len = hidden_states.shape
+    input_dtype = hidden_states.dtype
+
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+
+    # We need to transpose on the basis of the original kernel layout
+    B = B.transpose(1, 2)
+    C = C.transpose(1, 2)
+
+    # Discretize A and B for the entire sequence
+    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+    discrete_B = dt[:, :, :, None] * B[:, None, :, :].float()
+    deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
+
+    # An iteration that records an autograd graph keeps what it saves: every one runs.
+    graph = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (discrete_A, deltaB_u, C))
+    ssm_state, scan_output, scan_outputs = _loop(
+        discrete_A, deltaB_u, C, batch_size, intermediate_size, A.shape[-1], input_dtype,
+        hidden_states.device, seq_len, None if graph else tracker)
+    scan_output = torch.stack(scan_outputs, dim=-1)
+
+    if D is not None:
+        scan_output = scan_output + hidden_states * D[None, :, None]
+
+    if z is not None:
+        scan_output = scan_output * F.silu(z)
+
+    if return_last_state:
+        return scan_output, ssm_state
+
+    return scan_output
+
+
+def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
+    """A stand-in for transformers' hub wrapper of ``mamba_selective_scan``, where it runs
+    the reference function read here; None otherwise."""
+    found = _STAND_INS.get(id(wrapper))
+    if found is not None and found[0] is wrapper:
+        return found[1]
+    stand_in = None
+    try:
+        closure = inspect.getclosurevars(wrapper).nonlocals
+        reference = closure.get("torch_function")
+        source = inspect.getsource(reference) if callable(reference) else ""
+    except (TypeError, OSError):
+        closure, reference, source = {}, None, ""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    if (digest in KNOWN_SOURCES and closure.get("is_new_implementation") is False
+            and closure.get("implementation") is reference):
+        params = tuple(inspect.signature(reference).parameters)
+
+        def scan(*args: Any, **kwargs: Any) -> Any:
+            tracker = _tracker()
+            if (tracker is None or kwargs.get("use_mambapy") or kwargs.get("cu_seqlens")
+                    is not None or kwargs.get("seq_idx") is not None
+                    or (kwargs.get("use_associative_scan")
+                        and torch.compiler.is_compiling())):
+                return wrapper(*args, **kwargs)
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+            return _selective_scan(*args, tracker=tracker, **kwargs)
+
+        stand_in = scan
+    _STAND_INS[id(wrapper)] = (wrapper, stand_in)
+    return stand_in
+
+
+# The stand-ins found at the last look, and sys.modules (names, modules) then.
+_FOUND: list[Any] = [(), (), ()]
+
+
+def _swaps() -> tuple[tuple[Any, str, Any], ...]:
+    """(module, name, stand-in) for every loaded transformers module holding a reference
+    ``mamba_selective_scan``. Looked for again only when sys.modules changed (two C-level
+    comparisons, as planner/trace.py's ``modules_holding``): every trace asks."""
+    names, modules = tuple(sys.modules), tuple(sys.modules.values())
+    if (names == _FOUND[1] and len(modules) == len(_FOUND[2])
+            and all(map(operator.is_, modules, _FOUND[2]))):
+        return _FOUND[0]
+    swaps = []
+    for name, module in zip(names, modules, strict=True):
+        if module is None or not name.startswith("transformers.models."):
+            continue
+        wrapper = getattr(module, "__dict__", {}).get(NAME)
+        stand_in = _stand_in(wrapper) if wrapper is not None else None
+        if stand_in is not None:
+            swaps.append((module, NAME, stand_in))
+    _FOUND[:] = [tuple(swaps), names, modules]
+    return _FOUND[0]
+
+
+@contextlib.contextmanager
+def counted_scans() -> Iterator[None]:
+    """During the block, every loaded transformers model module's ``mamba_selective_scan``
+    that runs the reference recurrent loop read here counts its repeated iterations from
+    the log (nothing where ``QPLAN_REUSE=0``)."""
+    with swapped(*(_swaps() if reuse.enabled() else ())):
+        yield
