@@ -36,6 +36,8 @@ _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.
 _SCALAR_TYPES = frozenset(_SCALARS)
 _FUNCTIONAL: dict[int, tuple[Any, bool]] = {}  # id(op) -> (op, functional)
 _PLAIN_TYPES: dict[type, bool] = {}
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
 
 
 class _Unhashable(Exception):
@@ -51,6 +53,37 @@ def _plain(cls: type) -> bool:
     return found
 
 
+def _tensor_key(value: torch.Tensor, cls: type) -> tuple:
+    plain = True if cls is _TENSOR else _PLAIN_TYPES.get(cls)
+    if plain is None:
+        plain = _plain(cls)
+    if (not plain or not value.is_meta
+            or value.layout != _STRIDED or value.is_conj() or value.is_neg()):
+        raise _Unhashable
+    # torch.Size hashes and compares as the tuple of its sizes. No storage offset: a
+    # functional op's fresh outputs (the only ones replayed) take their shape, strides
+    # and dtype from the inputs' shapes, strides and dtypes, never from where a view
+    # starts in its storage (TensorIterator and the meta kernels read no pointer). A
+    # per-token loop over slices (the Mamba selective scan's reference path,
+    # ``discrete_A[:, :, i] * state``) is then one entry, not one per token.
+    return (value.dtype, value.shape, value.stride(), value.requires_grad)
+
+
+def _items_key(values: tuple | list) -> tuple:
+    """``tuple(_key(v) for v in values)``, the commonest items (a plain tensor, a scalar)
+    keyed in the loop itself: an op's arguments are keyed at every dispatch."""
+    keys = []
+    for value in values:
+        cls = type(value)
+        if cls is _TENSOR:
+            keys.append(_tensor_key(value, cls))
+        elif cls in _SCALAR_TYPES:
+            keys.append((cls, value))
+        else:
+            keys.append(_key(value))
+    return tuple(keys)
+
+
 def _key(value: Any) -> Any:
     # The commonest kinds first, by exact type (a scan loop keys millions of arguments):
     # the tests below are exclusive, so the order changes no key.
@@ -59,21 +92,9 @@ def _key(value: Any) -> Any:
         # 1, 1.0 and True hash alike but may type an output differently.
         return (cls, value)
     if cls is tuple or cls is list:
-        return (cls, tuple([_key(v) for v in value]))
-    if cls is torch.Tensor or isinstance(value, torch.Tensor):
-        plain = _PLAIN_TYPES.get(cls)
-        if plain is None:
-            plain = _plain(cls)
-        if (not plain or not value.is_meta
-                or value.layout != torch.strided or value.is_conj() or value.is_neg()):
-            raise _Unhashable
-        # torch.Size hashes and compares as the tuple of its sizes. No storage offset: a
-        # functional op's fresh outputs (the only ones replayed) take their shape, strides
-        # and dtype from the inputs' shapes, strides and dtypes, never from where a view
-        # starts in its storage (TensorIterator and the meta kernels read no pointer). A
-        # per-token loop over slices (the Mamba selective scan's reference path,
-        # ``discrete_A[:, :, i] * state``) is then one entry, not one per token.
-        return (value.dtype, value.shape, value.stride(), value.requires_grad)
+        return (cls, _items_key(value))
+    if cls is _TENSOR or isinstance(value, torch.Tensor):
+        return _tensor_key(value, cls)
     if isinstance(value, _SCALARS):
         return (cls, value)
     if isinstance(value, (tuple, list)):
@@ -172,10 +193,13 @@ def call(func: Any, args: tuple, kwargs: dict, enabled: bool | None = None) -> A
     every op), read here when None."""
     if enabled is None:
         enabled = reuse.enabled()
-    if not enabled or not _functional(func):
+    found = _FUNCTIONAL.get(id(func))
+    if not enabled or not (found[1] if found is not None else _functional(func)):
         return func(*args, **kwargs)
     try:
-        key = (func, _key(args), _key(kwargs) if kwargs else None, torch.get_default_dtype())
+        # ``_key(args)``, args being the tuple a dispatch passes.
+        key = (func, (tuple, _items_key(args)) if type(args) is tuple else _key(args),
+               _key(kwargs) if kwargs else None, torch.get_default_dtype())
     except _Unhashable:
         return func(*args, **kwargs)
     specs = _MEMO.get(key)
