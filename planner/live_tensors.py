@@ -255,7 +255,7 @@ class LiveTensorTracker(TorchDispatchMode):
     # -- results ----------------------------------------------------------------------
     def peak_snapshot(self) -> PeakSnapshot:
         """Replay the event log up to the peak: the storages live at that moment."""
-        live = self._replay({self._peak_event})[self._peak_event]
+        live = self._replay({self._peak_event})[self._peak_event][0]
         return PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase, live)
 
     def phase_snapshots(self) -> dict[str, PeakSnapshot]:
@@ -263,23 +263,40 @@ class LiveTensorTracker(TorchDispatchMode):
         at = self._replay(set(self._phase_peak_events.values()))
         snapshots = {}
         for key, event in self._phase_peak_events.items():
-            live = at[event]
-            allocated = sum(alloc_size(s.nbytes) for s in live)
+            live, allocated = at[event]
             snapshots[key] = PeakSnapshot(self.phase_peaks[key], allocated, key, live)
         return snapshots
 
-    def _replay(self, events: set[int]) -> dict[int, tuple[LiveStorage, ...]]:
-        # The log's own tuples while walking it; LiveStorage only for the snapshots taken.
+    def _replay(self, events: set[int]) -> dict[int, tuple[tuple[LiveStorage, ...], int]]:
+        """The storages live at each of ``events`` (indices into the log), and the sum of
+        their sizes as the CUDA allocator rounds each (kept while walking: a snapshot's
+        sum would walk its live set again, a hybrid model's many part peaks each)."""
+        # The log's own tuples while walking it; LiveStorage only for the snapshots taken,
+        # one per logged storage however many snapshots hold it.
         live: dict[int, tuple[int, int, str, str | None]] = {}
-        found: dict[int, tuple[LiveStorage, ...]] = {}
+        made: dict[int, LiveStorage] = {}
+        found: dict[int, tuple[tuple[LiveStorage, ...], int]] = {}
+        allocated = 0
         last = max(events, default=-1)
         for index, event in enumerate(self._events[: last + 1]):
             if event[1] >= 0:
+                before = live.get(event[0])
+                if before is not None:
+                    allocated -= alloc_size(before[1])
                 live[event[0]] = event
+                allocated += alloc_size(event[1])
             else:
-                live.pop(event[0], None)
+                before = live.pop(event[0], None)
+                if before is not None:
+                    allocated -= alloc_size(before[1])
             if index in events:
-                found[index] = tuple(LiveStorage(*e) for e in live.values())
+                storages = []
+                for e in live.values():
+                    storage = made.get(id(e))
+                    if storage is None:
+                        storage = made[id(e)] = LiveStorage(*e)
+                    storages.append(storage)
+                found[index] = (tuple(storages), allocated)
         if -1 in events:
-            found[-1] = ()
+            found[-1] = ((), 0)
         return found
