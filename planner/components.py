@@ -102,15 +102,9 @@ def load_components(
     return ComponentPlan(weights, components, weights.allocated_bytes + transient)
 
 
-def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[str, int]:
-    """Split the storages live at the peak into components."""
-    parts = dict.fromkeys(COMPONENT_ORDER, 0)
-    if seen.paged_states:
-        # Counted apart until the end (workload_components): outside torch's counters.
-        parts[PAGED] = 0
-    for role in seen.roles:
-        parts.setdefault(role, 0)
-    roles = (
+def _roles(seen: StepTensors) -> tuple[tuple[str, set[int]], ...]:
+    """The roles a storage can have, in the order a storage in two takes the first."""
+    return (
         *seen.roles.items(),
         (PAGED, seen.paged_states),
         ("weights", seen.weights),
@@ -119,13 +113,33 @@ def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool) -> dict[s
         ("optimizer_states", seen.optimizer_states),
         ("kv_cache", seen.kv_cache),
     )
+
+
+def owners(seen: StepTensors) -> dict[int, str]:
+    """serial -> the role ``classify`` gives it: read once for the many snapshots of one
+    step (a part peak each) instead of testing every role for every live storage."""
+    found: dict[int, str] = {}
+    for role, serials in reversed(_roles(seen)):
+        for serial in serials:
+            found[serial] = role
+    return found
+
+
+def classify(snapshot: PeakSnapshot, seen: StepTensors, rounded: bool,
+             roles: dict[int, str] | None = None) -> dict[str, int]:
+    """Split the storages live at the peak into components. ``roles``: ``owners(seen)``,
+    where the caller classifies several snapshots of the step."""
+    parts = dict.fromkeys(COMPONENT_ORDER, 0)
+    if seen.paged_states:
+        # Counted apart until the end (workload_components): outside torch's counters.
+        parts[PAGED] = 0
+    for role in seen.roles:
+        parts.setdefault(role, 0)
+    if roles is None:
+        roles = owners(seen)
     for storage in snapshot.storages:
         size = alloc_size(storage.nbytes) if rounded else storage.nbytes
-        name = None
-        for role, serials in roles:
-            if storage.serial in serials:
-                name = role
-                break
+        name = roles.get(storage.serial)
         if name is None:
             if storage.tag == "logits":
                 name = "logits"
@@ -323,11 +337,12 @@ def trace_outcome(snapshot: PeakSnapshot, seen: StepTensors, phase_peaks: dict[s
                   phase_snapshots: dict[str, PeakSnapshot], target: str) -> TraceOutcome:
     """A traced (or derived) step's components at its peak and at every phase's peak."""
     rounded = target == "cuda"
-    parts = classify(snapshot, seen, rounded)
+    roles = owners(seen)
+    parts = classify(snapshot, seen, rounded, roles)
     peak = snapshot.peak_allocated_bytes if rounded else snapshot.peak_bytes
     # The allocated peak may fall a few bytes apart from the raw-bytes peak moment.
     parts["transients"] += max(0, peak - sum(parts.values()))
-    phase_components = {key: classify(snap, seen, rounded)
+    phase_components = {key: classify(snap, seen, rounded, roles)
                         for key, snap in phase_snapshots.items()}
     host = seen.host_peak
     return TraceOutcome(parts, peak, phase_peaks, phase_components, host)
