@@ -3,9 +3,11 @@
 Without the ``mamba_ssm`` kernels, transformers' Mamba and FalconMamba layers run their
 selective scan as a Python loop over the tokens (``mamba_selective_scan``'s recurrent
 branch): a state update, a cast and a matmul per token and layer, a dozen dispatched ops
-each. Where no autograd graph is recorded (inference, the first forward of a checkpointed
-layer), every iteration after the first makes the same storages in the same order and
-frees the same ones: the new state and the token's output stay, the temporaries and the
+each. Where no autograd graph is recorded (inference, and the first forward of a layer
+under reentrant checkpointing; the default non-reentrant checkpointing records its graph
+in the first forward and recomputes with one, so training steps run every iteration),
+every iteration after the first makes the same storages in the same order and frees the
+same ones: the new state and the token's output stay, the temporaries and the
 previous state go. That is a fact checked on the run itself, not assumed: the first
 ``WARMUP`` iterations run as ever, and the log of the last of them must equal the one
 before it (sizes, phases, tags, which storage each release frees) with the same two
