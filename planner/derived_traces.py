@@ -617,8 +617,8 @@ def derive(recording: Recording, model: nn.Module, target: str, phase_snapshots:
     replay.count_log(log)
     derived = StepTensors(weights=set(weight_serials),
                           kv_cache=set(recording.kv_cache), host_peak=recording.host_peak)
-    snapshots = replay.phase_snapshots() if phase_snapshots else {}
-    return replay.peak_snapshot(), derived, dict(replay.phase_peaks), snapshots
+    peak, snapshots = replay.snapshots(phases=phase_snapshots)
+    return peak, derived, dict(replay.phase_peaks), snapshots
 
 
 # id(model) -> (the model, steps run on it when read, its tensors' log and serials).

@@ -17,7 +17,7 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,12 +27,19 @@ from qplan.planner import meta_memo, reuse
 from qplan.planner.precision import alloc_size
 
 
-@dataclass(frozen=True)
-class LiveStorage:
+class LiveStorage(NamedTuple):
+    """One entry of the tracker's log: a storage made (``nbytes``) in ``phase``, tagged
+    (logits) or not; or released (``-nbytes``, no tag). A snapshot holds the entries of the
+    storages live at its moment: the log's own entries, never copies."""
+
     serial: int
     nbytes: int
     phase: str
     tag: str | None
+
+
+# LiveStorage's own constructor runs Python code; a trace logs hundreds of thousands.
+_entry = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._serials = itertools.count()
         # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
         self._live: dict[int, tuple[int, int, Any]] = {}
-        self._events: list[tuple[int, int, str, str | None]] = []  # (serial, ±nbytes, ...)
+        self._events: list[LiveStorage] = []  # (serial, ±nbytes, phase, tag)
         self.current = 0
         self.current_allocated = 0
         self.peak = 0
@@ -123,7 +130,7 @@ class LiveTensorTracker(TorchDispatchMode):
         what a replayed log runs (planner/derived_traces.py), so a derived step peaks
         exactly as a traced one."""
         events = self._events
-        events.append((serial, nbytes, self.phase, tag))
+        events.append(_entry(LiveStorage, (serial, nbytes, self.phase, tag)))
         if self._parts is not None:
             self._parts.append(self.segment)
         current = self.current = self.current + nbytes
@@ -223,7 +230,7 @@ class LiveTensorTracker(TorchDispatchMode):
         """Log the release of a storage (``_release``; a replayed log)."""
         self.current -= nbytes
         self.current_allocated -= alloc_size(nbytes)
-        self._events.append((serial, -nbytes, self.phase, None))
+        self._events.append(_entry(LiveStorage, (serial, -nbytes, self.phase, None)))
         if self._parts is not None:
             self._parts.append(None)
 
@@ -254,49 +261,56 @@ class LiveTensorTracker(TorchDispatchMode):
 
     # -- results ----------------------------------------------------------------------
     def peak_snapshot(self) -> PeakSnapshot:
-        """Replay the event log up to the peak: the storages live at that moment."""
-        live = self._replay({self._peak_event})[self._peak_event][0]
-        return PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase, live)
+        """The storages live at the peak."""
+        return self.snapshots(phases=False)[0]
 
     def phase_snapshots(self) -> dict[str, PeakSnapshot]:
-        """The live storages at the peak of every key of ``phase_peaks``, in one replay."""
-        at = self._replay(set(self._phase_peak_events.values()))
-        snapshots = {}
-        for key, event in self._phase_peak_events.items():
-            live, allocated = at[event]
-            snapshots[key] = PeakSnapshot(self.phase_peaks[key], allocated, key, live)
-        return snapshots
+        """The live storages at the peak of every key of ``phase_peaks``."""
+        return self.snapshots(phases=True)[1]
+
+    def snapshots(self, phases: bool) -> tuple[PeakSnapshot, dict[str, PeakSnapshot]]:
+        """The live storages at the peak and, with ``phases``, at the peak of every key of
+        ``phase_peaks``: one replay of the log for all of them."""
+        wanted = {self._peak_event}
+        if phases:
+            wanted.update(self._phase_peak_events.values())
+        at = self._replay(wanted)
+        peak = PeakSnapshot(self.peak, self.peak_allocated, self._peak_phase,
+                            at[self._peak_event][0])
+        found = {}
+        if phases:
+            for key, event in self._phase_peak_events.items():
+                live, allocated = at[event]
+                found[key] = PeakSnapshot(self.phase_peaks[key], allocated, key, live)
+        return peak, found
 
     def _replay(self, events: set[int]) -> dict[int, tuple[tuple[LiveStorage, ...], int]]:
-        """The storages live at each of ``events`` (indices into the log), and the sum of
-        their sizes as the CUDA allocator rounds each (kept while walking: a snapshot's
-        sum would walk its live set again, a hybrid model's many part peaks each)."""
-        # The log's own tuples while walking it; LiveStorage only for the snapshots taken,
-        # one per logged storage however many snapshots hold it.
-        live: dict[int, tuple[int, int, str, str | None]] = {}
-        made: dict[int, LiveStorage] = {}
+        """The storages live at each of ``events`` (indices into the log), and their bytes
+        rounded as CUDA allocates them, kept as the log is walked.
+
+        A training step's phases and parts peak at a hundred events or more, each over
+        thousands of live storages (the weights among them): a snapshot is the log's own
+        entries, taken in one C-level copy, not a new object per storage and snapshot."""
+        live: dict[int, LiveStorage] = {}
         found: dict[int, tuple[tuple[LiveStorage, ...], int]] = {}
-        allocated = 0
         last = max(events, default=-1)
-        for index, event in enumerate(self._events[: last + 1]):
-            if event[1] >= 0:
-                before = live.get(event[0])
+        allocated = 0
+        for index, entry in enumerate(self._events[: last + 1]):
+            nbytes = entry[1]
+            if nbytes >= 0:
+                # A serial logged again replaces its entry in place (the release of an
+                # empty storage reads as one made, as it always has).
+                before = live.get(entry[0])
                 if before is not None:
                     allocated -= alloc_size(before[1])
-                live[event[0]] = event
-                allocated += alloc_size(event[1])
+                live[entry[0]] = entry
+                allocated += alloc_size(nbytes)
             else:
-                before = live.pop(event[0], None)
-                if before is not None:
-                    allocated -= alloc_size(before[1])
+                gone = live.pop(entry[0], None)
+                if gone is not None:
+                    allocated -= alloc_size(gone[1])
             if index in events:
-                storages = []
-                for e in live.values():
-                    storage = made.get(id(e))
-                    if storage is None:
-                        storage = made[id(e)] = LiveStorage(*e)
-                    storages.append(storage)
-                found[index] = (tuple(storages), allocated)
+                found[index] = (tuple(live.values()), allocated)
         if -1 in events:
             found[-1] = ((), 0)
         return found

@@ -404,5 +404,5 @@ def trace(
         seen = run_workload(model, workload, tracker, pattern)
     if recorder is not None:
         recorder.finish(seen)
-    snapshots = tracker.phase_snapshots() if phase_snapshots else {}
-    return tracker.peak_snapshot(), seen, dict(tracker.phase_peaks), snapshots
+    peak, snapshots = tracker.snapshots(phases=phase_snapshots)
+    return peak, seen, dict(tracker.phase_peaks), snapshots
