@@ -395,6 +395,9 @@ def sweep_items(cwd: str, items: list[tuple[str, str]], item_timeout: float) -> 
             except queue.Empty:
                 proc.kill()
                 proc.wait()
+                # A worker that never began its first item (its imports alone ran past the
+                # timeout, on a loaded machine): that item is the one that timed out.
+                current = current or tuple(todo[0])
                 results.append({"model": current[0], "mode": current[1], "status": "timeout",
                                 "wall_s": time.perf_counter() - started, "cpu_s": None,
                                 "digest": None, "error": None})
