@@ -18,11 +18,14 @@ step differ.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from qplan.planner.step_runs import RUNS_KEY
 
@@ -38,6 +41,28 @@ _CONTAINER_TYPES = frozenset((dict, list, tuple, set, frozenset, OrderedDict))
 # Kept in place of a prepared model whose step left it changed: the next steps of that
 # preparation are prepared afresh without recording.
 CHANGES_THE_MODEL = object()
+
+
+@functools.cache
+def _idempotent_hooks() -> frozenset[types.CodeType]:
+    """The code of hooks that make no storage and do the same however many times they
+    run: transformers' ``make_inputs_require_grads`` (``enable_input_require_grads``:
+    the embeddings' output requires grad, set in place). Re-enabling gradient
+    checkpointing registers it again (TRL turns checkpointing off and on around every
+    reference forward), and without peft the earlier one stays: such a hook is recorded
+    once per hook dictionary, however often and under whichever handle it was added."""
+    from transformers import PreTrainedModel
+
+    code = PreTrainedModel.enable_input_require_grads.__code__
+    return frozenset(c for c in code.co_consts if isinstance(c, types.CodeType)
+                     and c.co_name == "make_inputs_require_grads")
+
+
+def _idempotent(hook: Any) -> types.CodeType | None:
+    code = getattr(hook, "__code__", None)
+    if code is None or getattr(hook, "__closure__", None) or code not in _idempotent_hooks():
+        return None
+    return code
 
 
 def state_of(model: nn.Module) -> tuple:
@@ -87,15 +112,41 @@ class _Recorder:
                     add(tuple(map(id, value.values())))
                 elif isinstance(value, dict):
                     # _parameters, _buffers and the hook dictionaries (handle -> hook).
-                    add(tuple([(k, value_of(v, _OBJECT_DEPTH)) for k, v in value.items()]))
+                    add(self.entries(value))
                 else:
                     add(value_of(value, _OBJECT_DEPTH))
+        return tuple(out)
+
+    def entries(self, mapping: dict) -> tuple:
+        """A module's dictionary, entry by entry; an idempotent hook (``_idempotent``)
+        once, without its handle's number."""
+        out: list[Any] = []
+        idempotent: set[types.CodeType] = set()
+        for key, value in mapping.items():
+            code = _idempotent(value)
+            if code is None:
+                out.append((key, self.value(value, _OBJECT_DEPTH)))
+            elif code not in idempotent:
+                idempotent.add(code)
+                out.append(("idempotent hook", code))
         return tuple(out)
 
     def value(self, value: Any, depth: int) -> Any:
         cls = type(value)
         if cls in _PLAIN:
             return (cls, value)
+        if cls is functools.partial:
+            # Enabling gradient checkpointing makes a new partial of the same function
+            # and arguments each time: equal partials run the same.
+            return (cls, self.value(value.func, depth), self.value(value.args, depth),
+                    self.value(value.keywords, depth))
+        if cls is RemovableHandle:
+            # A handle removes its hook from its dictionary, nothing else: named by
+            # both, an idempotent hook by its code (its dictionary records it once).
+            hooks = value.hooks_dict_ref()
+            hook = hooks.get(value.id) if hooks is not None else None
+            code = _idempotent(hook)
+            return (cls, id(hooks), value.id if code is None else code)
         if isinstance(value, torch.Tensor):
             extra = getattr(value, "__dict__", None) if depth > 0 else None
             return ("tensor", id(value), id(value.untyped_storage()), tuple(value.shape),

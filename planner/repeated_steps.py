@@ -21,8 +21,11 @@ The log is counted again only where nothing the tracker can see tells the two st
 * none of their storages is alive when the second step starts;
 * no parameter runs a hook on its gradient (code the log does not hold: an optimizer in
   the backward), nothing went to host memory (activation offloading), and the loss is the
-  causal-LM one (a workload's own loss may keep state outside the model: a trainer, a
-  reference model).
+  causal-LM one, or a workload's own loss that reads nothing but the model, the modules
+  it names (a frozen reference model, whose record must be unchanged too) and inputs made
+  before the loop, keeping nothing of one step that the next one reads (TRL's DPO and KTO
+  ``compute_loss`` on their fixed batch: their metrics are Python numbers). A loss that
+  may keep state outside the model (GRPO's buffered generations) runs every step.
 
 Otherwise the second step runs for real, and always on the reference path
 (``QPLAN_REUSE=0``), which the tests compare against.
@@ -56,7 +59,7 @@ class _Gradient:
 
 @dataclass(frozen=True)
 class _Section:
-    record: tuple  # state_of(model) when the section started
+    record: tuple  # state_of(model) and its companions' when the section started
     # The section's log, each event with its part (None: a release): LiveTensorTracker.log.
     events: tuple[tuple[int, int, str, str | None, tuple[str, ...] | None], ...]
     made: frozenset[int]
@@ -80,8 +83,12 @@ class StepRepeater:
     them again for a later one (``repeat``) when that step provably runs the same."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter],
-                 tracker: LiveTensorTracker, seen: Any) -> None:
+                 tracker: LiveTensorTracker, seen: Any,
+                 companions: tuple[nn.Module, ...] = ()) -> None:
         self._model = model
+        # Modules beside the model that the loss runs (a frozen reference model): their
+        # records join the model's.
+        self._companions = companions
         self._params = params
         self._tracker = tracker
         self._seen = seen
@@ -90,7 +97,7 @@ class StepRepeater:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         tracker, seen = self._tracker, self._seen
-        record = state_of(self._model)
+        record = self._record()
         start = tracker.record_parts()
         before = _other_roles(seen)
         host = (tracker.host_current, tracker.host_peak)
@@ -134,6 +141,9 @@ class StepRepeater:
         return _Section(record, events, frozenset(made), tuple(gradients), empty,
                         self._tracker.phase, self._tracker.segment)
 
+    def _record(self) -> tuple:
+        return (state_of(self._model), *map(state_of, self._companions))
+
     def repeat(self) -> bool:
         """Count the recorded section again, as this optimizer step's forward and
         backward, and give the parameters their gradients; False (nothing counted) when
@@ -141,7 +151,7 @@ class StepRepeater:
         section, tracker = self._section, self._tracker
         if section is None or any(p.grad is not None for p in self._params):
             return False
-        if tracker.live_serials() & section.made or state_of(self._model) != section.record:
+        if tracker.live_serials() & section.made or self._record() != section.record:
             return False
         # The gradients first (nothing counted), so a layout that would differ stops here.
         with tracker.untracked():

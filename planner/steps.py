@@ -411,11 +411,16 @@ def run_training(
     steps: int = 2,
     loss_of: Callable[[nn.Module], torch.Tensor] | None = None,
     accumulation: int = 1,
+    loss_reads: tuple[nn.Module, ...] | None = None,
 ) -> None:
     """Trainer's loop; ``loss_of(model)``: the forward and loss of a workload whose loss is
     not the causal-LM one (a preference trainer's ``compute_loss``), on its own inputs.
     ``accumulation``: micro-steps per optimizer step (gradient accumulation: the gradients
-    stay between them, clipping and the update run after the last)."""
+    stay between them, clipping and the update run after the last). ``loss_reads``: given
+    where ``loss_of`` reads nothing but the model, these modules (a frozen reference model)
+    and inputs made before the loop, and keeps nothing of one step for the next; its later
+    steps may then be counted from the first's log (planner/repeated_steps.py). None: the
+    loss may keep state between steps, and every step runs."""
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     if loss_of is None:
@@ -434,8 +439,9 @@ def run_training(
     model.train()
     # The later optimizer steps' forward and backward counted from the first's log where
     # they provably run the same (planner/repeated_steps.py).
-    repeater = (StepRepeater(model, params, tracker, seen)
-                if repeatable(params, workload, loss_of is not None) else None)
+    own_state = loss_of is not None and loss_reads is None
+    repeater = (StepRepeater(model, params, tracker, seen, loss_reads or ())
+                if repeatable(params, workload, own_state) else None)
 
     def forward_backward() -> None:
         with _step_context(model, workload, tracker):

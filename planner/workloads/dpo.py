@@ -7,6 +7,7 @@ in one forward through TRL's fused LM head (per-token log-probs in tiles, no
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from qplan.planner.workloads import preference
@@ -22,7 +23,6 @@ FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     with preference.trace_quiet():
         from trl import DPOConfig, DPOTrainer
-        from trl.trainer.utils import add_fused_lm_head
 
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs
@@ -47,12 +47,14 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.label_smoothing = args.label_smoothing
     trainer.use_weighting = args.use_weighting
     preference.check_fused_lm_head(model, workload.mode)
-    add_fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS)
-    if ref is not None:
-        add_fused_lm_head(ref)
     inputs = preference.pair_inputs(workload, model, precomputed)
-    run_training(model, workload, tracker, seen,
-                 loss_of=lambda m: trainer.compute_loss(m, inputs))
+    # compute_loss reads the policy, the reference and this batch, and keeps only Python
+    # numbers (its metrics): a later step runs as the first (planner/repeated_steps.py).
+    with preference.fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS), \
+            (preference.fused_lm_head(ref) if ref is not None else contextlib.nullcontext()):
+        run_training(model, workload, tracker, seen,
+                     loss_of=lambda m: trainer.compute_loss(m, inputs),
+                     loss_reads=() if ref is None else (ref,))
 
 
 def _kind(name: str, summary: str) -> WorkloadKind:

@@ -7,6 +7,7 @@ reference: the adapter-disabled base (LoRA), a frozen copy (full), or precompute
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from qplan.planner.workloads import preference
@@ -51,7 +52,6 @@ def _inputs(workload: Any, model: Any, precomputed: bool) -> dict[str, Any]:
 def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     with preference.trace_quiet():
         from trl import KTOConfig, KTOTrainer
-        from trl.trainer.utils import add_fused_lm_head
 
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs
@@ -72,12 +72,14 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.undesirable_weight = args.undesirable_weight
     trainer.calculate_KL = args.loss_type not in ["apo_zero_unpaired"]
     preference.check_fused_lm_head(model, workload.mode)
-    add_fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS)
-    if ref is not None:
-        add_fused_lm_head(ref)
     inputs = _inputs(workload, model, precomputed)
-    run_training(model, workload, tracker, seen,
-                 loss_of=lambda m: trainer.compute_loss(m, inputs))
+    # compute_loss reads the policy, the reference and this batch, and keeps only Python
+    # numbers (its metrics): a later step runs as the first (planner/repeated_steps.py).
+    with preference.fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS), \
+            (preference.fused_lm_head(ref) if ref is not None else contextlib.nullcontext()):
+        run_training(model, workload, tracker, seen,
+                     loss_of=lambda m: trainer.compute_loss(m, inputs),
+                     loss_reads=() if ref is None else (ref,))
 
 
 KINDS = (

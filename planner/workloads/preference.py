@@ -173,6 +173,26 @@ def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextlib.contextmanager
+def fused_lm_head(model: Any, **options: Any) -> Iterator[None]:
+    """TRL's ``add_fused_lm_head(model, **options)`` for the step, taken off after it. The
+    head is an instance ``forward`` on the model; without it the step leaves the policy as
+    its preparation made it, so the next plan of the same preparation (``--solve``'s
+    probes) runs on it instead of preparing another (planner/prepared_models.py)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    own = vars(model)
+    before = own.get("forward")
+    add_fused_lm_head(model, **options)
+    try:
+        yield
+    finally:
+        if before is None:
+            own.pop("forward", None)
+        else:
+            own["forward"] = before
+
+
 def check_fused_lm_head(model: Any, mode: str) -> None:
     """Refuse a model TRL's fused LM head cannot run. ``add_fused_lm_head`` (on in every
     DPO, KTO and GRPO trainer of TRL 1.x) runs ``model.base_model`` with transformers 5
