@@ -26,6 +26,10 @@ The log is counted again only where nothing the tracker can see tells the two st
   before the loop, keeping nothing of one step that the next one reads (TRL's DPO and KTO
   ``compute_loss`` on their fixed batch: their metrics are Python numbers). A loss that
   may keep state outside the model (GRPO's buffered generations) runs every step.
+* a loss that keeps storages of its step outside the model only by accumulating them
+  (TRL's ORPO and CPO store each metric, a scalar tensor, in a list the trainer empties
+  when it logs) may leave them alive; they must still be alive when the next step starts,
+  and the count keeps that step's again, as it would.
 
 Otherwise the second step runs for real, and always on the reference path
 (``QPLAN_REUSE=0``), which the tests compare against.
@@ -65,6 +69,7 @@ class _Section:
     made: frozenset[int]
     gradients: tuple[_Gradient, ...]
     empty: frozenset[int]  # zero-byte storages still alive when the section ended
+    kept: frozenset[int]  # storages the loss keeps outside the model (metrics)
     phase: str  # the tracker's phase and part when the section ended
     segment: tuple[str, ...]
 
@@ -84,8 +89,10 @@ class StepRepeater:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter],
                  tracker: LiveTensorTracker, seen: Any,
-                 companions: tuple[nn.Module, ...] = ()) -> None:
+                 companions: tuple[nn.Module, ...] = (), keeps: bool = False) -> None:
         self._model = model
+        # Whether the loss may keep storages of its step by accumulating them.
+        self._keeps = keeps
         # Modules beside the model that the loss runs (a frozen reference model): their
         # records join the model's.
         self._companions = companions
@@ -136,9 +143,10 @@ class StepRepeater:
         # Empty storages the backward leaves to the autograd engine weigh nothing: they
         # are released with the section's end, which no count can tell from later.
         empty = frozenset(s for s in made - freed - set(serials) if sizes[s] == 0)
-        if len(set(serials)) != len(serials) or set(serials) != made - freed - empty:
+        kept = frozenset(made - freed - empty - set(serials)) if self._keeps else frozenset()
+        if len(set(serials)) != len(serials) or set(serials) != made - freed - empty - kept:
             return None
-        return _Section(record, events, frozenset(made), tuple(gradients), empty,
+        return _Section(record, events, frozenset(made), tuple(gradients), empty, kept,
                         self._tracker.phase, self._tracker.segment)
 
     def _record(self) -> tuple:
@@ -151,7 +159,9 @@ class StepRepeater:
         section, tracker = self._section, self._tracker
         if section is None or any(p.grad is not None for p in self._params):
             return False
-        if tracker.live_serials() & section.made or self._record() != section.record:
+        live = tracker.live_serials()
+        if live & (section.made - section.kept) or not section.kept <= live \
+                or self._record() != section.record:
             return False
         # The gradients first (nothing counted), so a layout that would differ stops here.
         with tracker.untracked():

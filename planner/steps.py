@@ -412,6 +412,7 @@ def run_training(
     loss_of: Callable[[nn.Module], torch.Tensor] | None = None,
     accumulation: int = 1,
     loss_reads: tuple[nn.Module, ...] | None = None,
+    loss_accumulates: bool = False,
 ) -> None:
     """Trainer's loop; ``loss_of(model)``: the forward and loss of a workload whose loss is
     not the causal-LM one (a preference trainer's ``compute_loss``), on its own inputs.
@@ -420,7 +421,9 @@ def run_training(
     where ``loss_of`` reads nothing but the model, these modules (a frozen reference model)
     and inputs made before the loop, and keeps nothing of one step for the next; its later
     steps may then be counted from the first's log (planner/repeated_steps.py). None: the
-    loss may keep state between steps, and every step runs."""
+    loss may keep state between steps, and every step runs. ``loss_accumulates``: such a
+    loss keeps storages of its steps outside the model, only by accumulating them (ORPO's
+    stored metrics), none of them freed by a later step."""
     device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     if loss_of is None:
@@ -440,7 +443,8 @@ def run_training(
     # The later optimizer steps' forward and backward counted from the first's log where
     # they provably run the same (planner/repeated_steps.py).
     own_state = loss_of is not None and loss_reads is None
-    repeater = (StepRepeater(model, params, tracker, seen, loss_reads or ())
+    repeater = (StepRepeater(model, params, tracker, seen, loss_reads or (),
+                             keeps=loss_accumulates)
                 if repeatable(params, workload, own_state) else None)
 
     def forward_backward() -> None:

@@ -306,7 +306,6 @@ def _scored_batch(trainer: Any, model: Any, ref: Any, workload: Any, prompt_ids:
 def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     with preference.trace_quiet():
         from trl import GRPOConfig
-        from trl.trainer.utils import add_fused_lm_head
 
     from qplan.planner.steps import run_training
     from qplan.planner.training_setup import gc_kwargs
@@ -334,10 +333,6 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
         )
     trainer = _trainer(args, model, ref)
     preference.check_fused_lm_head(model, workload.mode)
-    add_fused_lm_head(preference.base_model(model), temperature=args.temperature,
-                      outputs=("log_probs", "entropy"))
-    if ref is not None:
-        add_fused_lm_head(ref, temperature=args.temperature)
     buffered: list[dict[str, Any]] = []
     done = [0]
     # Micro-steps traced per optimizer step: the third and later of an accumulation hold
@@ -362,8 +357,12 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     # TRL generates once per optimizer step (steps_per_generation is the gradient
     # accumulation): two of them, the second generation beside the first update's
     # optimizer states, the gradients kept between the micro-steps of one.
-    run_training(model, workload, tracker, seen, steps=2 * micro, loss_of=loss_of,
-                 accumulation=micro)
+    with preference.fused_lm_head(preference.base_model(model), temperature=args.temperature,
+                                  outputs=("log_probs", "entropy")), \
+            (preference.fused_lm_head(ref, temperature=args.temperature) if ref is not None
+             else contextlib.nullcontext()):
+        run_training(model, workload, tracker, seen, steps=2 * micro, loss_of=loss_of,
+                     accumulation=micro)
 
 
 def _batch_multiple(workload: Any) -> int:

@@ -30,8 +30,12 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.simpo_gamma = args.simpo_gamma
     trainer.alpha = args.alpha
     inputs = preference.chosen_rejected_inputs(workload, model)
+    # compute_loss reads the policy and this batch; what it keeps is its metrics, scalar
+    # tensors appended to the trainer's lists (store_metrics), emptied only when it logs:
+    # a later step runs as the first (planner/repeated_steps.py).
     run_training(model, workload, tracker, seen,
-                 loss_of=lambda m: trainer.compute_loss(m, inputs))
+                 loss_of=lambda m: trainer.compute_loss(m, inputs),
+                 loss_reads=(), loss_accumulates=True)
 
 
 KINDS = (
