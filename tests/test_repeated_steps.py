@@ -109,3 +109,86 @@ def test_workloads_with_their_own_loss_or_gradient_hooks_run_every_step():
     offloading = make_workload("lora", make_config("llama"), batch=1, seq_len=8,
                                activation_offloading=True)
     assert not repeated_steps.repeatable([], offloading, own_loss=False)
+
+
+# TRL's preference losses (planner/workloads/): DPO and KTO read the policy, their
+# reference (the adapter-disabled policy, or a frozen copy beside it) and a fixed batch;
+# ORPO and SimPO (the CPO trainer) keep their metrics, scalar tensors appended to lists.
+PREFERENCE_CASES = [
+    ("llama", "dpo", "bf16", {"adapter": "lora"}),
+    ("llama", "dpo", "bf16", {"adapter": "full"}),
+    ("llama", "dpo", "nf4", {"adapter": "qlora", "gradient_checkpointing": False}),
+    ("llama", "ipo", "bf16", {"adapter": "lora"}),
+    ("llama", "kto", "bf16", {"adapter": "lora"}),
+    ("llama", "kto", "bf16", {"adapter": "full", "gradient_checkpointing": False}),
+    ("llama", "orpo", "bf16", {"adapter": "lora"}),
+    ("llama", "simpo", "bf16", {"adapter": "full"}),
+    ("nemotron_h", "dpo", "bf16", {"adapter": "lora"}),
+    ("deepseek_v3", "kto", "bf16", {"adapter": "lora"}),
+    # TRL asks Mixtral for its router logits: transformers' output-capturing hooks,
+    # installed before the step on the fast path (preference.capture_hooks_first), at the
+    # start of the first forward on the reference path.
+    ("mixtral", "dpo", "bf16", {"adapter": "lora"}),
+    ("mixtral", "kto", "bf16", {"adapter": "full"}),
+]
+
+
+@pytest.mark.parametrize(("arch", "mode", "precision", "options"), PREFERENCE_CASES,
+                         ids=[f"{a}-{m}-{p}-{'-'.join(map(str, o.values()))}"
+                              for a, m, p, o in PREFERENCE_CASES])
+@pytest.mark.parametrize("layers", [None, 1])
+def test_preference_losses_repeat_their_second_step(arch, mode, precision, options, layers,
+                                                    repeats):
+    pytest.importorskip("trl")
+    fast, reference = _both(make_config(arch), mode, precision, layers, **options)
+    assert repeats == [True], "the second step was run, not counted from the first"
+    assert fast == reference
+
+
+def test_grpo_runs_every_step(repeats):
+    # Its loss generates and buffers a batch, which the next generation replaces.
+    pytest.importorskip("trl")
+    fast, reference = _both(make_config("llama"), "grpo", "bf16", num_generations=2)
+    assert repeats == []
+    assert fast == reference
+
+
+def test_a_record_names_what_re_enabling_checkpointing_makes_again():
+    # TRL turns gradient checkpointing off and on around every reference forward
+    # (trl.models.utils.disable_gradient_checkpointing): a new partial of the same function
+    # and arguments, and transformers' input-grads hook again (without peft the earlier
+    # one stays). Neither changes what a step makes: the record stays.
+    from transformers import AutoModelForCausalLM
+
+    from qplan.planner.prepared_models import state_of
+
+    def model() -> torch.nn.Module:
+        with torch.device("meta"):
+            net = AutoModelForCausalLM.from_config(make_config("llama"))
+        net.gradient_checkpointing_enable({"use_reentrant": False})
+        return net
+
+    net = model()
+    before = state_of(net)
+    for _ in range(2):
+        net.gradient_checkpointing_disable()
+        net.gradient_checkpointing_enable({"use_reentrant": False})
+    assert len(net.get_input_embeddings()._forward_hooks) == 3
+    assert state_of(net) == before
+    # Other arguments, or another hook (even one registered twice): a change.
+    def twice(m: torch.nn.Module) -> None:
+        def hook(*args) -> None: ...
+
+        m.get_input_embeddings().register_forward_hook(hook)
+
+    changes = [
+        lambda m: m.gradient_checkpointing_enable({"use_reentrant": True}),
+        lambda m: m.get_input_embeddings().register_forward_hook(lambda *a: None),
+        twice,
+    ]
+    for change in changes:
+        net = model()
+        twice(net)
+        before = state_of(net)
+        change(net)
+        assert state_of(net) != before

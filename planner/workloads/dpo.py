@@ -47,6 +47,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.label_smoothing = args.label_smoothing
     trainer.use_weighting = args.use_weighting
     preference.check_fused_lm_head(model, workload.mode)
+    preference.capture_hooks_first(trainer, model)
     inputs = preference.pair_inputs(workload, model, precomputed)
     # compute_loss reads the policy, the reference and this batch, and keeps only Python
     # numbers (its metrics): a later step runs as the first (planner/repeated_steps.py).

@@ -72,6 +72,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     trainer.undesirable_weight = args.undesirable_weight
     trainer.calculate_KL = args.loss_type not in ["apo_zero_unpaired"]
     preference.check_fused_lm_head(model, workload.mode)
+    preference.capture_hooks_first(trainer, model)
     inputs = _inputs(workload, model, precomputed)
     # compute_loss reads the policy, the reference and this batch, and keeps only Python
     # numbers (its metrics): a later step runs as the first (planner/repeated_steps.py).

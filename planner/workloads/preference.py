@@ -193,6 +193,25 @@ def fused_lm_head(model: Any, **options: Any) -> Iterator[None]:
             own["forward"] = before
 
 
+def capture_hooks_first(trainer: Any, model: Any) -> None:
+    """Install transformers' output-capturing hooks (``capture_outputs``) on the backbone
+    the fused LM head runs, where the step asks it for router logits, before the step
+    rather than at the start of its first forward, where transformers installs them
+    (``maybe_install_capturing_hooks``, before any op): the same hooks, making no storage
+    (inactive outside a capturing forward, appending references in one). The first
+    optimizer step then starts on the model the second starts on, and the second is
+    counted from the first's log (planner/repeated_steps.py). Off on the reference path."""
+    from qplan.planner import reuse
+
+    if not trainer.aux_loss_enabled or not reuse.enabled():
+        return
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    backbone = getattr(base_model(model), "base_model", None)
+    if backbone is not None and backbone is not base_model(model):
+        maybe_install_capturing_hooks(backbone)
+
+
 def check_fused_lm_head(model: Any, mode: str) -> None:
     """Refuse a model TRL's fused LM head cannot run. ``add_fused_lm_head`` (on in every
     DPO, KTO and GRPO trainer of TRL 1.x) runs ``model.base_model`` with transformers 5
