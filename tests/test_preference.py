@@ -253,3 +253,39 @@ def test_cli_plans_a_preference_mode_as_json(tiny_model_dir):
     bad = CliRunner().invoke(app, ["estimate", folder, "--mode", "dpo", "-O", "adapter"])
     assert bad.exit_code == 2
     assert "write NAME=VALUE" in bad.output
+
+
+# The second optimizer step's forward and backward are counted from the first's log
+# (planner/repeated_steps.py: the losses read the policy, the reference and a fixed
+# batch; ORPO/CPO keep their metric scalars): TRL's two real steps against such plans.
+@pytest.mark.parametrize(("mode", "adapter", "gc"), [
+    ("dpo", "lora", True), ("kto", "full", False), ("simpo", "lora", True),
+])
+def test_preference_plans_whose_second_step_was_counted(tiny_model_dir, monkeypatch, mode,
+                                                        adapter, gc):
+    from qplan.planner import repeated_steps
+
+    repeated = []
+    real_repeat = repeated_steps.StepRepeater.repeat
+    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat",
+                        lambda self: repeated.append(real_repeat(self)) or repeated[-1])
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, "bf16", adapter=adapter, gradient_checkpointing=gc)
+    assert repeated and all(repeated), "the second step was run, not counted"
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    ref_model = None
+    if adapter == "lora":
+        model = lora_model(model, r=8, quantized=False)
+    elif mode != "simpo":
+        ref_model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    if mode == "dpo":
+        measured = dpo_peak(model, PAIRS, PROMPT, COMPLETION, ref_model=ref_model,
+                            gradient_checkpointing=gc)
+    elif mode == "kto":
+        measured = kto_peak(model, PAIRS, PROMPT, COMPLETION, ref_model=ref_model,
+                            gradient_checkpointing=gc)
+    else:
+        measured = concatenated_peak(mode, model, PAIRS, PROMPT, COMPLETION,
+                                     gradient_checkpointing=gc)
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, adapter))
