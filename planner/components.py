@@ -235,8 +235,8 @@ def trace_components(
                                  suffix)
     prepared = meta_models.take(prepared_key) if prepared_key is not None else None
     if prepared is CHANGES_THE_MODEL:
-        # This preparation's step changed the model before (GRPO's generation): build and
-        # prepare afresh, without recording.
+        # This preparation's step changed the model before (GRPO's reference adapter):
+        # build and prepare afresh, without recording.
         meta_models.keep(prepared_key, CHANGES_THE_MODEL)
         prepared_key = prepared = None
     as_prepared: tuple | None = None
