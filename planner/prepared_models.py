@@ -59,10 +59,10 @@ def _idempotent_hooks() -> frozenset[types.CodeType]:
 
 
 def _idempotent(hook: Any) -> types.CodeType | None:
-    code = getattr(hook, "__code__", None)
-    if code is None or getattr(hook, "__closure__", None) or code not in _idempotent_hooks():
+    if type(hook) is not types.FunctionType or hook.__closure__ \
+            or hook.__code__ not in _idempotent_hooks():
         return None
-    return code
+    return hook.__code__
 
 
 def state_of(model: nn.Module) -> tuple:
