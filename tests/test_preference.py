@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import AutoConfig
-from user_loops import lora_model
+from user_loops import lora_model, record_repeats
 
 from qplan.api import estimate
 from qplan.errors import UsageError
@@ -263,12 +263,7 @@ def test_cli_plans_a_preference_mode_as_json(tiny_model_dir):
 ])
 def test_preference_plans_whose_second_step_was_counted(tiny_model_dir, monkeypatch, mode,
                                                         adapter, gc):
-    from qplan.planner import repeated_steps
-
-    repeated = []
-    real_repeat = repeated_steps.StepRepeater.repeat
-    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat",
-                        lambda self: repeated.append(real_repeat(self)) or repeated[-1])
+    repeated = record_repeats(monkeypatch)
     folder = tiny_model_dir("llama")
     config = AutoConfig.from_pretrained(folder)
     predicted = plan(folder, mode, "bf16", adapter=adapter, gradient_checkpointing=gc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from transformers import AutoConfig
-from user_loops import generate_peak, lora_model, trainer_peak
+from user_loops import generate_peak, lora_model, record_repeats, trainer_peak
 
 from qplan.api import estimate
 from qplan.loaders.measure import random_model
@@ -228,12 +228,7 @@ def test_trainer_peak_on_a_reused_prepared_model(tiny_model_dir, monkeypatch, mo
                          [("qlora", "nf4", True), ("lora", "bf16", False), ("full", "bf16", False)])
 def test_trainer_peak_of_plans_whose_second_step_was_counted(tiny_model_dir, monkeypatch, mode,
                                                               precision, gc):
-    from qplan.planner import repeated_steps
-
-    repeated = []
-    real_repeat = repeated_steps.StepRepeater.repeat
-    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat",
-                        lambda self: repeated.append(real_repeat(self)) or repeated[-1])
+    repeated = record_repeats(monkeypatch)
     folder = tiny_model_dir("llama")
     config = AutoConfig.from_pretrained(folder)
     predicted = plan(folder, mode, precision, gradient_checkpointing=gc, lora_r=8)

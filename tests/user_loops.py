@@ -101,3 +101,15 @@ def trainer_peak(model: Any, batch: int, seq_len: int, *, bf16: bool,
         with tracker:
             trainer.train()
     return LoopPeak(tracker.peak)
+
+
+def record_repeats(monkeypatch: Any) -> list[bool]:
+    """The answer of every ``StepRepeater.repeat`` (planner/repeated_steps.py) while the
+    test's plans run, in order: whether each later optimizer step was counted, not run."""
+    from qplan.planner import repeated_steps
+
+    repeated: list[bool] = []
+    real_repeat = repeated_steps.StepRepeater.repeat
+    monkeypatch.setattr(repeated_steps.StepRepeater, "repeat",
+                        lambda self: repeated.append(real_repeat(self)) or repeated[-1])
+    return repeated
