@@ -7,7 +7,6 @@ in one forward through TRL's fused LM head (per-token log-probs in tiles, no
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from qplan.planner.workloads import preference
@@ -51,8 +50,7 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     inputs = preference.pair_inputs(workload, model, precomputed)
     # compute_loss reads the policy, the reference and this batch, and keeps only Python
     # numbers (its metrics): a later step runs as the first (planner/repeated_steps.py).
-    with preference.fused_lm_head(preference.base_model(model), outputs=FUSED_OUTPUTS), \
-            (preference.fused_lm_head(ref) if ref is not None else contextlib.nullcontext()):
+    with preference.fused_lm_heads(model, ref, FUSED_OUTPUTS):
         run_training(model, workload, tracker, seen,
                      loss_of=lambda m: trainer.compute_loss(m, inputs),
                      loss_reads=() if ref is None else (ref,))

@@ -357,10 +357,8 @@ def step(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     # TRL generates once per optimizer step (steps_per_generation is the gradient
     # accumulation): two of them, the second generation beside the first update's
     # optimizer states, the gradients kept between the micro-steps of one.
-    with preference.fused_lm_head(preference.base_model(model), temperature=args.temperature,
-                                  outputs=("log_probs", "entropy")), \
-            (preference.fused_lm_head(ref, temperature=args.temperature) if ref is not None
-             else contextlib.nullcontext()):
+    with preference.fused_lm_heads(model, ref, ("log_probs", "entropy"),
+                                   temperature=args.temperature):
         run_training(model, workload, tracker, seen, steps=2 * micro, loss_of=loss_of,
                      accumulation=micro)
 

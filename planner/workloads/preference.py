@@ -174,6 +174,20 @@ def base_model(model: Any) -> Any:
 
 
 @contextlib.contextmanager
+def fused_lm_heads(policy: Any, ref: Any, outputs: tuple[str, ...],
+                   **options: Any) -> Iterator[None]:
+    """TRL's fused LM heads for the step, as its trainers add them: on the policy's
+    transformers model with ``outputs``, and on the frozen reference copy (None: the
+    adapter-disabled policy or precomputed log-probs) with its defaults; ``options`` go to
+    both (GRPO's temperature). Taken off after the step (``fused_lm_head``)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fused_lm_head(base_model(policy), outputs=outputs, **options))
+        if ref is not None:
+            stack.enter_context(fused_lm_head(ref, **options))
+        yield
+
+
+@contextlib.contextmanager
 def fused_lm_head(model: Any, **options: Any) -> Iterator[None]:
     """TRL's ``add_fused_lm_head(model, **options)`` for the step, taken off after it. The
     head is an instance ``forward`` on the model; without it the step leaves the policy as
