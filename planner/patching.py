@@ -8,8 +8,13 @@ module imports nothing of qplan so that every planner module can use it without 
 from __future__ import annotations
 
 import contextlib
+import operator
+import sys
 from collections.abc import Iterator
 from typing import Any
+
+# sys.modules as names and module objects, in order.
+Loaded = tuple[tuple[str, ...], tuple[Any, ...]]
 
 
 @contextlib.contextmanager
@@ -24,3 +29,18 @@ def swapped(*swaps: tuple[Any, str, Any]) -> Iterator[None]:
     finally:
         for owner, name, value in reversed(originals):
             setattr(owner, name, value)
+
+
+def loaded_modules() -> Loaded:
+    """sys.modules now: its names and its module objects, in order."""
+    return tuple(sys.modules), tuple(sys.modules.values())
+
+
+def same_modules(now: Loaded, earlier: Loaded) -> bool:
+    """Whether nothing was imported, reloaded or removed between two ``loaded_modules``:
+    two C-level comparisons (names by equality, modules by identity) instead of a Python
+    loop over the ~2,800 entries, asked at every trace. The caller keeps ``earlier``, so
+    its modules stay alive and no id looked at is reused by a new module."""
+    names, modules = now
+    return (names == earlier[0] and len(modules) == len(earlier[1])
+            and all(map(operator.is_, modules, earlier[1])))

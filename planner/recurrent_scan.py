@@ -31,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import operator
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +41,7 @@ from torch.utils._python_dispatch import _disable_current_modes, _get_current_di
 
 from qplan.planner import reuse
 from qplan.planner.live_tensors import LiveTensorTracker
-from qplan.planner.patching import swapped
+from qplan.planner.patching import loaded_modules, same_modules, swapped
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
@@ -322,11 +320,10 @@ _FOUND: list[Any] = [(), (), ()]
 
 def _swaps() -> tuple[tuple[Any, str, Any], ...]:
     """(module, name, stand-in) for every loaded transformers module holding a reference
-    ``mamba_selective_scan``. Looked for again only when sys.modules changed (two C-level
-    comparisons, as planner/trace.py's ``modules_holding``): every trace asks."""
-    names, modules = tuple(sys.modules), tuple(sys.modules.values())
-    if (names == _FOUND[1] and len(modules) == len(_FOUND[2])
-            and all(map(operator.is_, modules, _FOUND[2]))):
+    ``mamba_selective_scan``. Looked for again only when sys.modules changed
+    (``same_modules``): every trace asks."""
+    names, modules = loaded = loaded_modules()
+    if same_modules(loaded, (_FOUND[1], _FOUND[2])):
         return _FOUND[0]
     swaps = []
     for name, module in zip(names, modules, strict=True):

@@ -31,7 +31,6 @@ data are pinned to what they decide for a dense, unpadded batch:
 from __future__ import annotations
 
 import contextlib
-import operator
 import sys
 import warnings
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ import torch
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.grouped_mm_meta import grouped_mm_as_run
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
-from qplan.planner.patching import swapped
+from qplan.planner.patching import loaded_modules, same_modules, swapped
 from qplan.planner.quant import all_trace_patches
 from qplan.planner.quiet_logs import quiet
 from qplan.planner.recurrent_scan import counted_scans
@@ -221,9 +220,8 @@ def modules_holding(prefix: str, attr: str, value: Any) -> list[ModuleType]:
     found = _HOLDERS.get((prefix, attr, id(value)))
     if found is None:
         found = _HOLDERS[prefix, attr, id(value)] = _Holders()
-    names, modules = tuple(sys.modules), tuple(sys.modules.values())
-    unchanged = (names == found.names and len(modules) == len(found.modules)
-                 and all(map(operator.is_, modules, found.modules)))
+    names, modules = loaded = loaded_modules()
+    unchanged = same_modules(loaded, (found.names, found.modules))
     if not unchanged:
         for name, module in zip(names, modules, strict=True):
             if found.seen.get(name) == id(module) or not name.startswith(prefix):
