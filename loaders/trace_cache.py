@@ -94,9 +94,12 @@ def _write(path: Path, outcome: TraceOutcome) -> None:
     """Atomically (another qplan may be reading); a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One write of the whole text: json.dump would hand the file hundreds of small
+        # chunks, which cost a cold 70B plan more than its traces' encoding (52 files).
+        text = json.dumps(dataclasses.asdict(outcome))
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
                                          delete=False) as handle:
-            json.dump(dataclasses.asdict(outcome), handle)
+            handle.write(text)
         os.replace(handle.name, path)
     except OSError:
         return

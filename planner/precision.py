@@ -16,7 +16,6 @@ caching allocator's rounding, shared by every method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil
 
 from qplan.planner.quant import QuantMethod, method_named
 from qplan.planner.quant.bnb import (  # noqa: F401  (re-exported: older imports)
@@ -168,5 +167,6 @@ def alloc_size(nbytes: int) -> int:
     """Bytes the CUDA caching allocator hands out for a request of ``nbytes``."""
     if nbytes <= 0:
         return 0
-    return ceil(nbytes / ALLOC_ROUND) * ALLOC_ROUND
+    # Integer ceiling: asked for every storage a trace counts, and exact at any size.
+    return -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND
 

@@ -121,21 +121,27 @@ _METADATA = frozenset({
 })
 
 
-def weights_used_as_matrices(config: Any, trust_remote_code: bool = False) -> tuple[str, ...]:
+def weights_used_as_matrices(config: Any, trust_remote_code: bool = False,
+                             every_kind_within: int | None = None) -> tuple[str, ...]:
     """See _probe_weights_used_as_matrices; remembered per config (one probe per model,
-    however many precisions and workloads are planned)."""
-    key = (config.to_json_string(use_diff=False), trust_remote_code)
+    however many precisions and workloads are planned). ``every_kind_within``: a depth
+    whose first layers hold every kind of layer of the stack (the low depth of its trace
+    plan, planner/depths.py), probed instead of the first ``_PROBE_LAYERS`` when smaller:
+    the probe looks for module names, which a layer's repeats add nothing to."""
+    probe_layers = min(_PROBE_LAYERS, every_kind_within or _PROBE_LAYERS)
+    key = (config.to_json_string(use_diff=False), trust_remote_code, probe_layers)
     if key not in _PROBED:
         if len(_PROBED) >= 64:
             _PROBED.clear()
-        _PROBED[key] = _probe_weights_used_as_matrices(config, trust_remote_code)
+        _PROBED[key] = _probe_weights_used_as_matrices(config, trust_remote_code, probe_layers)
     return _PROBED[key]
 
 
-_PROBED: dict[tuple[str, bool], tuple[str, ...]] = {}
+_PROBED: dict[tuple[str, bool, int], tuple[str, ...]] = {}
 
 
-def _probe_weights_used_as_matrices(config: Any, trust_remote_code: bool) -> tuple[str, ...]:
+def _probe_weights_used_as_matrices(config: Any, trust_remote_code: bool,
+                                    probe_layers: int = _PROBE_LAYERS) -> tuple[str, ...]:
     """Linear modules bitsandbytes would quantise whose weight the model's own code uses
     as a plain matrix (Mamba's ``dt_proj.weight @ x``): a quantised load of them fails at
     the first forward, so a plan leaves them unquantised (llm_int8_skip_modules).
@@ -154,7 +160,7 @@ def _probe_weights_used_as_matrices(config: Any, trust_remote_code: bool) -> tup
     from qplan.planner.trace import trace_patches, use_static_experts
 
     depth = num_layers(config)
-    probe_config = _with_layers(config, min(depth, _PROBE_LAYERS)) if depth else config
+    probe_config = _with_layers(config, min(depth, probe_layers)) if depth else config
     try:
         model = build_meta_model(probe_config, trust_remote_code)
     except Exception:

@@ -494,7 +494,11 @@ def _skip_weights_used_as_matrices(
     given = list(skip_modules) if skip_modules is not None else None
     if not any(PRECISIONS[p].quantized for p in precisions):
         return given, inventory
-    direct = weights_used_as_matrices(spec.config, spec.trust_remote_code)
+    # The first layers that hold every kind of layer are enough to probe (a periodic
+    # stack without a trailing kind: its trace plan's low depth).
+    plan = trace_plan(layer_signatures(inventory, spec.config), num_layers(spec.config))
+    every_kind = plan.depths[0] if plan.depths and not plan.pattern.suffix_layers else None
+    direct = weights_used_as_matrices(spec.config, spec.trust_remote_code, every_kind)
     if not direct:
         return given, inventory
     skips = sorted({*inventory.skip_modules, *direct})
