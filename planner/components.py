@@ -45,6 +45,7 @@ from qplan.planner.inventory import Inventory, build_meta_model, take_inventory
 from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size, find_precision
 from qplan.planner.prepared_models import CHANGES_THE_MODEL, state_of
+from qplan.planner.quant import clear_step_scratch
 from qplan.planner.steps import StepTensors
 from qplan.planner.weights import WeightBytes, load_dtype_for, weight_bytes
 from qplan.planner.workload import Workload
@@ -271,6 +272,7 @@ def trace_components(
         _raise_if_model_code(exc, model, workload)
         raise
     if prepared_key is not None and as_prepared is not None:
+        clear_step_scratch(model)
         kept = state_of(model) == as_prepared
         meta_models.keep(prepared_key,
                          (model, inventory, as_prepared) if kept else CHANGES_THE_MODEL)

@@ -14,7 +14,9 @@ The log is counted again only where nothing the tracker can see tells the two st
 
 * the model's record (planner/prepared_models.state_of: its modules, tensors, flags,
   hooks and attributes) when the second step starts equals the record when the first
-  started; a layer that changes on its first call (bitsandbytes' int8 state) is run again;
+  started, once each quantisation method has put back the scratch its layers' forward
+  sets before reading (``clear_step_scratch``: LLM.int8's training flag and outlier
+  columns); a layer that changes otherwise on its first call is run again;
 * the first step's forward and backward freed no storage made before them, and when they
   ended the only storages of theirs still alive were the parameters' gradients, one
   dense storage each, laid out like their parameter (and empty ones, which weigh nothing);
@@ -49,6 +51,7 @@ from torch import nn
 from qplan.planner import reuse
 from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.prepared_models import state_of
+from qplan.planner.quant import clear_step_scratch
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,11 @@ class StepRepeater:
         section, tracker = self._section, self._tracker
         if section is None or any(p.grad is not None for p in self._params):
             return False
+        # What the first step left in layers that the next one sets before reading it
+        # (LLM.int8's training flag and outlier columns) goes back to as it was: the
+        # record can then match, and the columns' storage (empty on meta) is released.
+        for module in (self._model, *self._companions):
+            clear_step_scratch(module)
         live = tracker.live_serials()
         if live & (section.made - section.kept) or not section.kept <= live \
                 or self._record() != section.record:

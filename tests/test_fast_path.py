@@ -215,11 +215,14 @@ def test_patch_holders_follow_every_change_of_sys_modules(monkeypatch):
     assert modules_holding("transformers", "helper", helper) == [again]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_training_solves_reuse_prepared_models_equal_to_the_reference_path(monkeypatch, mode):
+@pytest.mark.parametrize(("mode", "precision"),
+                         [("lora", "nf4"), ("lora", "int8"), ("full", "bf16")])
+def test_training_solves_reuse_prepared_models_equal_to_the_reference_path(monkeypatch, mode,
+                                                                           precision):
     # Nothing fits: the report solves batch and seq_len, each probe a training step of
     # the same preparation at another shape. The prepared model (adapters, k-bit
-    # preparation, checkpointing) of the first probe serves the next ones.
+    # preparation, checkpointing) of the first probe serves the next ones; LLM.int8's
+    # layers once their step's scratch (training flag, outlier columns) is put back.
     from qplan.planner import meta_models
 
     taken = []
@@ -227,9 +230,9 @@ def test_training_solves_reuse_prepared_models_equal_to_the_reference_path(monke
     monkeypatch.setattr(meta_models, "take",
                         lambda key: taken.append(real_take(key)) or taken[-1])
     meta_models.clear()
-    # LoRA on a 4-bit base (peft's k-bit preparation), full fine-tuning.
+    # LoRA on a 4-bit or 8-bit base (peft's k-bit preparation), full fine-tuning.
     fast, reference = _both(_spec("Qwen/Qwen3-0.6B"), gpu="800MiB", mode=mode, seq_len=32,
-                            precisions="nf4" if mode == "lora" else "bf16")
+                            precisions=precision)
     assert '"solutions": []' not in fast
     # A reused model comes back as (model, inventory, record); CHANGES_THE_MODEL or None
     # means the step was prepared afresh.

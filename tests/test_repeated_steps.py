@@ -68,10 +68,28 @@ def test_repeated_steps_equal_the_steps_run(arch, mode, precision, options, laye
     assert fast == reference
 
 
-def test_a_layer_that_changes_on_its_first_call_is_run_again(repeats):
-    # bitsandbytes' int8 layers set their state on the first call (the int8 weight's
-    # row index, is_training): the second step may run differently, so it runs.
+def test_int8_layers_repeat_once_their_step_scratch_is_put_back(repeats):
+    # bitsandbytes' int8 layers set their matmul state on every call (the training flag,
+    # the input's outlier columns) before reading it: once put back as prepared, the
+    # model's record is the first step's, and the second step is counted.
     fast, reference = _both(make_config("llama"), "lora", "int8")
+    assert repeats == [True]
+    assert fast == reference
+
+
+def test_a_layer_that_changes_on_its_first_call_is_run_again(monkeypatch, repeats):
+    # A layer that sets an attribute on its first call (a flag the next call may read):
+    # the second step may run differently, so it runs.
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.LlamaRMSNorm.forward
+
+    def flagging(self, hidden):
+        self.called = True
+        return real(self, hidden)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", flagging)
+    fast, reference = _both(make_config("llama"), "lora", "bf16")
     assert repeats == [False]
     assert fast == reference
 

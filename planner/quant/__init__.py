@@ -67,6 +67,12 @@ def all_trace_patches(target: str) -> Iterator[None]:
         yield
 
 
+def clear_step_scratch(model: Any) -> None:
+    """Every method's ``clear_step_scratch``; each only touches its own layers."""
+    for method in METHODS.values():
+        method.clear_step_scratch(model)
+
+
 __all__ = [
     "METHODS",
     "QuantMethod",
@@ -74,6 +80,7 @@ __all__ = [
     "StoredQuantization",
     "StoredWeight",
     "all_trace_patches",
+    "clear_step_scratch",
     "method_named",
     "read_checkpoint",
 ]

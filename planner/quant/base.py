@@ -209,6 +209,12 @@ class QuantMethod:
         """Patches the method's kernels need to run on meta tensors as on ``target``."""
         yield
 
+    def clear_step_scratch(self, model: nn.Module) -> None:
+        """Put back what a step leaves on the method's layers that every later step sets
+        before reading it (scratch of the layer's last forward), as the layers held it when
+        prepared: the prepared model then reads as unchanged and serves the next step of
+        the same preparation (planner/prepared_models.py), which compares it in full."""
+
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:
         """(import line, Python lines binding ``quantization_config``); empty when none."""

@@ -263,6 +263,18 @@ class BitsAndBytes(QuantMethod):
                 stack.enter_context(_int8_cpu_training_path())
             yield
 
+    def clear_step_scratch(self, model: nn.Module) -> None:
+        # LLM.int8's forward first sets its matmul state's training flag (a prepared
+        # state reads the class default), then stores its input's outlier columns
+        # (``state.idx = outlier_cols``, with a threshold), read only by its own backward:
+        # neither value of the previous step is ever read.
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                module.state.__dict__.pop("is_training", None)
+                module.state.idx = None
+
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:
         skip = (
