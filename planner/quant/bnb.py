@@ -268,6 +268,8 @@ class BitsAndBytes(QuantMethod):
         # state reads the class default), then stores its input's outlier columns
         # (``state.idx = outlier_cols``, with a threshold), read only by its own backward:
         # neither value of the previous step is ever read.
+        if not getattr(model, "is_loaded_in_8bit", False):  # set by quantize_meta
+            return
         import bitsandbytes as bnb
 
         for module in model.modules():
