@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 
 LIBRARIES = ("transformers", "bitsandbytes")
@@ -29,3 +30,16 @@ def quiet(*names: str) -> Iterator[None]:
     finally:
         for logger, level in changed:
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_plan() -> Iterator[None]:
+    """What one in-process plan (``qplan.api.estimate``) runs under: the libraries' loggers
+    at ERROR (``quiet``), and the warnings the libraries raise at the calls a plan makes
+    ignored (transformers' deprecation of ``gradient_checkpointing_enable``, which peft
+    calls; peft's notes on the adapters it adds to a meta model): they are about qplan's
+    own calls, not the caller's code, and a notebook would show dozens of them per plan.
+    The command line ignores them for the whole process (qplan/cli.py)."""
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

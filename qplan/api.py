@@ -34,7 +34,7 @@ from qplan.planner.precision import (
 )
 from qplan.planner.quant import QuantSettings
 from qplan.planner.quant import stored as stored_plan
-from qplan.planner.quiet_logs import quiet
+from qplan.planner.quiet_logs import quiet_plan
 from qplan.planner.solve import Solution
 from qplan.planner.spec import ModelSpec
 from qplan.planner.workload import (
@@ -579,8 +579,9 @@ def _image_report(config: Any, meta: Any, workload: Workload,
 
 # transformers and bitsandbytes at ERROR for the whole plan, as the command line holds them
 # (qplan/cli.py): their loggers' levels are then set twice per plan, not around each of
-# its hundreds of meta builds and traces (each setLevel clears every logger's cache).
-@quiet()
+# its hundreds of meta builds and traces (each setLevel clears every logger's cache); the
+# libraries' warnings at qplan's own calls are ignored too.
+@quiet_plan()
 def estimate(
     model: str | ModelSpec,
     *,
