@@ -12,7 +12,7 @@ import contextlib
 import io
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +133,7 @@ def _keep_tensor(tensor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _values_not_drawn() -> Any:
+def _values_not_drawn() -> Iterator[None]:
     """torch's weight initialisers (``nn.init.kaiming_uniform_`` in every Linear's
     constructor, ...) return their tensor untouched while a meta model is built.
 
