@@ -225,7 +225,8 @@ def test_trainer_peak_on_a_reused_prepared_model(tiny_model_dir, monkeypatch, mo
 # The second optimizer step's forward and backward are counted from the first's log
 # (planner/repeated_steps.py), not run: Trainer's two real steps against such plans.
 @pytest.mark.parametrize(("mode", "precision", "gc"),
-                         [("qlora", "nf4", True), ("lora", "bf16", False), ("full", "bf16", False)])
+                         [("qlora", "nf4", True), ("lora", "bf16", False), ("full", "bf16", False),
+                          ("lora", "int8", True)])
 def test_trainer_peak_of_plans_whose_second_step_was_counted(tiny_model_dir, monkeypatch, mode,
                                                               precision, gc):
     repeated = record_repeats(monkeypatch)
@@ -235,7 +236,7 @@ def test_trainer_peak_of_plans_whose_second_step_was_counted(tiny_model_dir, mon
     assert repeated and all(repeated), "the second step was run, not counted"
     model = random_model(config, precision, "bfloat16", "cpu", str(folder))
     if mode != "full":
-        model = lora_model(model, r=8, quantized=precision == "nf4")
+        model = lora_model(model, r=8, quantized=precision in ("nf4", "int8"))
     measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
     print(mode, precision, predicted.peak_allocated_bytes, measured.peak_bytes,
           f"{(predicted.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes:+.4%}")
