@@ -14,7 +14,7 @@ from typing import Any
 from qplan.planner.decide import Decision, gib
 from qplan.planner.gpu import GpuTarget
 from qplan.planner.precision import PRECISIONS
-from qplan.planner.solve import Solution, solve_for
+from qplan.planner.solve import Solution, solve_for, values_ahead
 from qplan.planner.workload import Workload
 
 
@@ -22,6 +22,23 @@ def max_positions(config: Any) -> int:
     text = config.get_text_config()
     found = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     return int(found or 131072)
+
+
+def _unit(variable: str, workload: Workload) -> int:
+    """The step the search takes: a workload may take only multiples of some batch
+    (GRPO: whole groups of completions), and the search runs over those multiples."""
+    multiple = workload.kind.batch_multiple
+    return multiple(workload) if variable == "batch" and multiple is not None else 1
+
+
+def _upper(variable: str, config: Any, unit: int) -> int:
+    upper = max_positions(config) if variable == "seq_len" else 4096
+    return max(1, upper // unit)
+
+
+def probe_workload(workload: Workload, variable: str, value: int) -> Workload:
+    """The workload a search over ``variable`` traces at ``value``."""
+    return replace(workload, **{variable: value * _unit(variable, workload)})
 
 
 def solve_one(
@@ -33,21 +50,67 @@ def solve_one(
     limit: int,
     config: Any,
 ) -> Solution:
-    # A workload may take only multiples of some batch (GRPO: whole groups of
-    # completions): the search runs over those multiples.
-    multiple = workload.kind.batch_multiple
-    unit = multiple(workload) if variable == "batch" and multiple is not None else 1
+    unit = _unit(variable, workload)
 
     def needed(value: int) -> int:
-        plan = plan_for(precision, replace(workload, **{variable: value * unit}))
+        plan = plan_for(precision, probe_workload(workload, variable, value))
         return sum(plan.components.values()) + context
 
-    upper = max_positions(config) if variable == "seq_len" else 4096
-    found = solve_for(precision, variable, needed, limit, max(1, upper // unit))
+    found = solve_for(precision, variable, needed, limit, _upper(variable, config, unit))
     if unit == 1:
         return found
     return replace(found, value=None if found.value is None else found.value * unit,
                    points=tuple((x * unit, y) for x, y in found.points))
+
+
+def plans_ahead(
+    problems: Sequence[tuple[str, str]],
+    workload: Workload,
+    known_plan: Any,
+    fetch: Any,
+    context: int,
+    limit: int,
+    config: Any,
+) -> None:
+    """Have ready, round by round, the plans ``solve_one`` will ask for when it solves
+    each (precision, variable) of ``problems``: ``known_plan(precision, workload)`` gives
+    a plan already made (or None), ``fetch([(precision, workload), ...])`` makes a round's
+    plans together (qplan's plan workers). The answers are ``solve_one``'s own: it runs
+    as before and finds these plans made."""
+    units = [_unit(variable, workload) for _, variable in problems]
+
+    def known(index: int, value: int) -> int | None:
+        precision, variable = problems[index]
+        plan = known_plan(precision, probe_workload(workload, variable, value))
+        return None if plan is None else sum(plan.components.values()) + context
+
+    def wanted(missing: list[tuple[int, int]]) -> None:
+        fetch([(problems[i][0], probe_workload(workload, problems[i][1], x))
+               for i, x in missing])
+
+    values_ahead([(variable, limit, _upper(variable, config, unit))
+                  for (_, variable), unit in zip(problems, units, strict=True)], known, wanted)
+
+
+def advice_tries(workload: Workload) -> list[tuple[str, Workload]]:
+    """The changed workloads the advice when nothing fits plans (at the last precision of
+    the order), each with what it says the change is."""
+    tries = []
+    if workload.is_training and not workload.gradient_checkpointing:
+        tries.append(
+            (
+                "gradient checkpointing (--gradient-checkpointing)",
+                replace(workload, gradient_checkpointing=True),
+            )
+        )
+    if workload.is_training and workload.optimizer in ("adamw", "adafactor"):
+        tries.append(
+            (
+                "an 8-bit optimizer (--optimizer adamw_8bit)",
+                replace(workload, optimizer="adamw_8bit"),
+            )
+        )
+    return tries
 
 
 def advice_when_nothing_fits(
@@ -65,21 +128,7 @@ def advice_when_nothing_fits(
     limit = budget.available_bytes - budget.headroom_bytes
     best = order[-1]
     advice = []
-    tries = []
-    if workload.is_training and not workload.gradient_checkpointing:
-        tries.append(
-            (
-                "gradient checkpointing (--gradient-checkpointing)",
-                replace(workload, gradient_checkpointing=True),
-            )
-        )
-    if workload.is_training and workload.optimizer in ("adamw", "adafactor"):
-        tries.append(
-            (
-                "an 8-bit optimizer (--optimizer adamw_8bit)",
-                replace(workload, optimizer="adamw_8bit"),
-            )
-        )
+    tries = advice_tries(workload)
     for label, changed in tries:
         total = sum(plan_for(best, changed).components.values()) + budget.cuda_context_bytes
         verdict = "fits" if total <= limit else "still does not fit"

@@ -8,7 +8,8 @@ answer, and one or two more traces confirm it, stepping down while the guess doe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from math import floor, sqrt
 
@@ -47,37 +48,35 @@ def _largest_x(a: float, b: float, c: float, limit: float) -> float:
     return (-b + sqrt(max(disc, 0.0))) / (2 * c)
 
 
-def solve_for(
-    precision: str,
-    variable: str,
-    needed: Callable[[int], int],
-    limit: int,
-    upper: int,
-) -> Solution:
-    """Largest value in [1, upper] whose ``needed(value)`` is at most ``limit``."""
+# What a search asks for next: the values whose totals it needs, together.
+Request = tuple[int, ...]
+# What it ends with: the answer, its total, the number of evaluations and every traced point.
+Found = tuple["int | None", int, int, dict[int, int]]
+
+
+def _search(variable: str, limit: int, upper: int) -> Generator[Request, list[int], Found]:
+    """The search for the largest value in [1, upper] whose total is at most ``limit``: it
+    yields the values it needs (each yield's values are independent of each other), is
+    sent their totals in that order, and returns what it found."""
     evaluations = 0
     traced: dict[int, int] = {}
 
-    def total(x: int) -> int:
+    def totals(*values: int) -> Generator[Request, list[int], list[int]]:
         nonlocal evaluations
-        evaluations += 1
-        traced[x] = needed(x)
-        return traced[x]
+        found = yield values
+        evaluations += len(values)
+        traced.update(zip(values, found, strict=True))
+        return found
 
-    def solution(value: int | None, needed_bytes: int) -> Solution:
-        return Solution(precision, variable, value, needed_bytes, evaluations,
-                        tuple(sorted(traced.items())))
-
-    probes = [min(p, upper) for p in PROBES[variable]]
-    probes = sorted(set(probes))
-    points = [(x, total(x)) for x in probes]
+    probes = sorted({min(p, upper) for p in PROBES[variable]})
+    points = list(zip(probes, (yield from totals(*probes)), strict=True))
     if points[0][1] > limit:
-        smallest = total(1) if probes[0] != 1 else points[0][1]
+        smallest = (yield from totals(1))[0] if probes[0] != 1 else points[0][1]
         if smallest > limit:
-            return solution(None, smallest)
+            return None, smallest, evaluations, traced
         points.insert(0, (1, smallest))
     fitting = [(x, y) for x, y in points if y <= limit]
-    best = max(fitting) if fitting else (1, total(1))
+    best = max(fitting) if fitting else (1, (yield from totals(1))[0])
     if len(points) >= 3:
         a, b, c = _fit_quadratic(points[-3:])
         guess = _largest_x(a, b, c, limit)
@@ -89,9 +88,53 @@ def solve_for(
     for _ in range(MAX_CONFIRMATIONS):
         if candidate <= best[0]:
             break
-        value = total(candidate)
+        value = (yield from totals(candidate))[0]
         if value <= limit:
             best = (candidate, value)
             break
         candidate = max(best[0], floor(candidate * STEP_DOWN))
-    return solution(best[0], best[1])
+    return best[0], best[1], evaluations, traced
+
+
+def solve_for(
+    precision: str,
+    variable: str,
+    needed: Callable[[int], int],
+    limit: int,
+    upper: int,
+) -> Solution:
+    """Largest value in [1, upper] whose ``needed(value)`` is at most ``limit``."""
+    search = _search(variable, limit, upper)
+    try:
+        values = next(search)
+        while True:
+            values = search.send([needed(x) for x in values])
+    except StopIteration as stop:
+        value, needed_bytes, evaluations, traced = stop.value
+    return Solution(precision, variable, value, needed_bytes, evaluations,
+                    tuple(sorted(traced.items())))
+
+
+def values_ahead(problems: Sequence[tuple[str, int, int]],
+                 known: Callable[[int, int], int | None],
+                 fetch: Callable[[list[tuple[int, int]]], None]) -> None:
+    """Walk the searches of ``problems`` ((variable, limit, upper) each) side by side over
+    the totals known so far (``known(problem, value)``, None where not known), and hand
+    ``fetch`` each round's unknown values together, so that a caller able to compute
+    several at once (qplan's plan workers) has them ready before ``solve_for`` asks one
+    by one. A search stops where a value stays unknown (``fetch`` could not compute
+    it: ``solve_for`` asks for it again and meets its error there)."""
+    searches = [_search(*problem) for problem in problems]
+    pending = {i: next(search) for i, search in enumerate(searches)}
+    while pending:
+        missing = list(dict.fromkeys((i, x) for i, values in pending.items() for x in values
+                                     if known(i, x) is None))
+        if missing:
+            fetch(missing)
+        asked, pending = pending, {}
+        for i, values in asked.items():
+            found = [known(i, x) for x in values]
+            if any(total is None for total in found):
+                continue
+            with contextlib.suppress(StopIteration):
+                pending[i] = searches[i].send(found)  # type: ignore[arg-type]

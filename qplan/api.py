@@ -11,7 +11,9 @@ from typing import Any
 
 from qplan.errors import ExpertDropoutError, UsageError, enter_step
 from qplan.planner.advice import (
+    advice_tries,
     advice_when_nothing_fits,
+    plans_ahead,
     solve_one,
     unquantized_warning,
 )
@@ -612,9 +614,10 @@ def estimate(
     ``target="cpu"`` predicts what the same workload holds on a CPU (what ``qplan measure``
     checks without a GPU).
     """
+    from qplan.loaders.plan_workers import Plans
     from qplan.loaders.trace_cache import cached as cached_tracer
     from qplan.planner.components import trace_components
-    from qplan.planner.derived_traces import deriving
+    from qplan.planner.derived_traces import deriving, reference_row
     from qplan.planner.families import text_class_note
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
 
@@ -741,7 +744,6 @@ def estimate(
         # Mixed devices (--gpu auto): the figures are shown against the smallest one.
         budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
-    traced: dict[tuple, Any] = {}
     # Computed once for every plan: which depths to trace this model at.
     depth_plan = None if mode == "load" else trace_plan(
         layer_signatures(inventory, spec.config), num_layers(spec.config)
@@ -751,28 +753,36 @@ def estimate(
     # (planner/derived_traces.py), under the on-disk cache.
     tracer = shared_traces(cached_tracer(deriving(trace_components)))
 
-    def plan_for(precision: str, wl: Workload):
+    def make_plan(precision: str, wl: Workload):
+        enter_step(f"planning {wl.mode} at {precision}")
+        return workload_components(
+            inventory,
+            wl,
+            precision,
+            compute,
+            quant_storage,
+            config=spec.config,
+            gpu_architecture=gpu_target.architecture,
+            trust_remote_code=spec.trust_remote_code,
+            skip_modules=list(skip_modules) if skip_modules is not None else None,
+            target=target,
+            tracer=tracer,
+            depth_plan=depth_plan,
+        )
+
+    def plan_key(precision: str, wl: Workload) -> tuple | None:
         # Candidates of one trace group run the same step: trace one of each group.
-        key = (trace_group(precision), wl)
-        plan = traced.get(key) if wl.mode != "load" else None
-        if plan is None:
-            enter_step(f"planning {wl.mode} at {precision}")
-            plan = workload_components(
-                inventory,
-                wl,
-                precision,
-                compute,
-                quant_storage,
-                config=spec.config,
-                gpu_architecture=gpu_target.architecture,
-                trust_remote_code=spec.trust_remote_code,
-                skip_modules=list(skip_modules) if skip_modules is not None else None,
-                target=target,
-                tracer=tracer,
-                depth_plan=depth_plan,
-            )
-            traced[key] = plan
-        return plan
+        return None if wl.mode == "load" else (trace_group(precision), wl)
+
+    def plan_group(precision: str, wl: Workload) -> Any:
+        # What one plan worker makes together: a training step's trace group (its steps
+        # reuse one prepared model), an inference step's plain row at that workload (the
+        # rows derived from its recorded step).
+        row = None if wl.is_training else reference_row(precision, compute)
+        return trace_group(precision) if row is None else (row, wl)
+
+    plans = Plans(make_plan, plan_key, plan_group)
+    plan_for = plans.get
 
     def plan_one(precision: str):
         plan = plan_for(precision, workload)
@@ -782,6 +792,7 @@ def estimate(
         parts = {k: v for k, v in busiest.components.items() if k != "cuda_context"}
         return plan.weights, parts, plan.peak_allocated_bytes
 
+    plans.make_ahead([(precision, workload) for precision in names])
     decision = decide(
         names,
         gpu_target,
@@ -829,6 +840,18 @@ def estimate(
             raise UsageError("--solve needs a workload: use --mode inference, lora, qlora or full")
         order = choosable(names, gpu_target, explicit)
         limit = budget.available_bytes - budget.headroom_bytes
+        # The advice's changed workloads go with the searches' first round.
+        tries = [(order[-1], wl) for _, wl in advice_tries(workload)] \
+            if decision.recommendation is None and order else []
+
+        def make_round(pairs: Sequence[tuple[str, Workload]]) -> None:
+            plans.make_ahead([*pairs, *tries])
+            tries.clear()
+
+        plans_ahead([(precision, variable) for variable in variables for precision in order],
+                    workload, plans.known, make_round, budget.cuda_context_bytes, limit,
+                    spec.config)
+        plans.make_ahead(tries)
         for variable in variables:
             for precision in order:
                 solutions.append(

@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # No trace cache across tests (tests patch the planner); tests of the cache turn it on.
 os.environ.setdefault("QPLAN_CACHE", "0")
+# Plans made in this process only: tests count what a plan runs (patched functions, the
+# models it builds), which forked plan workers would do out of sight. The tests of the
+# workers (tests/test_plan_workers.py) turn them on.
+os.environ.setdefault("QPLAN_WORKERS", "1")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

@@ -1,0 +1,186 @@
+"""Plans made side by side in forked workers (loaders/plan_workers.py): the same reports,
+made partly in other processes, and nothing lost or hung when a worker fails."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+
+import pytest
+
+from qplan.api import estimate, resolve
+from qplan.loaders import plan_workers
+from qplan.loaders.measure import shrink
+from qplan.planner.solve import PROBES, solve_for, values_ahead
+from qplan.report import report_json
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def test_each_share_runs_in_its_own_process_and_comes_back():
+    tasks = [os.getpid] * 4
+    found = plan_workers.make_all(tasks, ["a", "a", "b", "b"], workers=2)
+    assert all(ok for ok, _ in found)
+    pids = [pid for _, pid in found]
+    # A group stays in one process; the parent makes one share, a worker the other.
+    assert pids[0] == pids[1] and pids[2] == pids[3]
+    assert os.getpid() in pids and len(set(pids)) == 2
+
+
+def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
+    def fails():
+        raise ValueError("no plan")
+
+    def dies():
+        os._exit(3)
+
+    # The largest group is the parent's share: the others go to workers.
+    tasks = [lambda: 1, fails, lambda: 3, dies, lambda: (lambda: None), lambda: 6]
+    groups = ["parent", "parent", "parent", "dies", "unpicklable", "parent"]
+    found = plan_workers.make_all(tasks, groups, workers=3)
+    assert found[0] == (True, 1) and found[2] == (True, 3) and found[5] == (True, 6)
+    assert found[1] == (False, None)  # the error is met again where the caller asks
+    assert found[3] == (False, None)  # a worker that died
+    assert found[4] == (False, None)  # a value that does not pickle
+
+
+def test_a_fork_that_fails_leaves_the_rest_to_the_caller(monkeypatch):
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    found = plan_workers.make_all([lambda: 1, lambda: 2], ["a", "b"], workers=2)
+    assert found == [(True, 1), (False, None)]
+
+
+def test_an_interrupt_takes_the_workers_with_it():
+    import time
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        plan_workers.make_all([interrupted, lambda: time.sleep(60)], ["a", "b"], workers=2)
+    assert time.monotonic() - started < 30
+    with pytest.raises(ChildProcessError):  # the worker was killed and reaped
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_one_process_makes_nothing_ahead():
+    calls = []
+    found = plan_workers.make_all([lambda: calls.append(1)] * 3, ["a", "b", "c"], workers=1)
+    assert found == [(False, None)] * 3 and calls == []
+
+
+def _alone(monkeypatch):
+    # Threads other tests leave running in this process (tqdm's monitor after a
+    # from_pretrained progress bar) would keep the workers off: these tests fork anyway.
+    monkeypatch.setattr(plan_workers.threading, "active_count", lambda: 1)
+
+
+def test_worker_count_follows_the_setting_and_stays_single_with_threads(monkeypatch):
+    _alone(monkeypatch)
+    monkeypatch.setenv("QPLAN_WORKERS", "3")
+    assert plan_workers.worker_count() == 3
+    monkeypatch.setenv("QPLAN_WORKERS", "many")
+    assert plan_workers.worker_count() == 1
+    monkeypatch.delenv("QPLAN_WORKERS")
+    assert 1 <= plan_workers.worker_count() <= plan_workers.MAX_WORKERS
+    # Another thread's locks would stay held in a forked child: no fork then.
+    monkeypatch.undo()
+    monkeypatch.setenv("QPLAN_WORKERS", "3")
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert threading.active_count() > 1
+        assert plan_workers.worker_count() == 1
+    finally:
+        release.set()
+        other.join()
+
+
+def test_plans_are_spread_only_when_their_work_outweighs_the_fork():
+    # The first plan paid for imports and cold caches: it does not count.
+    assert not plan_workers.worth_spreading([5.0, 0.01], 20, 2)
+    assert plan_workers.worth_spreading([5.0, 0.5, 0.4], 20, 2)
+    assert not plan_workers.worth_spreading([1.0], 20, 2)  # maybe only imports
+    assert plan_workers.worth_spreading([30.0], 20, 2)  # work, whatever it imported
+    assert not plan_workers.worth_spreading([5.0, 0.5], 20, 1)
+    assert not plan_workers.worth_spreading([5.0, 9.0], 1, 2)
+
+
+@pytest.mark.parametrize("variable", ["batch", "seq_len"])
+@pytest.mark.parametrize("limit", [10, 5_000, 60_000, 10**9])
+def test_searches_ahead_ask_for_what_the_solver_asks(variable, limit):
+    # Quadratic totals (eager attention's scores), limits that fit nothing, some, all.
+    def total(x: int) -> int:
+        return 100 + 3 * x + x * x // 200
+
+    asked: list[int] = []
+    solution = solve_for("bf16", variable, lambda x: asked.append(x) or total(x), limit, 4096)
+    known: dict[tuple[int, int], int] = {}
+    rounds: list[list[tuple[int, int]]] = []
+
+    def fetch(missing):
+        rounds.append(missing)
+        known.update({(i, x): total(x) for i, x in missing})
+
+    values_ahead([(variable, limit, 4096)] * 2, lambda i, x: known.get((i, x)), fetch)
+    # Every value the solver traces is made ahead, for both problems, and nothing else.
+    assert {x for i, x in known if i == 0} == set(asked)
+    assert {x for i, x in known if i == 1} == set(asked)
+    assert solution.evaluations == len(asked)
+    # The first round holds every first probe of both searches at once.
+    assert len(rounds[0]) == 2 * len({min(p, 4096) for p in PROBES[variable]})
+
+
+def test_a_value_that_cannot_be_made_stops_only_its_search():
+    def fetch(missing):
+        known.update({(i, x): 10 * x for i, x in missing if i == 1})
+
+    known: dict[tuple[int, int], int] = {}
+    values_ahead([("batch", 100, 4096), ("batch", 100, 4096)],
+                 lambda i, x: known.get((i, x)), fetch)
+    assert not any(i == 0 for i, _ in known)
+    # The second search went on past its first round (its confirmation at 10).
+    assert (1, 10) in known
+
+
+def _small(model: str):
+    spec = resolve(model, None, False)
+    return replace(spec, config=shrink(spec.config, 6))
+
+
+@pytest.mark.parametrize(("mode", "precisions"), [("lora", "bf16,nf4"),
+                                                  ("inference", "bf16,nf4")])
+def test_plans_made_in_workers_give_the_same_report(monkeypatch, mode, precisions):
+    # Nothing fits: the report solves batch and seq_len at every candidate and plans the
+    # advice's changed workloads, the plans the workers make ahead.
+    from qplan.planner import components
+
+    made_here = []
+    real = components.workload_components
+
+    def counted(*args, **kwargs):
+        made_here.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("qplan.api.workload_components", counted)
+    # Tiny plans take milliseconds: spread them all the same.
+    monkeypatch.setattr(plan_workers, "MIN_SPREAD_SECONDS", 0.0)
+    _alone(monkeypatch)
+    options = dict(gpu="800MiB", mode=mode, seq_len=32, precisions=precisions)
+    spec = _small("Qwen/Qwen3-0.6B")
+    monkeypatch.setenv("QPLAN_WORKERS", "1")
+    alone = report_json(estimate(spec, **options))
+    in_one = len(made_here)
+    made_here.clear()
+    monkeypatch.setenv("QPLAN_WORKERS", "2")
+    together = report_json(estimate(spec, **options))
+    assert '"solutions": []' not in alone
+    assert together == alone
+    # Some of the plans were made in the worker, out of this process.
+    assert 0 < len(made_here) < in_one
