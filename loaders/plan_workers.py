@@ -31,7 +31,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any
 
 MAX_WORKERS = 4
@@ -83,15 +83,23 @@ def _cuda_initialized() -> bool:
     return bool(torch is not None and torch.cuda.is_initialized())
 
 
-def _shares(groups: Sequence[Hashable], workers: int) -> list[list[int]]:
+def _shares(groups: Sequence[Hashable], workers: int,
+            home: Collection[Hashable] = ()) -> list[list[int]]:
     """Task indices per process, whole groups together (a group's steps reuse each
-    other's prepared model or recording), the largest groups first to the least loaded."""
+    other's prepared model or recording), the first share this process's own: the groups
+    it made plans of before (``home``: their prepared models are here) while it has no
+    more than its part, then the largest groups first to the least loaded."""
     members: dict[Hashable, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(group, []).append(index)
     shares: list[list[int]] = [[] for _ in range(min(workers, len(members)))]
-    for indices in sorted(members.values(), key=len, reverse=True):
-        min(shares, key=len).extend(indices)
+    part = -(-len(groups) // max(1, len(shares)))
+    for group, indices in sorted(members.items(),
+                                 key=lambda item: (item[0] not in home, -len(item[1]))):
+        if group in home and len(shares[0]) + len(indices) <= part:
+            shares[0].extend(indices)
+        else:
+            min(shares, key=len).extend(indices)
     return [sorted(share) for share in shares]
 
 
@@ -129,14 +137,16 @@ def _child(share: list[int], tasks: Sequence[Callable[[], Any]], write_fd: int) 
 
 
 def make_all(tasks: Sequence[Callable[[], Any]], groups: Sequence[Hashable],
-             workers: int | None = None) -> list[tuple[bool, Any]]:
+             workers: int | None = None, home: Collection[Hashable] = ()
+             ) -> list[tuple[bool, Any]]:
     """Run ``tasks`` (no arguments each), ``groups[i]`` naming the group of task i, over
-    up to ``workers`` processes (``worker_count()`` when None): for each task, (True, its
-    value) or (False, None) where it failed or was not made. With one process nothing is
-    made (the caller makes each when it asks, in its own order)."""
+    up to ``workers`` processes (``worker_count()`` when None), this one taking the
+    ``home`` groups it can: for each task, (True, its value) or (False, None) where it
+    failed or was not made. With one process nothing is made (the caller makes each when
+    it asks, in its own order)."""
     workers = worker_count() if workers is None else workers
     found: list[tuple[bool, Any]] = [(False, None)] * len(tasks)
-    shares = _shares(groups, workers)
+    shares = _shares(groups, workers, home)
     if len(shares) < 2:
         return found
     children: list[tuple[int, int]] = []
@@ -195,6 +205,7 @@ class Plans:
         self.workers = worker_count() if workers is None else workers
         self._made: dict[Hashable, Any] = {}
         self._seconds: list[float] = []
+        self._home: set[Hashable] = set()  # groups this process made plans of
 
     def get(self, *request: Any) -> Any:
         key = self._key(*request)
@@ -203,6 +214,7 @@ class Plans:
             started = time.perf_counter()
             plan = self._make(*request)
             self._seconds.append(time.perf_counter() - started)
+            self._home.add(self._group(*request))
             if key is not None:
                 self._made[key] = plan
         return plan
@@ -232,7 +244,8 @@ class Plans:
             except Exception:
                 return  # raised again where it is asked for, as without workers
         made = make_all([functools.partial(self.get, *request) for request in todo.values()],
-                        [self._group(*request) for request in todo.values()], self.workers)
+                        [self._group(*request) for request in todo.values()], self.workers,
+                        self._home)
         for key, (ok, plan) in zip(todo, made, strict=True):
             if ok:
                 self._made[key] = plan

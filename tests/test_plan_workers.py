@@ -28,6 +28,16 @@ def test_each_share_runs_in_its_own_process_and_comes_back():
     assert os.getpid() in pids and len(set(pids)) == 2
 
 
+def test_this_process_keeps_the_groups_it_made_plans_of():
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    # Largest first to the least loaded without a home; "c" and "d" stay here with one.
+    assert plan_workers._shares(groups, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert plan_workers._shares(groups, 2, home={"c", "d"}) == [[4, 5, 6, 7], [0, 1, 2, 3]]
+    # No more than its part: the rest goes to the others.
+    assert plan_workers._shares(groups, 2, home={"a", "b", "c"}) == [[0, 1, 2, 3],
+                                                                     [4, 5, 6, 7]]
+
+
 def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
     def fails():
         raise ValueError("no plan")
