@@ -42,8 +42,6 @@ ENV = "QPLAN_WORKERS"
 # this repository's 2-core machine (0.34-0.40 s alone, 0.64-0.93 s spread). Plans are
 # spread only when the work they stand for is several times that.
 MIN_SPREAD_SECONDS = 2.0
-# A first plan slower than this was work, not the imports and cold caches it also paid for.
-FIRST_PLAN_SECONDS = 5.0
 
 
 def worker_count() -> int:
@@ -66,16 +64,11 @@ def worker_count() -> int:
 
 def worth_spreading(seconds: Sequence[float], count: int, workers: int) -> bool:
     """Whether ``count`` more plans are worth spreading over ``workers`` processes, by the
-    time the plans made so far took (``seconds``, in order). The first one paid for lazy
-    imports and cold caches (1 to 3 s here): it stands for the others only when it took
-    more than FIRST_PLAN_SECONDS, else the later ones do."""
+    time plans made so far took (``seconds``: those that imported nothing, so that a
+    first plan's lazy imports of peft or TRL do not pass for work)."""
     if workers < 2 or count < 2 or not seconds:
         return False
-    if len(seconds) == 1:
-        typical = seconds[0] if seconds[0] >= FIRST_PLAN_SECONDS else 0.0
-    else:
-        typical = statistics.median(seconds[1:])
-    return typical * count >= MIN_SPREAD_SECONDS
+    return statistics.median(seconds) * count >= MIN_SPREAD_SECONDS
 
 
 def _cuda_initialized() -> bool:
@@ -204,16 +197,20 @@ class Plans:
         self._make, self._key, self._group = make, key, group
         self.workers = worker_count() if workers is None else workers
         self._made: dict[Hashable, Any] = {}
+        # Seconds of each plan made here that imported no module (what a plan costs).
         self._seconds: list[float] = []
+        self._made_here = 0
         self._home: set[Hashable] = set()  # groups this process made plans of
 
     def get(self, *request: Any) -> Any:
         key = self._key(*request)
         plan = self._made.get(key) if key is not None else None
         if plan is None:
-            started = time.perf_counter()
+            started, modules = time.perf_counter(), len(sys.modules)
             plan = self._make(*request)
-            self._seconds.append(time.perf_counter() - started)
+            self._made_here += 1
+            if len(sys.modules) == modules:
+                self._seconds.append(time.perf_counter() - started)
             self._home.add(self._group(*request))
             if key is not None:
                 self._made[key] = plan
@@ -237,7 +234,7 @@ class Plans:
         # What a plan costs, from plans made so far: the first ones made here if need be
         # (the first plans asked for, in the order they are asked).
         while not worth_spreading(self._seconds, len(todo), self.workers):
-            if len(self._seconds) >= 2 or len(todo) < 2:
+            if self._made_here >= 2 or len(todo) < 2:
                 return
             try:
                 self.get(*todo.pop(next(iter(todo))))

@@ -4,6 +4,7 @@ made partly in other processes, and nothing lost or hung when a worker fails."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import replace
 
@@ -113,13 +114,31 @@ def test_worker_count_follows_the_setting_and_stays_single_with_threads(monkeypa
 
 
 def test_plans_are_spread_only_when_their_work_outweighs_the_fork():
-    # The first plan paid for imports and cold caches: it does not count.
-    assert not plan_workers.worth_spreading([5.0, 0.01], 20, 2)
-    assert plan_workers.worth_spreading([5.0, 0.5, 0.4], 20, 2)
-    assert not plan_workers.worth_spreading([1.0], 20, 2)  # maybe only imports
-    assert plan_workers.worth_spreading([30.0], 20, 2)  # work, whatever it imported
-    assert not plan_workers.worth_spreading([5.0, 0.5], 20, 1)
-    assert not plan_workers.worth_spreading([5.0, 9.0], 1, 2)
+    assert not plan_workers.worth_spreading([0.01, 0.02], 20, 2)
+    assert plan_workers.worth_spreading([0.5, 0.4], 20, 2)
+    assert not plan_workers.worth_spreading([], 20, 2)  # nothing to go by yet
+    assert not plan_workers.worth_spreading([0.5], 20, 1)
+    assert not plan_workers.worth_spreading([9.0], 1, 2)
+
+
+def test_a_plan_that_imported_a_module_does_not_time_a_plan(monkeypatch):
+    # A first plan's lazy imports are not what the next plans cost: it is made here, then
+    # a second one, which times a plan, before anything is spread.
+    monkeypatch.setattr(plan_workers, "make_all", lambda tasks, *args: [(False, None)] * len(tasks))
+
+    def make(name: str) -> str:
+        if name == "first":
+            sys.modules["qplan_test_imported_by_a_plan"] = sys  # as a lazy import would
+        return name
+
+    plans = plan_workers.Plans(make, lambda name: name, lambda name: name, workers=2)
+    try:
+        plans.make_ahead([("first",), ("second",), ("third",), ("fourth",)])
+    finally:
+        sys.modules.pop("qplan_test_imported_by_a_plan", None)
+    assert plans.known("first") == "first" and plans.known("second") == "second"
+    assert plans.known("third") is None  # tiny plans: not worth a fork, made when asked
+    assert len(plans._seconds) == 1
 
 
 @pytest.mark.parametrize("variable", ["batch", "seq_len"])
