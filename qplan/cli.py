@@ -41,6 +41,8 @@ from qplan.errors import (
 )
 from qplan.planner.collector import TRACE_GC_THRESHOLDS
 from qplan.planner.workloads import IMAGE_MODES, WORKLOADS, modes_help
+from qplan.progress import erase as erase_progress
+from qplan.progress import steps_on_terminal
 from qplan.render import EMITTERS, check_outputs, emit_text, render_terminal, write_outputs
 from qplan.render.fmt import gib
 from qplan.render.table import render_listing, render_loaded
@@ -393,6 +395,17 @@ def _quiet_libraries() -> None:
     for name in ("transformers", "bitsandbytes", "accelerate", "huggingface_hub", "peft",
                  "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed (imported by TRL's trainers where it is installed) sets its logger's level
+    # when it is first imported, after this, and on a machine without a GPU it warns that
+    # it set its accelerator to CPU: a filter on the logger outlives that.
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in deepspeed.filters):
+        deepspeed.addFilter(_ErrorsOnly())
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
@@ -404,7 +417,7 @@ def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
         _quiet_libraries()
     reset_step()
     try:
-        with _stdout_for_the_report(as_json):
+        with _stdout_for_the_report(as_json), steps_on_terminal():
             return action()
     except QplanError as exc:
         if debug:
@@ -451,6 +464,7 @@ def _emit_report(report: Any, as_json: bool, output: Path | None, render: bool =
     from qplan.report import report_json
 
     text = report_json(report)
+    erase_progress()
     if output is not None:
         try:
             output.write_text(text + "\n")
@@ -525,6 +539,7 @@ HtmlOpt = Annotated[
 
 
 def _write_files(report: Any, files: dict[str, Path | None]) -> None:
+    erase_progress()
     for path in write_outputs(report, files):
         err.print(f"[dim]wrote {path}[/]", soft_wrap=True)
 
@@ -639,6 +654,7 @@ def estimate(
         if emit is not None:
             if output is not None:
                 _emit_report(report, False, output, render=False)
+            erase_progress()
             sys.stdout.write(emit_text(emit, report))
             return
         _emit_report(report, as_json, output)
@@ -877,10 +893,15 @@ def load(
         )
         if trust_remote_code:
             options["trust_remote_code"] = True
-        progress = None if as_json else (lambda message: err.print(f"[dim]{message}...[/]"))
+
+        def progress(message: str) -> None:
+            erase_progress()
+            err.print(f"[dim]{message}...[/]")
+
         loaded = load_model(
             model, gpu=gpu, precision=precision, from_report=from_report,
-            random_weights=random_weights, device=device, progress=progress, **options,
+            random_weights=random_weights, device=device,
+            progress=None if as_json else progress, **options,
         )
         report = loaded.report
         if as_json or output is not None:

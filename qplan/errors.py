@@ -7,7 +7,9 @@ was running (``enter_step``) and the library that raised it (``unexpected_summar
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 # The CLI's exit code for an exception that is not a QplanError.
@@ -53,6 +55,8 @@ class DeviceError(QplanError):
 # --------------------------------------------------------------------------- steps
 
 _STEP: ContextVar[str | None] = ContextVar("qplan_step", default=None)
+# Who hears of each step (the command line's progress line, qplan/progress.py).
+_LISTENERS: list[Callable[[str], None]] = []
 
 
 def enter_step(name: str) -> None:
@@ -60,6 +64,18 @@ def enter_step(name: str) -> None:
     can say which step broke. Steps run one after the other; the last one entered is the
     one that was running when an exception escaped."""
     _STEP.set(name)
+    for listener in _LISTENERS:
+        listener(name)
+
+
+@contextlib.contextmanager
+def on_step(listener: Callable[[str], None]) -> Iterator[None]:
+    """Call ``listener`` with each step entered while the block runs."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 
 def current_step() -> str | None:

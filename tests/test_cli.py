@@ -401,3 +401,25 @@ def test_python_m_qplan_help() -> None:
     assert proc.returncode == 0, proc.stderr
     for command in ("estimate", "gpus", "models"):
         assert command in proc.stdout
+
+
+def test_deepspeeds_warnings_do_not_reach_the_terminal() -> None:
+    """DeepSpeed (TRL's trainers import it where installed) resets its logger's level at
+    import and warns "Setting accelerator to CPU" on a machine without a GPU: the CLI
+    filters its logger to errors, whenever DeepSpeed is imported."""
+    import logging
+
+    result = invoke("gpus", "--json")
+    assert result.exit_code == 0, result.output
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.setLevel(logging.WARNING)  # what DeepSpeed's import does
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+    deepspeed.addHandler(handler)
+    try:
+        deepspeed.warning("Setting accelerator to CPU.")
+        deepspeed.error("a real failure")
+    finally:
+        deepspeed.removeHandler(handler)
+    assert heard == ["a real failure"]
