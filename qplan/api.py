@@ -754,7 +754,7 @@ def estimate(
     tracer = shared_traces(cached_tracer(deriving(trace_components)))
 
     def make_plan(precision: str, wl: Workload):
-        enter_step(f"planning {wl.mode} at {precision}")
+        enter_step(f"planning {wl.mode} at {precision}, batch {wl.batch}, seq {wl.seq_len}")
         return workload_components(
             inventory,
             wl,

@@ -53,7 +53,7 @@ class StepLine:
         if not _is_terminal(stream):
             return
         width = max(shutil.get_terminal_size(fallback=(80, 24)).columns - 1, 20)
-        text = f"qplan: {step} ({elapsed:.0f} s)"
+        text = f"qplan [{elapsed:.0f} s] {step}"
         if len(text) > width:
             text = text[: width - 1] + "…"
         stream.write(ERASE + text)

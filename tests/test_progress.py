@@ -37,10 +37,10 @@ def test_the_line_shows_after_the_delay_with_the_seconds_then_is_erased() -> Non
     assert screen.getvalue() == ""  # a plan that ends before the delay shows nothing
     clock.now += 1.0
     line("planning lora at nf4")
-    assert screen.getvalue() == ERASE + "qplan: planning lora at nf4 (2 s)"
+    assert screen.getvalue() == ERASE + "qplan [2 s] planning lora at nf4"
     clock.now += 40.2
     line("planning lora at int8")
-    assert screen.getvalue().endswith(ERASE + "qplan: planning lora at int8 (43 s)")
+    assert screen.getvalue().endswith(ERASE + "qplan [43 s] planning lora at int8")
     line.erase()
     assert screen.getvalue().endswith(ERASE)
     written = screen.getvalue()
@@ -93,5 +93,5 @@ def test_the_command_shows_its_steps_on_a_terminal_and_erases_them_before_the_re
     shown = result.stderr.split(ERASE)
     assert shown[-1] == ""  # erased last
     steps = [s for s in shown if s]
-    assert steps[0].startswith("qplan: resolving the model (")
-    assert any(s.startswith("qplan: planning lora at bf16 (") for s in steps)
+    assert steps[0].startswith("qplan [") and steps[0].endswith("] resolving the model")
+    assert any("] planning lora at bf16, batch 1, seq " in s for s in steps), steps
