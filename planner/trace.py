@@ -42,6 +42,7 @@ import torch
 
 from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.grouped_mm_meta import grouped_mm_as_run
+from qplan.planner.kernel_fallbacks import pytorch_paths
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.patching import loaded_modules, same_modules, swapped
 from qplan.planner.quant import all_trace_patches
@@ -177,6 +178,10 @@ def trace_patches(target: str, attn: str,
         stack.enter_context(contextlib.contextmanager(_allow_fused_on_meta)())
         stack.enter_context(_meta_autocast_off())
         stack.enter_context(grouped_mm_as_run())
+        # Functions transformers takes from an installed kernel package (mamba-ssm, ...)
+        # run their PyTorch code, as where it is not installed (planner/kernel_fallbacks.py);
+        # before the scan's stand-ins, which take only a wrapper calling that code.
+        stack.enter_context(pytorch_paths())
         # The Mamba scan's repeated iterations counted from their log (planner/recurrent_scan.py).
         stack.enter_context(counted_scans())
         stack.enter_context(_image_checks_on_meta())

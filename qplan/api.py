@@ -620,6 +620,7 @@ def estimate(
     from qplan.planner.derived_traces import deriving, reference_row
     from qplan.planner.families import text_class_note
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
+    from qplan.planner.kernel_fallbacks import fallback_note
 
     _choice(mode, MODES, "mode")
     _choice(strategy, STRATEGIES, "multi-GPU strategy")
@@ -696,6 +697,11 @@ def estimate(
     text_note = text_class_note(spec.config)
     if text_note is not None:
         notes.append(text_note)
+    if mode != "load":
+        # Optional kernel packages' functions (mamba-ssm, ...): traced on their PyTorch path.
+        kernel_note = fallback_note(meta, inventory.model_type)
+        if kernel_note is not None:
+            notes.append(kernel_note)
     if workload.liger_rope or workload.liger_layer_norm:
         from qplan.planner.liger_kernels import check_liger
 
