@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 from tiny_models import make_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+# transformers' default config of a model_type, cut to 2 layers.
+from arch_matrix import tiny_config
+
 from qplan.api import estimate
 from qplan.report import report_json
 
@@ -38,6 +43,10 @@ FAKE_PACKAGES = {
     "mamba_ssm/ops/triton/ssd_combined.py":
         RAISES + "mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = _kernel\n",
     "causal_conv1d/__init__.py": RAISES + "causal_conv1d_fn = causal_conv1d_update = _kernel\n",
+    "fla/__init__.py": "",
+    "fla/ops/__init__.py": "",
+    "fla/ops/gated_delta_rule.py":
+        RAISES + "chunk_gated_delta_rule = fused_recurrent_gated_delta_rule = _kernel\n",
 }
 PLAN = textwrap.dedent(
     """
@@ -63,8 +72,14 @@ def _without_notes(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("notes", "model")}
 
 
+def _config(arch: str):
+    # Qwen3-Next: linear attention (flash-linear-attention's gated delta rule).
+    return tiny_config(arch) if arch == "qwen3_next" else make_config(arch)
+
+
 @pytest.mark.parametrize("arch,modes", [("falcon_mamba", ("inference", "lora")),
-                                        ("nemotron_h", ("inference",))])
+                                        ("nemotron_h", ("inference",)),
+                                        ("qwen3_next", ("inference",))])
 def test_installed_kernel_packages_plan_as_their_pytorch_code(arch, modes, tmp_path,
                                                                monkeypatch):
     monkeypatch.setenv("QPLAN_CACHE", "0")
@@ -72,7 +87,7 @@ def test_installed_kernel_packages_plan_as_their_pytorch_code(arch, modes, tmp_p
         (tmp_path / "fake" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fake" / name).write_text(text)
     model = tmp_path / "model"
-    make_config(arch).save_pretrained(model)
+    _config(arch).save_pretrained(model)
     done = subprocess.run(
         [sys.executable, "-c", PLAN.replace("{arch}", arch), str(model), *modes],
         capture_output=True, text=True, check=False,
@@ -81,7 +96,7 @@ def test_installed_kernel_packages_plan_as_their_pytorch_code(arch, modes, tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["kernels"] and all(k.split(".")[0] in ("mamba_ssm", "causal_conv1d")
+    assert found["kernels"] and all(k.split(".")[0] in ("mamba_ssm", "causal_conv1d", "fla")
                                     for k in found["kernels"])
     for mode in modes:
         with_packages = found["reports"][mode]
@@ -91,7 +106,8 @@ def test_installed_kernel_packages_plan_as_their_pytorch_code(arch, modes, tmp_p
         assert _without_notes(with_packages) == _without_notes(here)
         [installed] = [n for n in with_packages["notes"] if "PyTorch code" in n]
         [absent] = [n for n in here["notes"] if "PyTorch code" in n]
-        assert "mamba-ssm" in installed and "installed here" in installed, installed
+        package = "flash-linear-attention" if arch == "qwen3_next" else "mamba-ssm"
+        assert package in installed and "installed here" in installed, installed
         assert "a run with" in absent and "installed here" not in absent, absent
 
 
