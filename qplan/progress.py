@@ -4,8 +4,9 @@ A plan that traces many steps (a Mamba model's training takes a minute or more o
 repository's CPU machine) would otherwise print nothing until its report, which looks like
 a hang. ``enter_step`` (qplan/errors.py) tells the line what runs now; the line appears
 once the command's steps have run for ``DELAY_S`` (a plan that ends sooner never shows
-it), only where stderr is a terminal (never in a pipe, a file or a test's capture), with
-the seconds so far, and is erased before the report or an error is printed.
+it), only where stderr is a terminal (never in a pipe, a file, a test's capture or a
+``TERM=dumb`` terminal), with the seconds so far, and is erased before the report or an
+error is printed.
 
 It is written from the step calls themselves, not from a thread: the plan workers
 (loaders/plan_workers.py) fork only while no other Python thread runs, and their own
@@ -15,6 +16,7 @@ stderr goes to /dev/null, which is no terminal.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -72,6 +74,9 @@ class StepLine:
 
 
 def _is_terminal(stream: Any) -> bool:
+    """A terminal that takes cursor control (a "dumb" one would print the escapes)."""
+    if os.environ.get("TERM") == "dumb":
+        return False
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):  # closed or not a file

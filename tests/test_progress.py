@@ -15,6 +15,11 @@ from qplan.errors import enter_step, on_step
 from qplan.progress import ERASE, StepLine
 
 
+@pytest.fixture(autouse=True)
+def _a_terminal_that_takes_cursor_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm")
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -58,6 +63,13 @@ def test_nothing_is_written_where_stderr_is_no_terminal() -> None:
     with open(os.devnull, "w") as null:
         line = StepLine(lambda: null, clock, delay=0.0)
         line("planning lora at bf16")  # no error, nothing to see
+
+
+def test_a_dumb_terminal_gets_no_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "dumb")
+    screen = Terminal()
+    StepLine(lambda: screen, Clock(), delay=0.0)("planning lora at bf16")
+    assert screen.getvalue() == ""
 
 
 def test_a_long_step_is_cut_to_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
