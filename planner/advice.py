@@ -113,6 +113,15 @@ def advice_tries(workload: Workload) -> list[tuple[str, Workload]]:
     return tries
 
 
+def advice_plans(decision: Decision, workload: Workload,
+                 order: list[str]) -> list[tuple[str, Workload]]:
+    """The (precision, workload) plans ``advice_when_nothing_fits`` asks for: the advice's
+    changed workloads at the last precision of the order, when nothing fits."""
+    if decision.recommendation is not None or not order:
+        return []
+    return [(order[-1], changed) for _, changed in advice_tries(workload)]
+
+
 def advice_when_nothing_fits(
     decision: Decision,
     workload: Workload,

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from qplan.planner.patching import loaded_modules, same_modules
+from qplan.planner.patching import Loaded, model_modules, while_modules_unchanged
 
 # What transformers' wrapper closes over (hub_kernels.use_kernel_func_from_hub_with_fallback).
 _CELLS = ("implementation", "is_new_implementation", "torch_function", "applicable_params",
@@ -44,7 +44,7 @@ class KernelFunction:
     installed: bool  # whether the package's kernel is what the wrapper calls here
 
 
-def _wrapper_of(value: Any) -> Any:
+def fallback_wrapper(value: Any) -> Any:
     """transformers' fallback wrapper, where ``value`` is one (or wraps one); else None."""
     for _ in range(_MAX_WRAPS):
         code = getattr(value, "__code__", None)
@@ -63,10 +63,16 @@ def _cells(wrapper: Any) -> dict[str, Any]:
     return dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__, strict=True))
 
 
+def closure(wrapper: Any) -> dict[str, Any]:
+    """What the wrapper closes over, by name (the implementation it calls, the PyTorch
+    function, whether the implementation is new, ...)."""
+    return {name: cell.cell_contents for name, cell in _cells(wrapper).items()}
+
+
 def _wrappers_in(module: Any) -> list[Any]:
     found = []
     for value in list(getattr(module, "__dict__", {}).values()):
-        wrapper = _wrapper_of(value) if callable(value) else None
+        wrapper = fallback_wrapper(value) if callable(value) else None
         if wrapper is not None and not any(w is wrapper for w in found):
             found.append(wrapper)
     return found
@@ -74,23 +80,24 @@ def _wrappers_in(module: Any) -> list[Any]:
 
 def kernel_functions(model: nn.Module) -> tuple[KernelFunction, ...]:
     """The functions ``model``'s modelling code takes from an optional kernel package."""
-    names = sorted({type(module).__module__ for module in model.modules()})
+    names = tuple(sorted({type(module).__module__ for module in model.modules()}))
     found: dict[tuple[str, str], KernelFunction] = {}
-    for name in names:
-        module = sys.modules.get(name)
-        if module is None or not name.startswith("transformers.models."):
-            continue
+    for _, module in model_modules((names, tuple(map(sys.modules.get, names)))):
         for wrapper in _wrappers_in(module):
-            cells = _cells(wrapper)
-            func = KernelFunction(str(cells["func_name"].cell_contents),
-                                  str(cells["package"].cell_contents),
-                                  bool(cells["is_new_implementation"].cell_contents))
+            values = closure(wrapper)
+            func = KernelFunction(str(values["func_name"]), str(values["package"]),
+                                  bool(values["is_new_implementation"]))
             found.setdefault((func.name, func.package), func)
     return tuple(found.values())
 
 
-_DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d",
-                  "fla": "flash-linear-attention"}
+def _distribution(package: str) -> str:
+    """What pip installs ``package`` as: transformers' own map where the names differ
+    (fla: flash-linear-attention), else the import name as pip spells it (mamba-ssm)."""
+    from transformers.integrations import hub_kernels
+
+    return getattr(hub_kernels, "_PACKAGE_TO_DISTRIBUTION", {}).get(
+        package, package.replace("_", "-"))
 
 
 def fallback_note(model: nn.Module, model_type: str) -> str | None:
@@ -98,9 +105,8 @@ def fallback_note(model: nn.Module, model_type: str) -> str | None:
     functions = kernel_functions(model)
     if not functions:
         return None
-    packages = list(dict.fromkeys(_DISTRIBUTIONS.get(f.package, f.package) for f in functions))
-    installed = list(dict.fromkeys(_DISTRIBUTIONS.get(f.package, f.package)
-                                   for f in functions if f.installed))
+    packages = list(dict.fromkeys(_distribution(f.package) for f in functions))
+    installed = list(dict.fromkeys(_distribution(f.package) for f in functions if f.installed))
     names = ", ".join(dict.fromkeys(f.name for f in functions))
     those = "those packages" if len(packages) > 1 else "that package"
     their = "their" if len(packages) > 1 else "its"
@@ -116,26 +122,19 @@ def fallback_note(model: nn.Module, model_type: str) -> str | None:
     return note
 
 
-# The wrappers found at the last look, and sys.modules (names, modules) then.
-_FOUND: list[Any] = [(), (), ()]
-
-
-def _installed_wrappers() -> tuple[Any, ...]:
+def _with_kernels(loaded: Loaded) -> tuple[Any, ...]:
     """Every loaded transformers model module's fallback wrapper that calls a package's
-    kernel. Looked for again only when sys.modules changed: every trace asks."""
-    names, modules = loaded = loaded_modules()
-    if same_modules(loaded, (_FOUND[1], _FOUND[2])):
-        return _FOUND[0]
+    kernel (found again only when sys.modules changed: every trace asks)."""
     found: list[Any] = []
-    for name, module in zip(names, modules, strict=True):
-        if module is None or not name.startswith("transformers.models."):
-            continue
+    for _, module in model_modules(loaded):
         for wrapper in _wrappers_in(module):
-            if (_cells(wrapper)["is_new_implementation"].cell_contents
+            if (closure(wrapper)["is_new_implementation"]
                     and not any(w is wrapper for w in found)):
                 found.append(wrapper)
-    _FOUND[:] = [tuple(found), names, modules]
-    return _FOUND[0]
+    return tuple(found)
+
+
+_installed_wrappers = while_modules_unchanged(_with_kernels)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import operator
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # sys.modules as names and module objects, in order.
 Loaded = tuple[tuple[str, ...], tuple[Any, ...]]
@@ -44,3 +46,25 @@ def same_modules(now: Loaded, earlier: Loaded) -> bool:
     names, modules = now
     return (names == earlier[0] and len(modules) == len(earlier[1])
             and all(map(operator.is_, modules, earlier[1])))
+
+
+def model_modules(loaded: Loaded) -> Iterator[tuple[str, Any]]:
+    """The transformers model modules (``transformers.models.*``) among ``loaded``."""
+    for name, module in zip(*loaded, strict=True):
+        if module is not None and name.startswith("transformers.models."):
+            yield name, module
+
+
+def while_modules_unchanged(find: Callable[[Loaded], T]) -> Callable[[], T]:
+    """``find`` of sys.modules, found again only when sys.modules changed since the last
+    call (``same_modules``): the traces of a plan after its first import nothing. The
+    last snapshot is kept, so its modules stay alive and no id is reused."""
+    last: list[Any] = []  # [answer, names, modules] once found
+
+    def found() -> T:
+        loaded = loaded_modules()
+        if not last or not same_modules(loaded, (last[1], last[2])):
+            last[:] = [find(loaded), *loaded]
+        return last[0]
+
+    return found

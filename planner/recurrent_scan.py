@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from qplan.planner import reuse
+from qplan.planner.kernel_fallbacks import closure, fallback_wrapper
 from qplan.planner.live_tensors import LiveTensorTracker
-from qplan.planner.patching import loaded_modules, same_modules, swapped
+from qplan.planner.patching import Loaded, model_modules, swapped, while_modules_unchanged
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
@@ -288,15 +289,16 @@ def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
     if found is not None and found[0] is wrapper:
         return found[1]
     stand_in = None
+    hub = fallback_wrapper(wrapper)
+    values = closure(hub) if hub is not None else {}
+    reference = values.get("torch_function")
     try:
-        closure = inspect.getclosurevars(wrapper).nonlocals
-        reference = closure.get("torch_function")
         source = inspect.getsource(reference) if callable(reference) else ""
     except (TypeError, OSError):
-        closure, reference, source = {}, None, ""
+        source = ""
     digest = hashlib.sha256(source.encode()).hexdigest()
-    if (digest in KNOWN_SOURCES and closure.get("is_new_implementation") is False
-            and closure.get("implementation") is reference):
+    if (digest in KNOWN_SOURCES and values.get("is_new_implementation") is False
+            and values.get("implementation") is reference):
         params = tuple(inspect.signature(reference).parameters)
 
         def scan(*args: Any, **kwargs: Any) -> Any:
@@ -314,27 +316,20 @@ def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
     return stand_in
 
 
-# The stand-ins found at the last look, and sys.modules (names, modules) then.
-_FOUND: list[Any] = [(), (), ()]
-
-
-def _swaps() -> tuple[tuple[Any, str, Any], ...]:
-    """(module, name, stand-in) for every loaded transformers module holding a reference
-    ``mamba_selective_scan``. Looked for again only when sys.modules changed
-    (``same_modules``): every trace asks."""
-    names, modules = loaded = loaded_modules()
-    if same_modules(loaded, (_FOUND[1], _FOUND[2])):
-        return _FOUND[0]
+def _find_swaps(loaded: Loaded) -> tuple[tuple[Any, str, Any], ...]:
+    """(module, name, stand-in) for every loaded transformers model module holding a
+    reference ``mamba_selective_scan`` (found again only when sys.modules changed: every
+    trace asks)."""
     swaps = []
-    for name, module in zip(names, modules, strict=True):
-        if module is None or not name.startswith("transformers.models."):
-            continue
+    for _, module in model_modules(loaded):
         wrapper = getattr(module, "__dict__", {}).get(NAME)
         stand_in = _stand_in(wrapper) if wrapper is not None else None
         if stand_in is not None:
             swaps.append((module, NAME, stand_in))
-    _FOUND[:] = [tuple(swaps), names, modules]
-    return _FOUND[0]
+    return tuple(swaps)
+
+
+_swaps = while_modules_unchanged(_find_swaps)
 
 
 @contextlib.contextmanager

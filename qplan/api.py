@@ -11,7 +11,7 @@ from typing import Any
 
 from qplan.errors import ExpertDropoutError, UsageError, enter_step
 from qplan.planner.advice import (
-    advice_tries,
+    advice_plans,
     advice_when_nothing_fits,
     plans_ahead,
     solve_one,
@@ -847,8 +847,7 @@ def estimate(
         order = choosable(names, gpu_target, explicit)
         limit = budget.available_bytes - budget.headroom_bytes
         # The advice's changed workloads go with the searches' first round.
-        tries = [(order[-1], wl) for _, wl in advice_tries(workload)] \
-            if decision.recommendation is None and order else []
+        tries = advice_plans(decision, workload, order)
 
         def make_round(pairs: Sequence[tuple[str, Workload]]) -> None:
             plans.make_ahead([*pairs, *tries])

@@ -61,7 +61,7 @@ PLAN = textwrap.dedent(
     # After the plans, the wrappers call the packages' kernels again.
     import transformers.models.{arch}.modeling_{arch} as modeling
     kernels = sorted(
-        kernel_fallbacks._cells(w)["implementation"].cell_contents.__module__
+        kernel_fallbacks.closure(w)["implementation"].__module__
         for w in kernel_fallbacks._wrappers_in(modeling))
     print(json.dumps({"reports": reports, "kernels": kernels}))
     """
