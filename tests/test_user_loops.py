@@ -241,3 +241,33 @@ def test_trainer_peak_of_plans_whose_second_step_was_counted(tiny_model_dir, mon
     print(mode, precision, predicted.peak_allocated_bytes, measured.peak_bytes,
           f"{(predicted.peak_allocated_bytes - measured.peak_bytes) / measured.peak_bytes:+.4%}")
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, precision))
+
+
+# State-space and hybrid models (Mamba-1's per-token scan, Nemotron-H's Mamba-2 chunks,
+# attention and MLP layers), without mamba-ssm / causal-conv1d: the run their plans' note
+# names (planner/kernel_fallbacks.py).
+SSM_ARCHS = ("falcon_mamba", "nemotron_h")
+
+
+@pytest.mark.parametrize("arch", SSM_ARCHS)
+def test_state_space_models_against_generate_and_trainer(tiny_model_dir, arch):
+    folder = tiny_model_dir(arch)
+    config = AutoConfig.from_pretrained(folder)
+    report = estimate(str(folder), gpu="24GiB", mode="inference", precisions="bf16",
+                      target="cpu", batch=BATCH, seq_len=SEQ)
+    assert any("PyTorch code" in note for note in report.notes)
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = generate_peak(model, BATCH, SEQ)
+    assert_close(report.candidate("bf16").peak_allocated_bytes, measured.peak_bytes, arch)
+    for mode, precision, gc in (("full", "bf16", True), *TRAINING[1:]):
+        report = estimate(str(folder), gpu="24GiB", mode=mode, precisions=precision,
+                          target="cpu", batch=BATCH, seq_len=SEQ, gradient_checkpointing=gc,
+                          lora_r=8)
+        model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+        if mode != "full":
+            # What the plan's kwargs say: peft refuses LoRA on Mamba's out_proj.
+            model = lora_model(model, r=8, quantized=precision == "nf4",
+                               exclude=report.workload.get("lora_exclude_modules"))
+        measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
+        assert_close(report.candidate(precision).peak_allocated_bytes, measured.peak_bytes,
+                     (arch, mode))

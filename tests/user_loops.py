@@ -67,15 +67,16 @@ def generate_peak(model: Any, batch: int, seq_len: int, new_tokens: int = 1) -> 
     return LoopPeak(tracker.peak, kv)
 
 
-def lora_model(model: Any, r: int, quantized: bool) -> Any:
+def lora_model(model: Any, r: int, quantized: bool, exclude: list[str] | None = None) -> Any:
     """What a LoRA/QLoRA user does with peft: k-bit preparation for a quantised base,
-    then LoRA on every linear layer (peft's defaults otherwise)."""
+    then LoRA on every linear layer but ``exclude`` (peft's defaults otherwise)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                        target_modules="all-linear", task_type="CAUSAL_LM")
+                        target_modules="all-linear", exclude_modules=exclude,
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
