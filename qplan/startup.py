@@ -19,6 +19,8 @@ import gc
 import importlib
 import sys
 
+from qplan.deferred_torchao import import_transformers_quantizers
+
 # Imported by every plan: torch; transformers' configuration and modelling core (its
 # config classes pull torch.distributed.tensor through the weight-loading helpers, its
 # masks torch._dynamo); the planner.
@@ -43,6 +45,8 @@ def import_planning_libraries() -> None:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        # transformers' quantisers first, with torchao's import deferred to its use.
+        import_transformers_quantizers()
         for name in _EVERY_PLAN:
             importlib.import_module(name)
         # bitsandbytes the way every trace imports it (without torch's compiler).
