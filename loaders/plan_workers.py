@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import pickle
+import select
 import signal
 import statistics
 import sys
@@ -33,6 +34,8 @@ import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any
+
+from qplan.errors import still_running
 
 MAX_WORKERS = 4
 ENV = "QPLAN_WORKERS"
@@ -42,6 +45,8 @@ ENV = "QPLAN_WORKERS"
 # this repository's 2-core machine (0.34-0.40 s alone, 0.64-0.93 s spread). Plans are
 # spread only when the work they stand for is several times that.
 MIN_SPREAD_SECONDS = 2.0
+# How often the parent, its own share done, says it still waits for the workers.
+WAIT_TICK_S = 1.0
 
 
 def worker_count() -> int:
@@ -164,6 +169,11 @@ def make_all(tasks: Sequence[Callable[[], Any]], groups: Sequence[Hashable],
             found[index] = _attempt(tasks[index])
         while children:
             pid, read_fd = children[0]
+            # A worker writes its plans when its share is done: till then, say so once a
+            # second (the progress line would otherwise stand still, like a hang).
+            while not select.select([read_fd], [], [], WAIT_TICK_S)[0]:
+                left = len(children)
+                still_running(f"waiting for {left} plan worker{'s' if left > 1 else ''}")
             with os.fdopen(read_fd, "rb", closefd=False) as pipe:
                 data = pipe.read()
             os.close(read_fd)

@@ -68,6 +68,13 @@ def enter_step(name: str) -> None:
         listener(name)
 
 
+def still_running(waiting_for: str) -> None:
+    """Tell the listeners what the command waits for (the progress line's seconds keep
+    counting) without entering a step: an error still names the last step entered."""
+    for listener in _LISTENERS:
+        listener(waiting_for)
+
+
 @contextlib.contextmanager
 def on_step(listener: Callable[[str], None]) -> Iterator[None]:
     """Call ``listener`` with each step entered while the block runs."""

@@ -79,6 +79,24 @@ def test_an_interrupt_takes_the_workers_with_it():
         os.waitpid(-1, os.WNOHANG)
 
 
+def test_waiting_for_a_worker_is_told_once_a_second_under_the_current_step(monkeypatch):
+    import time
+
+    from qplan.errors import current_step, enter_step, on_step
+
+    monkeypatch.setattr(plan_workers, "WAIT_TICK_S", 0.1)
+    heard: list[str] = []
+    enter_step("planning lora at nf4")
+    with on_step(heard.append):
+        # The parent's share is quick, the worker's takes a while.
+        found = plan_workers.make_all([lambda: 1, lambda: time.sleep(0.6) or 2], ["a", "b"],
+                                      workers=2)
+    assert found == [(True, 1), (True, 2)]
+    assert len(heard) >= 3
+    assert set(heard) == {"waiting for 1 plan worker"}
+    assert current_step() == "planning lora at nf4"  # what an error would name
+
+
 def test_one_process_makes_nothing_ahead():
     calls = []
     found = plan_workers.make_all([lambda: calls.append(1)] * 3, ["a", "b", "c"], workers=1)
