@@ -57,14 +57,40 @@ def error_object(message: str, kind: str, exit_code: int, **extra: Any) -> dict[
             **extra}
 
 
+# What a shell reports for a command its pipe's reader left (128 + SIGPIPE: `yes | head`).
+READER_GONE_EXIT_CODE = 141
+
+
+def _reader_gone(exit_code: int = READER_GONE_EXIT_CODE, stream: Any = None) -> None:
+    """The reader of stdout (or ``stream``) closed the pipe (``qplan ... --json | head
+    -c 100``): nobody is left to read a report or an error, and it is no failure of the
+    plan. Leave quietly, that stream on /dev/null so that the last flush does not raise."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (stream or sys.__stdout__).fileno())
+    raise typer.Exit(exit_code)
+
+
+class _Console(Console):
+    """rich's Console, leaving as ``_reader_gone`` does when the pipe's reader is gone
+    (rich's own default exits 1, which qplan's exit codes give to failed plans)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _reader_gone(stream=sys.__stderr__ if self.stderr else sys.__stdout__)
+
+
 def _fail(message: str, kind: str, exit_code: int, as_json: bool, **extra: Any) -> None:
     """One line on stderr, the JSON error on stdout under --json; leaves with ``exit_code``."""
     # escape: messages may hold brackets ('pip install "qplan[plot]"', lists, paths).
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}",
-                                                soft_wrap=True, markup=True)
+    _Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}",
+                                                 soft_wrap=True, markup=True)
     if as_json:
-        sys.stdout.write(json.dumps(error_object(message, kind, exit_code, **extra)) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(error_object(message, kind, exit_code, **extra)) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the error on stderr stands, and its exit code
+            _reader_gone(exit_code)
     raise typer.Exit(exit_code)
 
 
@@ -109,8 +135,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = _Console(highlight=False)
+err = _Console(stderr=True, highlight=False)
 
 T = TypeVar("T")
 
@@ -426,6 +452,9 @@ def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
         raise  # unreachable: _fail leaves
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
+    except BrokenPipeError:
+        _reader_gone()
+        raise  # unreachable: _reader_gone leaves
     except Exception as exc:
         if debug:
             raise
@@ -936,8 +965,12 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was left in the buffer had no reader
+        code = code or READER_GONE_EXIT_CODE
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
 
 

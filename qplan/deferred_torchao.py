@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qplan.planner.patching import swapped
+
 QUANTIZER = "transformers.quantizers.quantizer_torchao"
 DEFERRED_NAME = "flatten_tensor_state_dict"
 TORCHAO_MODULE = "torchao.prototype.safetensors.safetensors_support"
@@ -89,11 +91,10 @@ def import_transformers_quantizers() -> None:
         return real(*args, **kwargs)
 
     before = set(sys.modules)
-    hf_utils.is_torchao_available = only_there_unavailable
     try:
-        import transformers.quantizers  # noqa: F401
+        with swapped((hf_utils, "is_torchao_available", only_there_unavailable)):
+            import transformers.quantizers  # noqa: F401
     finally:
-        hf_utils.is_torchao_available = real
         # Modules imported meanwhile took the stand-in by ``from ..utils import``.
         for name in set(sys.modules) - before:
             module = sys.modules.get(name)

@@ -351,6 +351,35 @@ def test_debug_shows_a_traceback_in_a_real_process() -> None:
     assert len(without.stderr.strip().splitlines()) == 1
 
 
+def _with_reader_gone(*args: str) -> tuple[int, str]:
+    """Run qplan with stdout a pipe whose reader has left (``qplan ... | head -c 0``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qplan", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("estimate", CATALOG_MODEL, "--gpu", "4090", "--mode", "load", "--json"),
+    ("estimate", CATALOG_MODEL, "--gpu", "4090", "--mode", "load"),
+    ("gpus",),
+])
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(args) -> None:
+    # As a shell reports `yes | head`: 128 + SIGPIPE, no error and no traceback.
+    assert _with_reader_gone(*args) == (141, "")
+
+
+def test_an_error_keeps_its_exit_code_when_the_reader_has_left() -> None:
+    code, stderr = _with_reader_gone("estimate", CATALOG_MODEL, "--gpu", "rtx-4091", "--json")
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and "unknown GPU" in stderr
+
+
 # --------------------------------------------------------------------------- listings
 
 
