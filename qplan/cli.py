@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import select
 import sys
 import warnings
 from collections.abc import Callable
@@ -69,6 +70,17 @@ def _reader_gone(exit_code: int = READER_GONE_EXIT_CODE, stream: Any = None) -> 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, (stream or sys.__stdout__).fileno())
     raise typer.Exit(exit_code)
+
+
+def _reader_left(stream: Any) -> bool:
+    """Whether ``stream`` writes to a pipe whose reader has closed it (poll's POLLERR on
+    its write end): a BrokenPipeError from anywhere else is a failure like any other."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or no descriptor
+        return False
 
 
 class _Console(Console):
@@ -452,10 +464,10 @@ def _guarded(debug: bool, action: Callable[[], T], *, as_json: bool = False,
         raise  # unreachable: _fail leaves
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
-    except BrokenPipeError:
-        _reader_gone()
-        raise  # unreachable: _reader_gone leaves
     except Exception as exc:
+        # The command's stdout again here (the report's stream under --json).
+        if isinstance(exc, BrokenPipeError) and _reader_left(sys.stdout):
+            _reader_gone()
         if debug:
             raise
         label = str(model) if model else None

@@ -379,6 +379,18 @@ def test_an_error_keeps_its_exit_code_when_the_reader_has_left() -> None:
     assert len(stderr.strip().splitlines()) == 1 and "unknown GPU" in stderr
 
 
+def test_a_broken_pipe_elsewhere_is_a_failure_like_any_other(monkeypatch) -> None:
+    import qplan.api
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")  # a pipe of the plan's own, not stdout
+
+    monkeypatch.setattr(qplan.api, "estimate", broken)
+    result = estimate(CATALOG_MODEL, "--gpu", "4090", "--json")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["exception"] == "BrokenPipeError"
+
+
 # --------------------------------------------------------------------------- listings
 
 
