@@ -69,12 +69,15 @@ def closure(wrapper: Any) -> dict[str, Any]:
     return {name: cell.cell_contents for name, cell in _cells(wrapper).items()}
 
 
-def _wrappers_in(module: Any) -> list[Any]:
-    found = []
-    for value in list(getattr(module, "__dict__", {}).values()):
-        wrapper = fallback_wrapper(value) if callable(value) else None
-        if wrapper is not None and not any(w is wrapper for w in found):
-            found.append(wrapper)
+def _wrappers(loaded: Loaded) -> list[Any]:
+    """The fallback wrappers the transformers model modules among ``loaded`` hold, each
+    once (modules import one another's)."""
+    found: list[Any] = []
+    for _, module in model_modules(loaded):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            wrapper = fallback_wrapper(value) if callable(value) else None
+            if wrapper is not None and not any(w is wrapper for w in found):
+                found.append(wrapper)
     return found
 
 
@@ -82,12 +85,11 @@ def kernel_functions(model: nn.Module) -> tuple[KernelFunction, ...]:
     """The functions ``model``'s modelling code takes from an optional kernel package."""
     names = tuple(sorted({type(module).__module__ for module in model.modules()}))
     found: dict[tuple[str, str], KernelFunction] = {}
-    for _, module in model_modules((names, tuple(map(sys.modules.get, names)))):
-        for wrapper in _wrappers_in(module):
-            values = closure(wrapper)
-            func = KernelFunction(str(values["func_name"]), str(values["package"]),
-                                  bool(values["is_new_implementation"]))
-            found.setdefault((func.name, func.package), func)
+    for wrapper in _wrappers((names, tuple(map(sys.modules.get, names)))):
+        values = closure(wrapper)
+        func = KernelFunction(str(values["func_name"]), str(values["package"]),
+                              bool(values["is_new_implementation"]))
+        found.setdefault((func.name, func.package), func)
     return tuple(found.values())
 
 
@@ -125,13 +127,7 @@ def fallback_note(model: nn.Module, model_type: str) -> str | None:
 def _with_kernels(loaded: Loaded) -> tuple[Any, ...]:
     """Every loaded transformers model module's fallback wrapper that calls a package's
     kernel (found again only when sys.modules changed: every trace asks)."""
-    found: list[Any] = []
-    for _, module in model_modules(loaded):
-        for wrapper in _wrappers_in(module):
-            if (closure(wrapper)["is_new_implementation"]
-                    and not any(w is wrapper for w in found)):
-                found.append(wrapper)
-    return tuple(found)
+    return tuple(w for w in _wrappers(loaded) if closure(w)["is_new_implementation"])
 
 
 _installed_wrappers = while_modules_unchanged(_with_kernels)

@@ -62,7 +62,7 @@ PLAN = textwrap.dedent(
     import transformers.models.{arch}.modeling_{arch} as modeling
     kernels = sorted(
         kernel_fallbacks.closure(w)["implementation"].__module__
-        for w in kernel_fallbacks._wrappers_in(modeling))
+        for w in kernel_fallbacks._wrappers(((modeling.__name__,), (modeling,))))
     print(json.dumps({"reports": reports, "kernels": kernels}))
     """
 )
