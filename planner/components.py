@@ -537,7 +537,7 @@ def workload_components(
 ) -> ComponentPlan:
     """Components of ``workload`` at ``precision``; ``config`` is needed beyond ``load``.
     ``depth_plan``: the model's ``trace_plan`` when the caller already has it."""
-    if workload.mode == "load":
+    if not workload.runs_step:
         return load_components(inventory, precision, compute_dtype, quant_storage)
     if config is None:
         raise ValueError("a config is needed to trace a workload")

@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qplan.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qplan.planner.workload import Workload
 
 # The auto classes qplan builds, in the order a model_type is looked up in them.
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
@@ -227,14 +230,15 @@ def inputs_a_text_step_lacks(model: Any) -> tuple[str, ...]:
 _IMAGE_INPUTS = ("pixel_values", "flattened_patches")
 
 
-def check_text_step(model: Any, mode: str) -> None:
+def check_text_step(model: Any, workload: Workload) -> None:
     """Refuse, in one line, a step the model cannot run on text alone: an encoder-decoder
     whose encoder reads the image (Pix2Struct, UDOP, T5Gemma 2), or a forward that
     requires more than token ids."""
     import inspect
 
-    if mode == "load":
+    if not workload.runs_step:
         return
+    mode = workload.mode
     params = inspect.signature(type(model).forward).parameters
     images = [name for name in _IMAGE_INPUTS if name in params]
     if getattr(model.config, "is_encoder_decoder", False) and images:

@@ -506,12 +506,15 @@ def run_workload(model: nn.Module, workload: Workload, tracker: LiveTensorTracke
                  pattern: LayerPattern = HOMOGENEOUS) -> StepTensors:
     """Track the model's tensors, then run the workload; returns what each storage was.
     ``pattern``: the decoder layers' structure, for naming the parts of each phase."""
+    step = workload.kind.step
+    if step is None:
+        raise ValueError(f"--mode {workload.mode} runs no step to trace")
     seen = StepTensors()
     track_model(model, tracker, seen)
     handles = segment_by_layer(model, tracker, pattern)
     try:
         with tracker:
-            workload.kind.step(model, workload, tracker, seen)
+            step(model, workload, tracker, seen)
     finally:
         for handle in handles:
             handle.remove()

@@ -105,6 +105,11 @@ class Workload:
         return bool(self.kind.training)
 
     @property
+    def runs_step(self) -> bool:
+        """Whether the plan traces a step (``load``'s is the resident weights alone)."""
+        return bool(self.kind.runs_step)
+
+    @property
     def tuning(self) -> str | None:
         """How the weights train: None, lora, qlora or full (a preference mode trains
         by its adapter option)."""

@@ -48,7 +48,7 @@ from qplan.planner.workload import (
     Workload,
     default_seq_len,
 )
-from qplan.planner.workloads import kind_of
+from qplan.planner.workloads import STEP_MODES, kind_of
 from qplan.report import GpuInfo, ModelInfo, Report
 
 # Candidates each mode plans, from the precision table: full fine-tuning only on weights
@@ -128,13 +128,12 @@ def _lora_kernel_bases(names: list[str], asked: bool, kbit_upcast: bool) -> list
     return [n for n in names if n not in refused]
 
 
-def _with_gpu_rows(names: list[str], mode: str, gpu: GpuTarget) -> list[str]:
+def _with_gpu_rows(names: list[str], tuning: str | None, gpu: GpuTarget) -> list[str]:
     """The default candidates plus the rows this GPU runs (fp8 on compute capability 8.9+),
-    where the mode can use them, in table order."""
+    where the workload's tuning (None: it trains nothing) can use them, in table order."""
     extra = {
         n for n in default_candidates(gpu.compute_capability)
-        if n not in PRECISION_NAMES
-        and (mode not in ("lora", "qlora", "full") or PRECISIONS[n].trainable(mode))
+        if n not in PRECISION_NAMES and (tuning is None or PRECISIONS[n].trainable(tuning))
     }
     return [n for n in PRECISIONS if n in names or n in extra]
 
@@ -466,8 +465,8 @@ def workload_dict(
     data = asdict(workload)
     data.pop("extra")
     data.update(workload.extra)
-    if workload.mode == "load":
-        data = {"mode": "load"}
+    if not workload.runs_step:
+        data = {"mode": workload.mode}  # no step: none of the step's options apply
     data.update(compute_dtype=compute, quant_storage=quant_storage, target=target)
     if skip_modules is not None:
         # Kept so `qplan load --from-report` and the emitted snippets load what was planned.
@@ -668,7 +667,7 @@ def estimate(
     enter_step("resolving the GPU")
     gpu_target = resolve_target(gpu, num_gpus)
     if stored is None and not explicit:
-        names = _with_gpu_rows(names, tuning or mode, gpu_target)
+        names = _with_gpu_rows(names, tuning, gpu_target)
     if any(workload_options.get(k) for k in LORA_KERNEL_OPTIONS):
         names = _lora_kernel_bases(names, explicit or stored is not None,
                                    workload_options.get("kbit_upcast", True))
@@ -690,14 +689,14 @@ def estimate(
         picked = getattr(meta.config, "_attn_implementation", None)
         workload_options = {**workload_options, "attn": "eager" if picked == "eager" else "sdpa"}
     workload = make_workload(mode, spec.config, **workload_options)
-    check_text_step(meta, mode)
+    check_text_step(meta, workload)
     workload, plan_warnings = _checkpointing_the_model_supports(workload, meta)
     check_lora_targets(workload, inventory, spec.id)
     notes = list(spec.notes)
     text_note = text_class_note(spec.config)
     if text_note is not None:
         notes.append(text_note)
-    if mode != "load":
+    if workload.runs_step:
         # Optional kernel packages' functions (mamba-ssm, ...): traced on their PyTorch path.
         kernel_note = fallback_note(meta, inventory.model_type)
         if kernel_note is not None:
@@ -751,7 +750,7 @@ def estimate(
         budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
     # Computed once for every plan: which depths to trace this model at.
-    depth_plan = None if mode == "load" else trace_plan(
+    depth_plan = None if not workload.runs_step else trace_plan(
         layer_signatures(inventory, spec.config), num_layers(spec.config)
     )
     # One config's traces, each run once: the same step comes back for other candidates.
@@ -778,7 +777,7 @@ def estimate(
 
     def plan_key(precision: str, wl: Workload) -> tuple | None:
         # Candidates of one trace group run the same step: trace one of each group.
-        return None if wl.mode == "load" else (trace_group(precision), wl)
+        return (trace_group(precision), wl) if wl.runs_step else None
 
     def plan_group(precision: str, wl: Workload) -> Any:
         # What one plan worker makes together: a training step's trace group (its steps
@@ -839,11 +838,11 @@ def estimate(
     warnings.extend(_stored_mismatch(on_disk, decision, stored, config_dtype))
     solutions: list[Solution] = []
     variables = [solve] if solve else []
-    if decision.recommendation is None and workload.mode != "load" and not variables:
+    if decision.recommendation is None and workload.runs_step and not variables:
         variables = ["batch", "seq_len"]
     if variables:
-        if workload.mode == "load":
-            raise UsageError("--solve needs a workload: use --mode inference, lora, qlora or full")
+        if not workload.runs_step:
+            raise UsageError(f"--solve needs a workload: use --mode {', '.join(STEP_MODES)}")
         order = choosable(names, gpu_target, explicit)
         limit = budget.available_bytes - budget.headroom_bytes
         # The advice's changed workloads go with the searches' first round.

@@ -14,6 +14,8 @@ WORKLOADS: dict[str, WorkloadKind] = {
 }
 MODES = tuple(WORKLOADS)
 TRAINING_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.training)
+# The modes that trace a step (all but load).
+STEP_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.runs_step)
 # The modes whose step feeds images to a vision-language model (--images).
 IMAGE_MODES = tuple(name for name, kind in WORKLOADS.items() if kind.takes_images)
 # Axolotl's ``rl:`` value -> the workload.
@@ -40,5 +42,5 @@ def modes_help() -> str:
     return ", ".join(f"{name} ({kind.summary})" for name, kind in WORKLOADS.items())
 
 
-__all__ = ["AXOLOTL_RL", "IMAGE_MODES", "MODES", "TRAINING_MODES", "WORKLOADS", "WorkloadKind",
-           "WorkloadOption", "kind_of", "modes_help", "option_names"]
+__all__ = ["AXOLOTL_RL", "IMAGE_MODES", "MODES", "STEP_MODES", "TRAINING_MODES", "WORKLOADS",
+           "WorkloadKind", "WorkloadOption", "kind_of", "modes_help", "option_names"]

@@ -9,10 +9,6 @@ from qplan.planner.workloads.kind import WorkloadKind, fixed
 DEFAULT_INFERENCE_SEQ = 4096
 
 
-def _nothing(*_: Any) -> None:
-    """``load`` runs no step: its plan is the resident weights (planner/components.py)."""
-
-
 def _prefill(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
     from qplan.planner.steps import run_inference
 
@@ -21,7 +17,7 @@ def _prefill(model: Any, workload: Any, tracker: Any, seen: Any) -> None:
 
 KINDS = (
     WorkloadKind(
-        name="load", summary="weights only", tuning=fixed(None), step=_nothing,
+        name="load", summary="weights only", tuning=fixed(None), step=None,
         default_seq_len=DEFAULT_INFERENCE_SEQ,
     ),
     WorkloadKind(

@@ -77,7 +77,8 @@ class WorkloadKind:
 
     ``tuning(options)``: how the weights train for these options (None, lora, qlora or
     full). ``prepare``: the training patches (peft, checkpointing), None for none.
-    ``step``: the workload's step under the live-tensor tracker (planner/steps.py).
+    ``step``: the workload's step under the live-tensor tracker (planner/steps.py); None
+    where it runs none (``load``: its plan is the resident weights, nothing traced).
     ``roles``: components the step's own storages are counted as, beyond the common ones
     (weights, adapters, gradients, ...), e.g. a frozen reference model.
     ``weight_copies``: those roles that are a second load of the checkpoint (stored like
@@ -102,7 +103,7 @@ class WorkloadKind:
     name: str
     summary: str
     tuning: Callable[[Mapping[str, Any]], str | None]
-    step: Step
+    step: Step | None
     default_seq_len: int
     prepare: Prepare | None = None
     options: tuple[WorkloadOption, ...] = ()
@@ -123,6 +124,10 @@ class WorkloadKind:
     @property
     def training(self) -> bool:
         return self.prepare is not None
+
+    @property
+    def runs_step(self) -> bool:
+        return self.step is not None
 
     def parse_options(self, given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
         """Every option of this kind with its value (given, else the default), in
