@@ -44,6 +44,7 @@ from qplan.planner.depths import HOMOGENEOUS, LayerPattern
 from qplan.planner.grouped_mm_meta import grouped_mm_as_run
 from qplan.planner.kernel_fallbacks import pytorch_paths
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
+from qplan.planner.longrope_scale import longrope_scale_on_meta
 from qplan.planner.patching import loaded_modules, same_modules, swapped
 from qplan.planner.quant import all_trace_patches
 from qplan.planner.quiet_logs import quiet
@@ -185,6 +186,9 @@ def trace_patches(target: str, attn: str,
         # The Mamba scan's repeated iterations counted from their log (planner/recurrent_scan.py).
         stack.enter_context(counted_scans())
         stack.enter_context(_image_checks_on_meta())
+        # Phi-3.5-MoE's LongRoPE scale, a float picked by a position id's value
+        # (planner/longrope_scale.py).
+        stack.enter_context(longrope_scale_on_meta())
         if packing is not None:
             from qplan.planner.attention import packed_flash
 

@@ -271,3 +271,36 @@ def test_state_space_models_against_generate_and_trainer(tiny_model_dir, arch):
         measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
         assert_close(report.candidate(precision).peak_allocated_bytes, measured.peak_bytes,
                      (arch, mode))
+
+
+# Phi-3.5-MoE's real config scales LongRoPE by a factor its rotary embedding picks from a
+# position id's value (planner/longrope_scale.py); the tiny model runs past its
+# original_max_position_embeddings (64 < SEQ), as the real one does past 4,096 tokens.
+LONGROPE = dict(
+    original_max_position_embeddings=64,
+    rope_scaling={"type": "longrope", "long_factor": [1.5] * 8, "short_factor": [1.0] * 8,
+                  "long_mscale": 1.2, "short_mscale": 1.1,
+                  "original_max_position_embeddings": 64},
+)
+
+
+def test_longrope_phimoe_against_generate_and_trainer(tiny_model_dir):
+    folder = tiny_model_dir("phimoe", **LONGROPE)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.rope_parameters["rope_type"] == "longrope"
+    model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
+    measured = generate_peak(model, BATCH, SEQ)
+    assert_close(plan(folder, "inference", "bf16").peak_allocated_bytes, measured.peak_bytes,
+                 "inference")
+    for mode, precision, gc in TRAINING:
+        report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
+                          target="cpu", batch=BATCH, seq_len=SEQ, gradient_checkpointing=gc,
+                          lora_r=8)
+        model = random_model(config, precision, "bfloat16", "cpu", str(folder))
+        if mode != "full":
+            # What the plan's kwargs say: the MoE router stays without adapters.
+            model = lora_model(model, r=8, quantized=precision == "nf4",
+                               exclude=report.workload.get("lora_exclude_modules"))
+        measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
+        assert_close(report.candidate(precision).peak_allocated_bytes, measured.peak_bytes,
+                     mode)
