@@ -19,15 +19,13 @@ runs as it is, and a read of a value stays a one-line refusal.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from qplan.planner.patching import swapped
+from qplan.planner.patching import source_digest, swapped
 
 MODULE = "transformers.models.phimoe.modeling_phimoe"
 CLASS = "PhimoeRotaryEmbedding"
@@ -49,12 +47,8 @@ def _stand_in(module: Any, forward: Any) -> Callable[..., Any] | None:
         return found[1]
     raw = getattr(forward, "__wrapped__", None)
     decorate = getattr(module, "dynamic_rope_update", None)
-    try:
-        source = inspect.getsource(raw) if callable(raw) else ""
-    except (TypeError, OSError):
-        source = ""
     stand_in = None
-    if hashlib.sha256(source.encode()).hexdigest() in KNOWN_SOURCES and callable(decorate):
+    if source_digest(raw) in KNOWN_SOURCES and callable(decorate):
 
         def mirrored(self: Any, x: torch.Tensor, position_ids: Any = None) -> Any:
             if not isinstance(position_ids, torch.Tensor) or not position_ids.is_meta:

@@ -8,6 +8,8 @@ module imports nothing of qplan so that every planner module can use it without 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import operator
 import sys
 from collections.abc import Callable, Iterator
@@ -68,3 +70,13 @@ def while_modules_unchanged(find: Callable[[Loaded], T]) -> Callable[[], T]:
         return last[0]
 
     return found
+
+
+def source_digest(function: Any) -> str:
+    """sha256 of ``inspect.getsource(function)`` (of "" where it has none): how a stand-in
+    that mirrors a library function checks that the installed code is the code it read."""
+    try:
+        source = inspect.getsource(function) if callable(function) else ""
+    except (TypeError, OSError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()

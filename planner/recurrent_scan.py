@@ -29,7 +29,6 @@ runs as it is. ``QPLAN_REUSE=0`` (planner/reuse.py) turns this off: the referenc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,7 +41,13 @@ from torch.utils._python_dispatch import _disable_current_modes, _get_current_di
 from qplan.planner import reuse
 from qplan.planner.kernel_fallbacks import closure, fallback_wrapper
 from qplan.planner.live_tensors import LiveTensorTracker
-from qplan.planner.patching import Loaded, model_modules, swapped, while_modules_unchanged
+from qplan.planner.patching import (
+    Loaded,
+    model_modules,
+    source_digest,
+    swapped,
+    while_modules_unchanged,
+)
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
@@ -292,12 +297,7 @@ def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
     hub = fallback_wrapper(wrapper)
     values = closure(hub) if hub is not None else {}
     reference = values.get("torch_function")
-    try:
-        source = inspect.getsource(reference) if callable(reference) else ""
-    except (TypeError, OSError):
-        source = ""
-    digest = hashlib.sha256(source.encode()).hexdigest()
-    if (digest in KNOWN_SOURCES and values.get("is_new_implementation") is False
+    if (source_digest(reference) in KNOWN_SOURCES and values.get("is_new_implementation") is False
             and values.get("implementation") is reference):
         params = tuple(inspect.signature(reference).parameters)
 

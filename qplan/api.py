@@ -750,9 +750,9 @@ def estimate(
         budget = min(multi.budgets, key=lambda b: b.usable_bytes)
 
     # Computed once for every plan: which depths to trace this model at.
-    depth_plan = None if not workload.runs_step else trace_plan(
+    depth_plan = trace_plan(
         layer_signatures(inventory, spec.config), num_layers(spec.config)
-    )
+    ) if workload.runs_step else None
     # One config's traces, each run once: the same step comes back for other candidates.
     # bitsandbytes candidates' inference steps are derived from the plain row's
     # (planner/derived_traces.py), under the on-disk cache.
