@@ -259,18 +259,25 @@ def test_state_space_models_against_generate_and_trainer(tiny_model_dir, arch):
     model = random_model(config, "bf16", "bfloat16", "cpu", str(folder))
     measured = generate_peak(model, BATCH, SEQ)
     assert_close(report.candidate("bf16").peak_allocated_bytes, measured.peak_bytes, arch)
-    for mode, precision, gc in (("full", "bf16", True), *TRAINING[1:]):
+    assert_trainer_peaks(folder, config, (("full", "bf16", True), *TRAINING[1:]), arch)
+
+
+def assert_trainer_peaks(folder, config, runs, what) -> None:
+    """Each (mode, precision, checkpointing) of ``runs`` planned, then run by Trainer on
+    the model the plan's kwargs describe."""
+    for mode, precision, gc in runs:
         report = estimate(str(folder), gpu="24GiB", mode=mode, precisions=precision,
                           target="cpu", batch=BATCH, seq_len=SEQ, gradient_checkpointing=gc,
                           lora_r=8)
         model = random_model(config, precision, "bfloat16", "cpu", str(folder))
         if mode != "full":
-            # What the plan's kwargs say: peft refuses LoRA on Mamba's out_proj.
+            # The plan's lora_exclude_modules: peft refuses LoRA on Mamba's out_proj, and
+            # an MoE router gets no adapters.
             model = lora_model(model, r=8, quantized=precision == "nf4",
                                exclude=report.workload.get("lora_exclude_modules"))
         measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
         assert_close(report.candidate(precision).peak_allocated_bytes, measured.peak_bytes,
-                     (arch, mode))
+                     (what, mode))
 
 
 # Phi-3.5-MoE's real config scales LongRoPE by a factor its rotary embedding picks from a
@@ -292,15 +299,4 @@ def test_longrope_phimoe_against_generate_and_trainer(tiny_model_dir):
     measured = generate_peak(model, BATCH, SEQ)
     assert_close(plan(folder, "inference", "bf16").peak_allocated_bytes, measured.peak_bytes,
                  "inference")
-    for mode, precision, gc in TRAINING:
-        report = estimate(str(folder), gpu="80GiB", mode=mode, precisions=precision,
-                          target="cpu", batch=BATCH, seq_len=SEQ, gradient_checkpointing=gc,
-                          lora_r=8)
-        model = random_model(config, precision, "bfloat16", "cpu", str(folder))
-        if mode != "full":
-            # What the plan's kwargs say: the MoE router stays without adapters.
-            model = lora_model(model, r=8, quantized=precision == "nf4",
-                               exclude=report.workload.get("lora_exclude_modules"))
-        measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
-        assert_close(report.candidate(precision).peak_allocated_bytes, measured.peak_bytes,
-                     mode)
+    assert_trainer_peaks(folder, config, TRAINING, "longrope")
