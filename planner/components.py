@@ -309,7 +309,7 @@ def step_model(
     suffix: int = 0,
 ) -> tuple[Any, Inventory]:
     """The meta model a step of ``workload`` at ``precision`` runs on (before any training
-    preparation), and its inventory: shared between the traces that leave it as built.
+    preparation), and its inventory: shared between the traces while they leave it as built.
     ``layers``: that many decoder layers, the last ``suffix`` of them the stack's last."""
     from qplan.planner.quantize_meta import quantize_meta_model
 
@@ -323,16 +323,27 @@ def step_model(
         return built, inventory
 
     key = meta_models.config_key(config)
-    if not workload.kind.training and not trust_remote_code and key is not None:
-        # A step that only runs the model (inference) leaves it as built: one build serves
-        # every trace of this model at this precision and depth (planner/meta_models.py).
-        return meta_models.shared(
-            (key, layers, suffix, workload.attn, workload.quantize_moe_experts, precision,
-             compute_dtype, quant_storage,
-             tuple(skip_modules) if skip_modules is not None else None),
-            build,
-        )
-    return build()
+    if workload.kind.training or trust_remote_code or key is None:
+        return build()
+
+    def recorded() -> tuple[Any, Inventory, tuple]:
+        built, inventory = build()
+        built.eval()  # the inference step's first call (planner/steps.py: run_inference)
+        return built, inventory, state_of(built)
+
+    # A step that only runs the model (inference) mostly leaves it as built: one build
+    # serves every trace of this model at this precision and depth (planner/meta_models.py).
+    # A model whose forward keeps something on its modules (LongRoPE's long_inv_freq, made
+    # by its first forward) is built afresh for the next trace, which would otherwise not
+    # make what a loaded model's first forward makes.
+    shared_key = (key, layers, suffix, workload.attn, workload.quantize_moe_experts, precision,
+                  compute_dtype, quant_storage,
+                  tuple(skip_modules) if skip_modules is not None else None)
+    model, inventory, as_built = meta_models.shared(shared_key, recorded)
+    if state_of(model) != as_built:
+        model, inventory, as_built = recorded()
+        meta_models.keep(shared_key, (model, inventory, as_built))
+    return model, inventory
 
 
 def trace_outcome(snapshot: PeakSnapshot, seen: StepTensors, phase_peaks: dict[str, int],

@@ -284,3 +284,13 @@ def test_a_step_that_changes_the_model_leaves_another_record():
         before = state_of(net)
         change(net)
         assert state_of(net) != before
+
+
+def test_a_model_its_forward_changes_is_not_shared_between_traces():
+    # Phi-3.5-MoE's LongRoPE keeps long_inv_freq on its rotary embedding after the first
+    # forward: a shared meta model would let later traces skip making it, as no loaded
+    # model's first forward does. The default plan and its searches, as the reference path.
+    fast, reference = _both(_spec("microsoft/Phi-3.5-MoE-instruct"), gpu="8GiB",
+                            mode="inference", seq_len=32)
+    assert '"solutions": []' not in fast
+    assert fast == reference
