@@ -4,9 +4,12 @@ they were.
 Building a meta model (transformers' ``from_config`` under ``init_empty_weights``, then the
 precision's layout, planner/quantize_meta.py) costs as much as tracing it. A step that
 only runs the model (inference: ``eval()``, a forward under ``no_grad``, its hooks removed
-afterwards) leaves the module tree as it found it, so the traces of one model at one
+afterwards) mostly leaves the module tree as it found it, so the traces of one model at one
 precision and depth (the default plan, ``--solve``'s probes, the advice) can share one
-build. A training step runs on the model its workload prepared (peft's adapters, k-bit
+build, for as long as its record (planner/prepared_models.state_of) stays the one taken
+when it was built (a forward that keeps something on its modules, LongRoPE's
+``long_inv_freq``, gets a fresh build for the next trace: planner/components.step_model).
+A training step runs on the model its workload prepared (peft's adapters, k-bit
 preparation, checkpointing): the prepared model is taken out (``take``) while a step runs
 on it, and kept for the next step of the same preparation (``--solve``'s probes and the
 advice differ only in batch and sequence length) when the step left it as prepared
