@@ -339,8 +339,14 @@ def step_model(
     shared_key = (key, layers, suffix, workload.attn, workload.quantize_moe_experts, precision,
                   compute_dtype, quant_storage,
                   tuple(skip_modules) if skip_modules is not None else None)
-    model, inventory, as_built = meta_models.shared(shared_key, recorded)
-    if state_of(model) != as_built:
+    built_now: list[tuple] = []
+
+    def build_once() -> tuple[Any, Inventory, tuple]:
+        built_now.append(recorded())
+        return built_now[-1]
+
+    model, inventory, as_built = meta_models.shared(shared_key, build_once)
+    if not built_now and state_of(model) != as_built:
         model, inventory, as_built = recorded()
         meta_models.keep(shared_key, (model, inventory, as_built))
     return model, inventory

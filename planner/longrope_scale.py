@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qplan.planner.patching import source_digest, swapped
+from qplan.planner.patching import once_per_object, source_digest, swapped
 
 MODULE = "transformers.models.phimoe.modeling_phimoe"
 CLASS = "PhimoeRotaryEmbedding"
@@ -35,18 +35,13 @@ KNOWN_SOURCES = frozenset({
     "bdf9273d05d27d62ec0ef394c440e0117bd978f62cba06feb5b2ed4d6351ec8a",
 })
 
-# id(the class's forward) -> (that forward, its stand-in or None where the source differs)
-_STAND_INS: dict[int, tuple[Any, Callable[..., Any] | None]] = {}
-
-
-def _stand_in(module: Any, forward: Any) -> Callable[..., Any] | None:
+@once_per_object
+def _stand_in(forward: Any) -> Callable[..., Any] | None:
     """The decorated forward with the value read taken off meta tensors, where the
     installed code is the one mirrored below; None otherwise."""
-    found = _STAND_INS.get(id(forward))
-    if found is not None and found[0] is forward:
-        return found[1]
     raw = getattr(forward, "__wrapped__", None)
-    decorate = getattr(module, "dynamic_rope_update", None)
+    decorate = getattr(sys.modules.get(getattr(raw, "__module__", "")), "dynamic_rope_update",
+                       None)
     stand_in = None
     if source_digest(raw) in KNOWN_SOURCES and callable(decorate):
 
@@ -74,7 +69,6 @@ def _stand_in(module: Any, forward: Any) -> Callable[..., Any] | None:
             return cos.to(x.dtype), sin.to(x.dtype)
 
         stand_in = decorate(mirrored)
-    _STAND_INS[id(forward)] = (forward, stand_in)
     return stand_in
 
 
@@ -86,6 +80,6 @@ def longrope_scale_on_meta() -> Iterator[None]:
     module = sys.modules.get(MODULE)
     cls = getattr(module, CLASS, None) if module is not None else None
     forward = getattr(cls, "forward", None)
-    stand_in = _stand_in(module, forward) if forward is not None else None
+    stand_in = _stand_in(forward) if forward is not None else None
     with swapped(*(((cls, "forward", stand_in),) if stand_in is not None else ())):
         yield

@@ -80,3 +80,20 @@ def source_digest(function: Any) -> str:
     except (TypeError, OSError):
         source = ""
     return hashlib.sha256(source.encode()).hexdigest()
+
+
+def once_per_object(make: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``make(obj)`` made once per object, by identity (the object is kept with its answer,
+    so its id is not reused): the stand-ins made for a library function or method."""
+    made: dict[int, tuple[Any, T]] = {}
+
+    def get(obj: Any) -> T:
+        found = made.get(id(obj))
+        if found is not None and found[0] is obj:
+            return found[1]
+        value = make(obj)
+        made[id(obj)] = (obj, value)
+        return value
+
+    return get
+

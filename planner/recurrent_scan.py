@@ -44,6 +44,7 @@ from qplan.planner.live_tensors import LiveTensorTracker
 from qplan.planner.patching import (
     Loaded,
     model_modules,
+    once_per_object,
     source_digest,
     swapped,
     while_modules_unchanged,
@@ -61,8 +62,6 @@ KNOWN_SOURCES = frozenset({
 })
 NAME = "mamba_selective_scan"
 
-# id(hub wrapper) -> (the wrapper, its fast stand-in or None where the source is another)
-_STAND_INS: dict[int, tuple[Any, Callable[..., Any] | None]] = {}
 
 
 @dataclass(frozen=True)
@@ -287,12 +286,10 @@ def _selective_scan(
     return scan_output
 
 
+@once_per_object
 def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
     """A stand-in for transformers' hub wrapper of ``mamba_selective_scan``, where it runs
     the reference function read here; None otherwise."""
-    found = _STAND_INS.get(id(wrapper))
-    if found is not None and found[0] is wrapper:
-        return found[1]
     stand_in = None
     hub = fallback_wrapper(wrapper)
     values = closure(hub) if hub is not None else {}
@@ -312,7 +309,6 @@ def _stand_in(wrapper: Any) -> Callable[..., Any] | None:
             return _selective_scan(*args, tracker=tracker, **kwargs)
 
         stand_in = scan
-    _STAND_INS[id(wrapper)] = (wrapper, stand_in)
     return stand_in
 
 

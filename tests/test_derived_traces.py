@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_models import TINY_CONFIGS, make_config
+from tiny_models import TINY_CONFIGS, depth_with_every_layer_kind, make_config
 
 from qplan.api import make_workload
 from qplan.planner import derived_traces, reuse
@@ -66,9 +66,7 @@ def _catalog_configs() -> dict[str, object]:
             continue
         config = AutoConfig.for_model(**{k: v for k, v in data.items()
                                          if k not in ("transformers_version",)})
-        kinds = getattr(config, "layers_block_type", None)
-        depth = max(2, *(kinds.index(k) + 1 for k in set(kinds))) if isinstance(kinds, list) else 2
-        found[data["model_type"]] = shrink(config, depth)
+        found[data["model_type"]] = shrink(config, depth_with_every_layer_kind(config))
     return found
 
 

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from tiny_models import depth_with_every_layer_kind
 
 from qplan.api import estimate, resolve
 from qplan.planner.components import _with_layers, num_layers
@@ -32,16 +33,6 @@ PRECISIONS = {
 MODES = tuple(PRECISIONS)
 
 
-def _depth(config) -> int:
-    """2 layers, or the shortest prefix holding every layer kind of a hybrid pattern
-    (Nemotron-H starts with Mamba and MLP layers; its first attention layer comes later,
-    and transformers' cache needs one)."""
-    kinds = getattr(config.get_text_config(), "layers_block_type", None)
-    if not isinstance(kinds, list):
-        return 2
-    return max(2, *(kinds.index(kind) + 1 for kind in set(kinds)))
-
-
 @pytest.fixture(scope="module")
 def shrunk():
     cache = {}
@@ -49,7 +40,7 @@ def shrunk():
     def get(name: str):
         if name not in cache:
             spec = resolve(str(CONFIGS / f"{name}.json"), None, False)
-            small = _with_layers(spec.config, _depth(spec.config))
+            small = _with_layers(spec.config, depth_with_every_layer_kind(spec.config))
             cache[name] = dataclasses.replace(spec, config=small)
         return cache[name]
 
@@ -68,7 +59,7 @@ def test_the_families_are_all_there():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_plans_in_every_mode(shrunk, name, mode):
     spec = shrunk(name)
-    assert num_layers(spec.config) == _depth(spec.config) <= 8
+    assert num_layers(spec.config) == depth_with_every_layer_kind(spec.config) <= 8
     report = estimate(spec, gpu="80GB", mode=mode, precisions=PRECISIONS[mode], batch=1,
                       seq_len=32, lora_r=8)
     assert report.candidates

@@ -193,3 +193,14 @@ def save_tiny_model(arch: str, folder, dtype: str = "bfloat16", seed: int = 0, *
         model = factory.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder
+
+
+def depth_with_every_layer_kind(config) -> int:
+    """2 layers, or the shortest prefix holding every layer kind of a hybrid pattern
+    (Nemotron-H starts with Mamba and MLP layers; its first attention layer comes later,
+    and transformers' cache needs one): the depth a real config is cut to in the tests."""
+    kinds = getattr(config.get_text_config(), "layers_block_type", None)
+    if not isinstance(kinds, list):
+        return 2
+    return max(2, *(kinds.index(kind) + 1 for kind in set(kinds)))
+
