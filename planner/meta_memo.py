@@ -6,12 +6,22 @@ meta kernels (``torch._refs``, decompositions, bitsandbytes' fake kernels) recom
 same answers: every decoder layer repeats the previous one's ops, the deeper trace repeats
 the shallower one's, and precisions that share activations repeat each other's.
 
-An op is remembered only when the answer can be replayed exactly: a functional op (its
-schema neither mutates an argument nor returns an alias), every input a meta tensor or a
-plain hashable value, and every output a fresh meta tensor whose storage ``empty_strided``
-recreates byte for byte (offset 0, the storage just large enough, no two outputs sharing
-one, none sharing an input's). Anything else runs as before. The replayed outputs are new
-storages, so the tracker counts them exactly as it counts the real kernel's.
+An op is remembered only when the answer can be replayed exactly, every input a meta
+tensor or a plain hashable value, and either
+- a functional op (its schema neither mutates an argument nor returns an alias), every
+  output a fresh meta tensor whose storage ``empty_strided`` recreates byte for byte (offset
+  0, the storage just large enough, no two outputs sharing one, none sharing an input's):
+  the replayed outputs are new storages, so the tracker counts them exactly as it counts
+  the real kernel's; or
+- an in-place op writing one argument and returning it (``exponential_``, ``add_``, an
+  ``out=`` variant), not one that changes its view (``inplace_view``: ``resize_``,
+  ``squeeze_``, ``set_``), whose first run left that argument's shape, strides, offset,
+  dtype and storage as they were: on meta such an op makes nothing, so the replay
+  returns the argument itself. Its meta kernel is what it costs: Phi-3.5-MoE's router
+  samples with ``exponential_``, a 1 ms Python reference kernel on meta, thousands of
+  times per plan. Autograd's version counter is bumped above the dispatch mode that asks
+  the memo, so it moves as before.
+Anything else runs as before.
 
 ``QPLAN_REUSE=0`` (or ``reuse.disabled()``) turns the memo off: the reference path the
 tests compare against.
@@ -25,16 +35,20 @@ import torch
 
 from qplan.planner import reuse
 
-# (op, argument key, default dtype) -> output specs, or _UNCACHEABLE.
+# (op, argument key, default dtype) -> output specs, _IN_PLACE or _UNCACHEABLE.
 _MEMO: dict[tuple, Any] = {}
 _UNCACHEABLE = object()
+_IN_PLACE = object()  # an in-place op's answer: the argument it writes, unchanged
 # Keeps the memo bounded across a long process (a sweep over many models).
 MAX_ENTRIES = 200_000
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
             torch.memory_format)
 _SCALAR_TYPES = frozenset(_SCALARS)
-_FUNCTIONAL: dict[int, tuple[Any, bool]] = {}  # id(op) -> (op, functional)
+# id(op) -> (op, how it may be remembered: _FUNCTIONAL_OP, the position of the one argument
+# an in-place op writes and returns, or None).
+_KINDS: dict[int, tuple[Any, Any]] = {}
+_FUNCTIONAL_OP = "functional"
 _PLAIN_TYPES: dict[type, bool] = {}
 _TENSOR = torch.Tensor
 _STRIDED = torch.strided
@@ -104,18 +118,45 @@ def _key(value: Any) -> Any:
     raise _Unhashable
 
 
-def _functional(func: Any) -> bool:
+def _kind(func: Any) -> Any:
+    """How ``func`` may be remembered: ``_FUNCTIONAL_OP``; for an in-place op writing one
+    argument and returning it (and not changing its view), where that argument is:
+    ``(index, name)``; else None."""
     # Keyed by the op's id, not the op: an OpOverload hashes in Python (a tenth of the
     # memo's own time in a scan loop). The op is kept in the value, so its id stays its own.
-    found = _FUNCTIONAL.get(id(func))
+    found = _KINDS.get(id(func))
     if found is None:
-        schema = getattr(func, "_schema", None)
-        functional = schema is not None and not any(
-            r.alias_info is not None for r in schema.returns
-        ) and not any(a.alias_info is not None and a.alias_info.is_write
-                      for a in schema.arguments)
-        found = _FUNCTIONAL[id(func)] = (func, functional)
+        found = _KINDS[id(func)] = (func, _schema_kind(func))
     return found[1]
+
+
+def _schema_kind(func: Any) -> Any:
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return None
+    written = [(index, argument) for index, argument in enumerate(schema.arguments)
+               if argument.alias_info is not None and argument.alias_info.is_write]
+    if not written and not any(r.alias_info is not None for r in schema.returns):
+        return _FUNCTIONAL_OP
+    if len(written) != 1 or len(schema.returns) != 1:
+        return None
+    index, argument = written[0]
+    returned = schema.returns[0].alias_info
+    if (returned is None or not returned.is_write
+            or set(returned.before_set) != set(argument.alias_info.before_set)
+            or torch.Tag.inplace_view in getattr(func, "tags", ())):
+        return None
+    return (index, argument.name)
+
+
+def _written(where: tuple[int, str], args: tuple, kwargs: dict) -> Any:
+    index, name = where
+    return args[index] if index < len(args) else kwargs.get(name)
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return (tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset(),
+            tensor.untyped_storage().nbytes(), tensor.device)
 
 
 def _spec(tensor: Any, inputs: set[int]) -> tuple | None:
@@ -193,8 +234,9 @@ def call(func: Any, args: tuple, kwargs: dict, enabled: bool | None = None) -> A
     every op), read here when None."""
     if enabled is None:
         enabled = reuse.enabled()
-    found = _FUNCTIONAL.get(id(func))
-    if not enabled or not (found[1] if found is not None else _functional(func)):
+    found = _KINDS.get(id(func))
+    kind = found[1] if found is not None else _kind(func)
+    if not enabled or kind is None:
         return func(*args, **kwargs)
     try:
         # ``_key(args)``, args being the tuple a dispatch passes.
@@ -206,9 +248,18 @@ def call(func: Any, args: tuple, kwargs: dict, enabled: bool | None = None) -> A
     if specs is _UNCACHEABLE:
         return func(*args, **kwargs)
     if specs is not None:
-        return _replay(specs)
-    out = func(*args, **kwargs)
-    specs = _specs(out, args, kwargs)
+        return _written(kind, args, kwargs) if specs is _IN_PLACE else _replay(specs)
+    if kind is _FUNCTIONAL_OP:
+        out = func(*args, **kwargs)
+        specs = _specs(out, args, kwargs)
+    else:
+        target = _written(kind, args, kwargs)
+        if not isinstance(target, torch.Tensor):
+            return func(*args, **kwargs)
+        before = _layout(target)
+        out = func(*args, **kwargs)
+        # Replayed as "the argument, unchanged" only where this run did exactly that.
+        specs = _IN_PLACE if out is target and _layout(target) == before else None
     if len(_MEMO) >= MAX_ENTRIES:
         _MEMO.clear()
     _MEMO[key] = _UNCACHEABLE if specs is None else specs

@@ -80,6 +80,51 @@ def test_solved_limits_equal_the_reference_path():
     assert fast == reference
 
 
+def test_in_place_training_steps_equal_the_reference_path():
+    # Phi-3.5-MoE's router samples with exponential_ while training (sparsemixer), peft
+    # and the optimizer add into tensors in place: the memo answers those ops too.
+    fast, reference = _both(_tiny("phimoe"), gpu="4090", mode="lora", seq_len=40,
+                            precisions="bf16,nf4")
+    assert fast == reference
+
+
+def test_memo_replays_in_place_ops_but_not_view_changes():
+    import torch
+
+    from qplan.planner.live_tensors import LiveTensorTracker
+
+    meta_memo.clear()
+    rounds = []
+    for _ in range(2):  # the second round is answered from the memo
+        with LiveTensorTracker() as tracker:
+            x = torch.empty(8, 6, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            y = x * 1
+            version = y._version
+            assert y.exponential_() is y  # the argument itself, as the kernel returns it
+            assert y._version == version + 1  # autograd saw the write
+            y.add_(torch.ones(6, device="meta", dtype=torch.bfloat16))  # broadcast in place
+            out = torch.empty(8, 4, device="meta", dtype=torch.bfloat16)
+            assert torch.mm(y.detach(), torch.empty(6, 4, device="meta", dtype=torch.bfloat16),
+                            out=out) is out
+            # A write that resizes its argument is never answered from the memo.
+            small = torch.empty(0, device="meta", dtype=torch.bfloat16)
+            torch.mm(y.detach(), torch.empty(6, 4, device="meta", dtype=torch.bfloat16),
+                     out=small)
+            assert small.shape == (8, 4)
+            z = torch.empty(8, 1, device="meta").squeeze_()
+            rounds.append((tracker.current, tracker.peak, y.shape, small.stride(), z.shape))
+    assert rounds[0] == rounds[1]
+    remembered: dict = {}
+    for key, value in meta_memo._MEMO.items():
+        remembered.setdefault(key[0], []).append(value)
+    assert remembered[torch.ops.aten.exponential_.default] == [meta_memo._IN_PLACE]
+    assert remembered[torch.ops.aten.add_.Tensor] == [meta_memo._IN_PLACE]
+    # mm.out: into the right-sized tensor remembered, into the one it resized not.
+    assert sorted(map(id, remembered[torch.ops.aten.mm.out])) == sorted(
+        map(id, (meta_memo._IN_PLACE, meta_memo._UNCACHEABLE)))
+    assert torch.ops.aten.squeeze_.default not in remembered
+
+
 def test_memo_replays_new_storages_and_skips_aliases():
     import torch
 
