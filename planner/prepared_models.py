@@ -34,6 +34,7 @@ from qplan.planner.step_runs import RUNS_KEY
 _OBJECT_DEPTH = 3
 _PLAIN = frozenset((int, float, str, bool, type(None), torch.dtype, torch.device))
 _SEQUENCES = (list, tuple, set, frozenset)
+_TENSOR = "tensor"  # the first item of a tensor's entry in a record
 # The exact types of nn.Module's own bookkeeping containers (an empty one is left out).
 _CONTAINER_TYPES = frozenset((dict, list, tuple, set, frozenset, OrderedDict))
 
@@ -69,6 +70,21 @@ def state_of(model: nn.Module) -> tuple:
     """A record of everything a step could change on ``model`` (equal records: the same
     modules, tensors, flags, hooks and attributes)."""
     return _Recorder().model(model)
+
+
+def equal_but_recast(before: tuple, after: tuple, recast: set[int]) -> bool:
+    """Whether two records of ``state_of`` are equal but for the storage and dtype of the
+    tensors whose ids are in ``recast`` (their data replaced by a copy in another dtype)."""
+    if before == after:
+        return True
+    if type(before) is not tuple or type(after) is not tuple or len(before) != len(after):
+        return False
+    if (before and before[0] == _TENSOR and after[0] == _TENSOR
+            and type(before[1]) is int and before[1] in recast):
+        # _Recorder.value's tensor entry: (_TENSOR, id, id(storage), shape, dtype,
+        # requires_grad, grad is None, attributes).
+        return before[1] == after[1] and before[3] == after[3] and before[5:] == after[5:]
+    return all(equal_but_recast(b, a, recast) for b, a in zip(before, after, strict=True))
 
 
 class _Recorder:
@@ -149,7 +165,7 @@ class _Recorder:
             return (cls, id(hooks), value.id if code is None else code)
         if isinstance(value, torch.Tensor):
             extra = getattr(value, "__dict__", None) if depth > 0 else None
-            return ("tensor", id(value), id(value.untyped_storage()), tuple(value.shape),
+            return (_TENSOR, id(value), id(value.untyped_storage()), tuple(value.shape),
                     value.dtype, value.requires_grad, value.grad is None,
                     tuple([(k, self.value(v, depth - 1)) for k, v in extra.items()])
                     if extra else ())

@@ -21,6 +21,15 @@ The log is counted again only where nothing the tracker can see tells the two st
   ended the only storages of theirs still alive were the parameters' gradients, one
   dense storage each, laid out like their parameter (and empty ones, which weigh nothing);
 * none of their storages is alive when the second step starts;
+* one exception to both: a tensor a quantisation method's layer casts on its first
+  forward, before anything reads it, and never again (``first_forward_casts``:
+  bitsandbytes' k-bit layers cast their float32 bias to the input's dtype). The cast
+  frees a storage made before the step and keeps a new one, right after it is made, in
+  the tensor; the second step makes neither. Its two events are left out of the log
+  counted again, and the second step must start from the model as the first left it (its
+  record, gradients set aside), which may differ from where the first started by those
+  casts alone (``prepared_models.equal_but_recast``). Without it every QLoRA step of a
+  model with biased linear layers (Qwen2, Qwen2.5, Mamba's ``dt_proj``) ran twice;
 * no parameter runs a hook on its gradient (code the log does not hold: an optimizer in
   the backward), nothing went to host memory (activation offloading), and the loss is the
   causal-LM one, or a workload's own loss that reads nothing but the model, the modules
@@ -50,8 +59,8 @@ from torch import nn
 
 from qplan.planner import reuse
 from qplan.planner.live_tensors import LiveTensorTracker
-from qplan.planner.prepared_models import state_of
-from qplan.planner.quant import clear_step_scratch
+from qplan.planner.prepared_models import equal_but_recast, state_of
+from qplan.planner.quant import clear_step_scratch, first_forward_casts
 
 
 @dataclass(frozen=True)
@@ -108,13 +117,63 @@ class StepRepeater:
     def recording(self) -> Iterator[None]:
         tracker, seen = self._tracker, self._seen
         record = self._record()
+        castable = self._castable()
         start = tracker.record_parts()
         before = _other_roles(seen)
         host = (tracker.host_current, tracker.host_peak)
         yield
         if _other_roles(seen) != before or (tracker.host_current, tracker.host_peak) != host:
             return
-        self._section = self._section_of(record, tuple(tracker.log(start)))
+        events = tuple(tracker.log(start))
+        casts = self._casts(events, castable)
+        if casts:
+            # The first step cast these tensors, the next ones will not: their events
+            # are not counted again, and the next step must start from the model as the
+            # first one left it, which differs from where it started by the casts alone.
+            dropped = set(casts) | set(casts.values())
+            events = tuple(event for event in events if event[0] not in dropped)
+            after = self._record_without_gradients()
+            if not equal_but_recast(record, after, {id(castable[s]) for s in casts}):
+                return
+            record = after
+        self._section = self._section_of(record, events)
+
+    def _castable(self) -> dict[int, torch.Tensor]:
+        """serial -> tensor, for the tensors the model's quantised layers cast on their
+        first forward (planner/quant: ``first_forward_casts``)."""
+        found = {}
+        for module in (self._model, *self._companions):
+            for tensor in first_forward_casts(module):
+                serial = self._tracker.serial_of(tensor)
+                if serial is not None:
+                    found[serial] = tensor
+        return found
+
+    def _casts(self, events: tuple, castable: dict[int, torch.Tensor]) -> dict[int, int]:
+        """old serial -> new serial of each cast the section made: a castable tensor's
+        storage released right after a new storage was made, that new storage what the
+        tensor holds now (``tensor.data = tensor.data.to(dtype)``)."""
+        casts: dict[int, int] = {}
+        previous = None
+        for event in events:
+            serial, part = event[0], event[4]
+            if (part is None and serial in castable and previous is not None
+                    and previous[4] is not None
+                    and self._tracker.serial_of(castable[serial]) == previous[0]):
+                casts[serial] = previous[0]
+            previous = event
+        return casts
+
+    def _record_without_gradients(self) -> tuple:
+        """The record with every parameter's gradient set aside, as a step starts."""
+        grads = [(param, param.grad) for param in self._params if param.grad is not None]
+        for param, _ in grads:
+            param.grad = None
+        try:
+            return self._record()
+        finally:
+            for param, grad in grads:
+                param.grad = grad
 
     def _section_of(self, record: tuple, events: tuple) -> _Section | None:
         made: set[int] = set()

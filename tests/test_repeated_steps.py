@@ -53,6 +53,11 @@ CASES = [
     ("deepseek_v3", "qlora", "nf4", {}),
     ("qwen2_5_vl", "lora", "bf16", {"images": 1, "seq_len": 300}),
     ("nemotron_h", "qlora", "nf4", {}),
+    # Biased 4-bit layers: bitsandbytes casts each float32 bias to the input's dtype on
+    # the first step only (planner/quant: first_forward_casts).
+    ("qwen2", "qlora", "nf4", {}),
+    ("qwen2", "qlora", "fp4-dq", {"gradient_checkpointing": False}),
+    ("falcon_mamba", "qlora", "fp4", {}),
 ]
 
 
@@ -74,6 +79,46 @@ def test_int8_layers_repeat_once_their_step_scratch_is_put_back(repeats):
     # model's record is the first step's, and the second step is counted.
     fast, reference = _both(make_config("llama"), "lora", "int8")
     assert repeats == [True]
+    assert fast == reference
+
+
+def test_biased_int8_layers_equal_the_steps_run(repeats):
+    fast, reference = _both(make_config("qwen2"), "lora", "int8")
+    assert repeats == [True]
+    assert fast == reference
+
+
+def test_a_cast_no_quantisation_method_declares_runs_the_next_step(monkeypatch, repeats):
+    # A frozen tensor cast on the first call by code no method vouches for (it might be
+    # read before the cast, or cast again): the second step runs.
+    from transformers.models.llama import modeling_llama
+
+    real = modeling_llama.LlamaRMSNorm.forward
+
+    def casting(self, hidden):
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.to(torch.float32)
+        return real(self, hidden)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", casting)
+    fast, reference = _both(make_config("llama"), "lora", "bf16")
+    assert repeats == [False]
+    assert fast == reference
+
+
+def test_a_first_call_change_beside_the_casts_runs_the_next_step(monkeypatch, repeats):
+    # The biases' casts are set aside, but a flag set on the first call is not.
+    from transformers.models.qwen2 import modeling_qwen2
+
+    real = modeling_qwen2.Qwen2RMSNorm.forward
+
+    def flagging(self, hidden):
+        self.called = True
+        return real(self, hidden)
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", flagging)
+    fast, reference = _both(make_config("qwen2"), "qlora", "nf4")
+    assert repeats == [False]
     assert fast == reference
 
 

@@ -73,6 +73,12 @@ def clear_step_scratch(model: Any) -> None:
         method.clear_step_scratch(model)
 
 
+def first_forward_casts(model: Any) -> list[Any]:
+    """Every method's ``first_forward_casts``; each only names its own layers' tensors."""
+    return [tensor for method in METHODS.values()
+            for tensor in method.first_forward_casts(model)]
+
+
 __all__ = [
     "METHODS",
     "QuantMethod",
@@ -81,6 +87,7 @@ __all__ = [
     "StoredWeight",
     "all_trace_patches",
     "clear_step_scratch",
+    "first_forward_casts",
     "method_named",
     "read_checkpoint",
 ]

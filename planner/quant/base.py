@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from qplan.planner.inventory import Inventory, TensorInfo
@@ -214,6 +215,13 @@ class QuantMethod:
         before reading it (scratch of the layer's last forward), as the layers held it when
         prepared: the prepared model then reads as unchanged and serves the next step of
         the same preparation (planner/prepared_models.py), which compares it in full."""
+
+    def first_forward_casts(self, model: nn.Module) -> list[torch.Tensor]:
+        """The frozen tensors of the method's layers whose data the layer's first forward
+        replaces by a copy in another dtype, before anything reads them, and never again
+        (bitsandbytes casts a bias to its input's dtype): a later optimizer step runs as
+        the first one less those casts (planner/repeated_steps.py)."""
+        return []
 
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:

@@ -277,6 +277,20 @@ class BitsAndBytes(QuantMethod):
                 module.state.__dict__.pop("is_training", None)
                 module.state.idx = None
 
+    def first_forward_casts(self, model: nn.Module) -> list[torch.Tensor]:
+        # Linear4bit and Linear8bitLt set ``bias.data = bias.data.to(x.dtype)`` where the
+        # bias's dtype is not their input's, before anything reads the bias (k-bit
+        # preparation makes biases float32, the input is the compute dtype): once, on
+        # their first forward.
+        if not (getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False)):  # set by quantize_meta
+            return []
+        import bitsandbytes as bnb
+
+        return [module.bias for module in model.modules()
+                if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+                and module.bias is not None and not module.bias.requires_grad]
+
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:
         skip = (
