@@ -5,6 +5,8 @@ both steps. Where the second step could run differently, it runs."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import make_config
@@ -88,71 +90,54 @@ def test_biased_int8_layers_equal_the_steps_run(repeats):
     assert fast == reference
 
 
-def test_a_cast_no_quantisation_method_declares_runs_the_next_step(monkeypatch, repeats):
-    # A frozen tensor cast on the first call by code no method vouches for (it might be
-    # read before the cast, or cast again): the second step runs.
-    from transformers.models.llama import modeling_llama
-
-    real = modeling_llama.LlamaRMSNorm.forward
-
-    def casting(self, hidden):
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.to(torch.float32)
-        return real(self, hidden)
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", casting)
-    fast, reference = _both(make_config("llama"), "lora", "bf16")
-    assert repeats == [False]
-    assert fast == reference
-
-
-def test_a_first_call_change_beside_the_casts_runs_the_next_step(monkeypatch, repeats):
-    # The biases' casts are set aside, but a flag set on the first call is not.
-    from transformers.models.qwen2 import modeling_qwen2
-
-    real = modeling_qwen2.Qwen2RMSNorm.forward
-
-    def flagging(self, hidden):
+def _flagging(real):
+    # Sets an attribute on its first call: a flag the next call may read.
+    def forward(self, hidden):
         self.called = True
         return real(self, hidden)
-
-    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", flagging)
-    fast, reference = _both(make_config("qwen2"), "qlora", "nf4")
-    assert repeats == [False]
-    assert fast == reference
+    return forward
 
 
-def test_a_layer_that_changes_on_its_first_call_is_run_again(monkeypatch, repeats):
-    # A layer that sets an attribute on its first call (a flag the next call may read):
-    # the second step may run differently, so it runs.
-    from transformers.models.llama import modeling_llama
-
-    real = modeling_llama.LlamaRMSNorm.forward
-
-    def flagging(self, hidden):
-        self.called = True
-        return real(self, hidden)
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", flagging)
-    fast, reference = _both(make_config("llama"), "lora", "bf16")
-    assert repeats == [False]
-    assert fast == reference
-
-
-def test_a_model_that_keeps_a_tensor_from_its_step_runs_the_next_one(monkeypatch, repeats):
-    # A layer that keeps something its forward made (a cache): the first step's storages
-    # are not all freed, and the model's record changed.
-    from transformers.models.llama import modeling_llama
-
-    real = modeling_llama.LlamaRMSNorm.forward
-
-    def keeping(self, hidden):
+def _keeping(real):
+    # Keeps something its forward made (a cache): the first step's storages are not all
+    # freed, and the model's record changed.
+    def forward(self, hidden):
         out = real(self, hidden)
         self.kept = out.detach()
         return out
+    return forward
 
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", keeping)
-    fast, reference = _both(make_config("llama"), "lora", "bf16")
+
+def _casting(real):
+    # Casts a frozen tensor on its first call, by code no quantisation method vouches for
+    # (it might be read before the cast, or cast again).
+    def forward(self, hidden):
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.to(torch.float32)
+        return real(self, hidden)
+    return forward
+
+
+NORMS = {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm"}
+FIRST_CALL_CHANGES = [
+    ("llama", "lora", "bf16", _flagging),
+    ("llama", "lora", "bf16", _keeping),
+    ("llama", "lora", "bf16", _casting),
+    # The biases' declared casts are set aside, a flag set beside them is not.
+    ("qwen2", "qlora", "nf4", _flagging),
+]
+
+
+@pytest.mark.parametrize(("arch", "mode", "precision", "change"), FIRST_CALL_CHANGES,
+                         ids=[f"{a}-{p}-{c.__name__.strip('_')}"
+                              for a, _, p, c in FIRST_CALL_CHANGES])
+def test_a_layer_that_changes_on_its_first_call_runs_the_next_step(
+        monkeypatch, repeats, arch, mode, precision, change):
+    # The second step may run differently from the first, so it runs.
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    norm = getattr(module, NORMS[arch])
+    monkeypatch.setattr(norm, "forward", change(norm.forward))
+    fast, reference = _both(make_config(arch), mode, precision)
     assert repeats == [False]
     assert fast == reference
 
