@@ -90,6 +90,25 @@ def test_biased_int8_layers_equal_the_steps_run(repeats):
     assert fast == reference
 
 
+def test_bias_casts_are_taken_only_from_the_forwards_read(monkeypatch, repeats):
+    import bitsandbytes as bnb
+
+    from qplan.planner.quant import bnb as bnb_method
+
+    assert bnb_method._casts_bias_first(bnb.nn.Linear4bit.forward)
+    assert bnb_method._casts_bias_first(bnb.nn.Linear8bitLt.forward)
+
+    def other(self, x):
+        return x
+
+    assert not bnb_method._casts_bias_first(other)
+    # Another version's layers: nothing declared, so the second step runs.
+    monkeypatch.setattr(bnb_method, "_casts_bias_first", lambda forward: False)
+    fast, reference = _both(make_config("qwen2"), "qlora", "nf4")
+    assert repeats == [False]
+    assert fast == reference
+
+
 def _flagging(real):
     # Sets an attribute on its first call: a flag the next call may read.
     def forward(self, hidden):

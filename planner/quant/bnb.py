@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from qplan.planner.patching import swapped
+from qplan.planner.patching import once_per_object, source_digest, swapped
 from qplan.planner.quant.base import (
     QuantMethod,
     QuantSettings,
@@ -82,6 +82,20 @@ def _fused_expert(t: Any) -> bool:
 
 def _meta(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META)
+
+
+# sha256 of the source of the layer forwards that cast their bias before reading it
+# (bitsandbytes 0.50.2: Linear4bit.forward, Linear8bitLt.forward); another version's
+# layers are not assumed to (planner/repeated_steps.py then runs every step).
+BIAS_CASTING_FORWARDS = frozenset({
+    "d52cf63457717cc718ca0a449dad0967171e679be90d5d2adcafe2e8a141093d",
+    "d3f4146d34e7100027694d30fa36bac6c8691c244f865a15ff55e3c462b12665",
+})
+
+
+@once_per_object
+def _casts_bias_first(forward: Any) -> bool:
+    return source_digest(forward) in BIAS_CASTING_FORWARDS
 
 
 class BitsAndBytes(QuantMethod):
@@ -281,7 +295,7 @@ class BitsAndBytes(QuantMethod):
         # Linear4bit and Linear8bitLt set ``bias.data = bias.data.to(x.dtype)`` where the
         # bias's dtype is not their input's, before anything reads the bias (k-bit
         # preparation makes biases float32, the input is the compute dtype): once, on
-        # their first forward.
+        # their first forward. Only the forwards read here are taken at their word.
         if not (getattr(model, "is_loaded_in_4bit", False)
                 or getattr(model, "is_loaded_in_8bit", False)):  # set by quantize_meta
             return []
@@ -289,7 +303,8 @@ class BitsAndBytes(QuantMethod):
 
         return [module.bias for module in model.modules()
                 if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-                and module.bias is not None and not module.bias.requires_grad]
+                and module.bias is not None and not module.bias.requires_grad
+                and _casts_bias_first(type(module).forward)]
 
     # ----------------------------------------------------------------- snippets
     def emit_config(self, prec: Precision, settings: QuantSettings) -> tuple[str, list[str]]:
