@@ -96,4 +96,3 @@ def once_per_object(make: Callable[[Any], T]) -> Callable[[Any], T]:
         return value
 
     return get
-

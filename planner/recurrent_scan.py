@@ -63,7 +63,6 @@ KNOWN_SOURCES = frozenset({
 NAME = "mamba_selective_scan"
 
 
-
 @dataclass(frozen=True)
 class _Event:
     """One event of an iteration's log: a new storage (``ordinal``: its place among the
