@@ -46,6 +46,7 @@ from qplan.planner.live_tensors import PeakSnapshot
 from qplan.planner.precision import DTYPE_BYTES, PRECISIONS, alloc_size, find_precision
 from qplan.planner.prepared_models import CHANGES_THE_MODEL, state_of
 from qplan.planner.quant import clear_step_scratch
+from qplan.planner.recurrent_scan_graph import ScanNotRepeating, every_token
 from qplan.planner.steps import StepTensors
 from qplan.planner.weights import WeightBytes, load_dtype_for, weight_bytes
 from qplan.planner.workload import Workload
@@ -267,6 +268,15 @@ def trace_components(
             model, workload, target=target, pattern=pattern, phase_snapshots=layers is not None,
             recorder=recorder,
         )
+    except ScanNotRepeating:
+        # A Mamba scan's counted tokens did not repeat after their node was made
+        # (planner/recurrent_scan_graph.py): the step again, on a new model, every token run.
+        with every_token():
+            return trace_components(
+                config, workload, precision, compute_dtype, target=target,
+                quant_storage=quant_storage, skip_modules=skip_modules,
+                trust_remote_code=trust_remote_code, layers=layers, pattern=pattern,
+                stored_method=stored_method, recorder=recorder)
     except Exception as exc:
         _raise_if_data_dependent(exc, model, workload)
         _raise_if_model_code(exc, model, workload)

@@ -174,7 +174,11 @@ class LiveTensorTracker(TorchDispatchMode):
         """Own ``tensor``'s storage as ``serial``, a storage the log already counted (a
         repeated section's gradient, planner/repeated_steps.py): its release is logged as
         that serial's, and nothing is counted now."""
-        storage = tensor.untyped_storage()
+        self.attach_storage(tensor.untyped_storage(), serial)
+
+    def attach_storage(self, storage: Any, serial: int) -> None:
+        """``attach`` for a storage whose tensor the caller does not hold (a gradient sum
+        autograd's engine holds, planner/recurrent_scan_graph.py)."""
         key = id(storage)
         ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
                           self._release(key, serial))

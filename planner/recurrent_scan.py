@@ -3,11 +3,12 @@
 Without the ``mamba_ssm`` kernels, transformers' Mamba and FalconMamba layers run their
 selective scan as a Python loop over the tokens (``mamba_selective_scan``'s recurrent
 branch): a state update, a cast and a matmul per token and layer, a dozen dispatched ops
-each. Where no autograd graph is recorded (inference, and the first forward of a layer
-under reentrant checkpointing; the default non-reentrant checkpointing records its graph
-in the first forward and recomputes with one, so training steps run every iteration),
-every iteration after the first makes the same storages in the same order and frees the
-same ones: the new state and the token's output stay, the temporaries and the
+each. Where an autograd graph is recorded (training steps; the default non-reentrant
+checkpointing records its graph in the first forward and recomputes with one), the middle
+tokens are one counted node, forward and backward (planner/recurrent_scan_graph.py).
+Where none is (inference, and the first forward of a layer under reentrant
+checkpointing), every iteration after the first makes the same storages in the same order
+and frees the same ones: the new state and the token's output stay, the temporaries and the
 previous state go. That is a fact checked on the run itself, not assumed: the first
 ``WARMUP`` iterations run as ever, and the log of the last of them must equal the one
 before it (sizes, phases, tags, which storage each release frees) with the same two
@@ -17,9 +18,10 @@ are the remaining iterations counted from that log through the tracker's own cou
 and snapshot is the traced one), with a fresh meta state and output per token attached to
 their serials: the previous state is released when the loop lets go of it, the outputs
 stay in the list ``torch.stack`` reads, exactly as in the real loop. Anything else (a
-graph recorded, a log that differs, a storage released that is neither a temporary of the
+log that differs, a storage released that is neither a temporary of the
 iteration nor the previous state, activation offloading's host copies, no tracker) runs
-the real loop.
+the real loop. Where the tracker counts nothing (``untracked``), only the results' layout
+is read: two iterations run, the rest are fresh tensors (``_untracked_loop``).
 
 The rest of the function is transformers' own code, taken only where the source of the
 installed ``mamba_selective_scan`` is the one read here (its digest): another version
@@ -49,11 +51,16 @@ from qplan.planner.patching import (
     swapped,
     while_modules_unchanged,
 )
+from qplan.planner.recurrent_scan_graph import counted_loop
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
 # must agree.
 WARMUP = 3
+
+# Iterations an untracked scan runs (the first reads the zero state of the input's dtype;
+# the second has the layout of every later one).
+UNTRACKED_REAL = 2
 
 # sha256 of ``inspect.getsource`` of the reference ``mamba_selective_scan`` this module
 # mirrors (transformers 5.24: models/mamba and models/falcon_mamba hold the same text).
@@ -146,10 +153,33 @@ def _iteration(tracker: LiveTensorTracker, start: int, previous_state: int | Non
 def _tracker() -> LiveTensorTracker | None:
     """The tracker counting this trace, where the scan may be counted from its log."""
     mode = _get_current_dispatch_mode()
-    if (not isinstance(mode, LiveTensorTracker) or mode.on_host or mode._untracked
-            or not reuse.enabled()):
+    if not isinstance(mode, LiveTensorTracker) or mode.on_host or not reuse.enabled():
         return None
     return mode
+
+
+def _untracked_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
+                    batch_size: int, intermediate_size: int, state_size: int,
+                    input_dtype: torch.dtype, device: torch.device, seq_len: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The recurrent iteration where the tracker counts nothing (GRPO's one long forward
+    that fills a generation cache, planner/workloads/grpo.py): what is read of it is the
+    final state and the outputs' layout, so after ``UNTRACKED_REAL`` real iterations the
+    rest are fresh meta tensors of the layout the real ones have; none of their storages
+    is counted, as none of the real loop's would be."""
+    ssm_state, scan_output, scan_outputs = _loop(
+        discrete_A, deltaB_u, C, batch_size, intermediate_size, state_size, input_dtype,
+        device, min(seq_len, UNTRACKED_REAL), None)
+    if seq_len <= UNTRACKED_REAL:
+        return ssm_state, scan_output, scan_outputs
+    with _disable_current_modes():
+        for _ in range(UNTRACKED_REAL, seq_len):
+            scan_output = torch.empty_strided(scan_output.shape, scan_output.stride(),
+                                              dtype=scan_output.dtype, device="meta")
+            scan_outputs.append(scan_output[:, :, 0])
+        ssm_state = torch.empty_strided(ssm_state.shape, ssm_state.stride(),
+                                        dtype=ssm_state.dtype, device="meta")
+    return ssm_state, scan_output, scan_outputs
 
 
 def _loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
@@ -265,12 +295,24 @@ def _selective_scan(
     discrete_B = dt[:, :, :, None] * B[:, None, :, :].float()
     deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
 
-    # An iteration that records an autograd graph keeps what it saves: every one runs.
+    # An iteration that records an autograd graph keeps what it saves: its middle tokens
+    # are one counted node (planner/recurrent_scan_graph.py).
     graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (discrete_A, deltaB_u, C))
-    ssm_state, scan_output, scan_outputs = _loop(
+    # (No tuple of the arguments: where nothing saves them, they are freed as this frame's
+    # locals, in the real function's order.)
+    shortcut = None
+    if graph and not tracker._untracked:
+        shortcut = counted_loop(
+            discrete_A, deltaB_u, C, batch_size, intermediate_size, A.shape[-1], input_dtype,
+            hidden_states.device, seq_len, tracker)
+    elif tracker._untracked and not graph and hidden_states.is_meta:
+        shortcut = _untracked_loop(
+            discrete_A, deltaB_u, C, batch_size, intermediate_size, A.shape[-1], input_dtype,
+            hidden_states.device, seq_len)
+    ssm_state, scan_output, scan_outputs = shortcut if shortcut is not None else _loop(
         discrete_A, deltaB_u, C, batch_size, intermediate_size, A.shape[-1], input_dtype,
-        hidden_states.device, seq_len, None if graph else tracker)
+        hidden_states.device, seq_len, None if graph or tracker._untracked else tracker)
     scan_output = torch.stack(scan_outputs, dim=-1)
 
     if D is not None:

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 from transformers import AutoConfig
-from user_loops import generate_peak, lora_model, record_repeats, trainer_peak
+from user_loops import (
+    generate_peak,
+    lora_model,
+    record_counted_scans,
+    record_repeats,
+    trainer_peak,
+)
 
 from qplan.api import estimate
 from qplan.loaders.measure import random_model
@@ -258,7 +264,8 @@ SSM_ARCHS = ("falcon_mamba", "nemotron_h")
 
 
 @pytest.mark.parametrize("arch", SSM_ARCHS)
-def test_state_space_models_against_generate_and_trainer(tiny_model_dir, arch):
+def test_state_space_models_against_generate_and_trainer(tiny_model_dir, monkeypatch, arch):
+    counted = record_counted_scans(monkeypatch)
     folder = tiny_model_dir(arch)
     config = AutoConfig.from_pretrained(folder)
     report = estimate(str(folder), gpu="24GiB", mode="inference", precisions="bf16",
@@ -268,6 +275,8 @@ def test_state_space_models_against_generate_and_trainer(tiny_model_dir, arch):
     measured = generate_peak(model, BATCH, SEQ)
     assert_close(report.candidate("bf16").peak_allocated_bytes, measured.peak_bytes, arch)
     assert_trainer_peaks(folder, config, (("full", "bf16", True), *TRAINING[1:]), arch)
+    # Mamba-1's training plans counted their middle tokens (one node per scan).
+    assert bool(counted) == (arch == "falcon_mamba")
 
 
 def assert_trainer_peaks(folder, config, runs, what) -> None:

@@ -104,6 +104,23 @@ def trainer_peak(model: Any, batch: int, seq_len: int, *, bf16: bool,
     return LoopPeak(tracker.peak)
 
 
+def record_counted_scans(monkeypatch: Any) -> list[int]:
+    """The tokens each counted Mamba scan node (planner/recurrent_scan_graph.py) counted
+    in a backward while the test's plans run: the plans the user's loop is compared
+    against took that path."""
+    from qplan.planner import recurrent_scan_graph
+
+    counted: list[int] = []
+    real_backward = recurrent_scan_graph._Run.backward
+
+    def backward(self: Any, kept: Any, grad: Any) -> Any:
+        counted.append(self.count)
+        return real_backward(self, kept, grad)
+
+    monkeypatch.setattr(recurrent_scan_graph._Run, "backward", backward)
+    return counted
+
+
 def record_repeats(monkeypatch: Any) -> list[bool]:
     """The answer of every ``StepRepeater.repeat`` (planner/repeated_steps.py) while the
     test's plans run, in order: whether each later optimizer step was counted, not run."""

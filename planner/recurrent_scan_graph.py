@@ -1,0 +1,554 @@
+"""The Mamba scan's per-token loop under autograd, its middle tokens counted from the log.
+
+A training step runs transformers' recurrent selective scan (planner/recurrent_scan.py) with
+an autograd graph: per token and layer a dozen ops forward, as many again when
+checkpointing recomputes the layer, and two dozen backward, where every token's
+``select_backward`` makes a gradient the size of the whole discretised sequence and adds it
+to the one before. A falcon-mamba-7b trace runs that for 2,048 tokens in every layer it
+keeps; the graph is what made its training plans take a minute.
+
+Every middle token does the same as its neighbours, forward and backward: the same sizes
+made and freed in the same order, what the token after it handed on (the state, its
+gradient, the running sums of the inputs' gradients) released, the same tensors of its own
+forward released when its nodes run. So the first ``FIRST`` tokens and the last ``LAST``
+tokens run for real, and the ones between are one autograd node, ``_Counted``, that counts
+their events from the real tokens' logs through the tracker's own counting (``_count``,
+``_uncount``): the same serials in the same order as the real loop makes them, so the
+same log, peaks and snapshots (tests/test_recurrent_scan.py compares the logs event for
+event).
+
+* Forward: the second-to-last and last of the first tokens must log the same iteration
+  (sizes, phases, tags, which storage each release frees: one of its own or one the token
+  before made). The counted tokens follow that log; what outlives a token (its output in
+  the list ``torch.stack`` reads, what the graph saves) is a fresh meta tensor owning the
+  storage, kept where the real graph keeps it. The last tokens must log it again.
+* Backward: the engine runs a token's nodes one token after another, from the last; the
+  counted node sits in the graph where the counted tokens' nodes would, so it runs after
+  the last real tokens and before the first ones. It reads the logs of the third- and
+  fourth-to-last tokens (node hooks mark where each starts), which must agree; each release
+  is of a storage of the token's own, one the token after it handed on, or one of the
+  forward of this token or the one before. It counts the counted tokens' backward from that
+  log, and hands the running sums, still held by the engine, to the last counted token's
+  serials (``LiveTensorTracker.attach_storage``), as the real loop hands them to token
+  ``FIRST - 1``.
+
+What the graph keeps of the counted tokens travels in one saved tensor (``_Kept`` on a
+carrier), so activation checkpointing packs, drops and recomputes it as it does the real
+nodes' saved tensors; kept detached, so that no recomputed graph lives longer than in the
+real run. Whether the last counted state is kept by its own token's nodes too (float32:
+the matmul saves the state itself; bf16 saves its cast) is read off its storage's
+references. A check that fails raises ``ScanNotRepeating``, before the node is made as
+after it (checkpointing's recomputation must make the nodes the first forward made), and
+the trace is run again with every token (planner/components.py). Too few tokens, or inputs
+that do not all need a gradient, run the real loop; so does ``QPLAN_REUSE=0`` (through
+``_tracker`` in planner/recurrent_scan.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from qplan.planner.live_tensors import LiveTensorTracker
+
+# Tokens run for real before the counted ones: the first differs (it reads the zero initial
+# state), the last two must log the same iteration.
+FIRST = 4
+# Tokens run for real after the counted ones: backward, the last token is where the
+# gradients start; the next three each receive what the one after hands on, and the last two
+# of those must log the same iteration.
+LAST = 4
+# Fewer tokens than this run every one: too few to count.
+MIN_TOKENS = FIRST + LAST + 2
+# The carrier's attribute holding what the graph keeps of the counted tokens.
+_KEPT = "_qplan_counted_scan"
+
+_every_token: list[bool] = []
+
+
+class ScanNotRepeating(Exception):
+    """A counted scan found, after its counted node was made, that its tokens do not
+    repeat: the step is traced again with every token run (``every_token``)."""
+
+
+def enabled() -> bool:
+    return not _every_token
+
+
+@contextlib.contextmanager
+def every_token() -> Iterator[None]:
+    """Run every token of every scan with a graph during the block."""
+    _every_token.append(True)
+    try:
+        yield
+    finally:
+        _every_token.pop()
+
+
+# A reference of a release in a token's log: ("own", ordinal) a storage the token made;
+# ("prev", ordinal) one the token before (forward) or after (backward) made and left;
+# ("fwd", delta, ordinal) one the forward of token ``index - delta`` made.
+Ref = tuple
+
+
+@dataclass(frozen=True)
+class _Event:
+    alloc: bool
+    nbytes: int
+    phase: str
+    tag: str | None
+    ref: Ref
+
+
+@dataclass(frozen=True)
+class _Log:
+    events: tuple[_Event, ...]
+    serials: tuple[int, ...]  # the serial of each new storage, by ordinal
+
+    def ordinals(self) -> dict[int, int]:
+        return {serial: ordinal for ordinal, serial in enumerate(self.serials)}
+
+    def survivors(self) -> list[int]:
+        released = {e.ref[1] for e in self.events if not e.alloc and e.ref[0] == "own"}
+        return [o for o in range(len(self.serials)) if o not in released]
+
+    def sizes(self) -> list[int]:
+        """The bytes of each new storage, by ordinal."""
+        return [e.nbytes for e in self.events if e.alloc]
+
+    def handed_on(self) -> set[int]:
+        """Ordinals of the token before (after) that this token releases."""
+        return {e.ref[1] for e in self.events if not e.alloc and e.ref[0] == "prev"}
+
+
+def _read(tracker: LiveTensorTracker, start: int, end: int, prev: dict[int, int] | None,
+          fwd: Callable[[int], Ref | None] | None = None) -> _Log | None:
+    """The log of events ``start:end`` in the form above; None where a release is of
+    something else or serials were taken by someone else in between."""
+    ordinals: dict[int, int] = {}
+    events = []
+    for serial, nbytes, phase, tag in tracker._events[start:end]:
+        if nbytes > 0:
+            if serial in ordinals:
+                return None
+            ordinals[serial] = len(ordinals)
+            events.append(_Event(True, nbytes, phase, tag, ("own", ordinals[serial])))
+            continue
+        if nbytes == 0:
+            return None  # an empty storage: its release reads as a new one
+        if serial in ordinals:
+            ref: Ref | None = ("own", ordinals[serial])
+        elif prev is not None and serial in prev:
+            ref = ("prev", prev[serial])
+        else:
+            ref = fwd(serial) if fwd is not None else None
+            if ref is None:
+                return None
+        events.append(_Event(False, -nbytes, phase, tag, ref))
+    serials = tuple(ordinals)
+    if serials and serials != tuple(range(serials[0], serials[0] + len(serials))):
+        return None
+    return _Log(tuple(events), serials)
+
+
+def _spec(tensor: torch.Tensor) -> tuple | None:
+    """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly."""
+    if (not tensor.is_meta or tensor.storage_offset() != 0 or tensor.layout != torch.strided
+            or 0 in tensor.shape):
+        return None
+    shape, stride = tuple(tensor.shape), tensor.stride()
+    needed = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if tensor.untyped_storage().nbytes() != needed * tensor.element_size():
+        return None
+    return (shape, stride, tensor.dtype)
+
+
+def _empty(spec: tuple) -> torch.Tensor:
+    shape, stride, dtype = spec
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _blob(nbytes: int) -> torch.Tensor:
+    """A meta storage of ``nbytes`` standing for one the graph keeps (only its life counts)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
+
+
+@dataclass
+class _Kept:
+    """What the forward of the counted tokens leaves for their backward, on the carrier
+    the graph saves: the storages the graph keeps alive, and whose serial is whose."""
+
+    objects: list[torch.Tensor]  # the counted tokens' storages the graph keeps
+    real: list[torch.Tensor]  # the real token's the counted ones keep
+    first: int  # index of the first counted token
+    count: int  # counted tokens
+    base: int  # serial of the first counted token's first new storage
+    per_token: int  # new storages per token
+    # serial -> ordinal, for the real tokens around the counted ones, by token index
+    tokens: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    def token_of(self, serial: int) -> tuple[int, int] | None:
+        """(token index, ordinal) of a storage a token's forward made."""
+        offset = serial - self.base
+        if 0 <= offset < self.count * self.per_token:
+            return self.first + offset // self.per_token, offset % self.per_token
+        for index, ordinals in self.tokens.items():
+            if serial in ordinals:
+                return index, ordinals[serial]
+        return None
+
+    def serial(self, index: int, ordinal: int) -> int | None:
+        if self.first <= index < self.first + self.count:
+            return self.base + (index - self.first) * self.per_token + ordinal
+        for serial, found in self.tokens.get(index, {}).items():
+            if found == ordinal:
+                return serial
+        return None
+
+
+class _Releaser:
+    """Releases a serial at the point the real loop releases it: the log's release, and
+    where a storage still stands for it (a real tensor the engine or the graph holds a
+    while longer), that storage is let go of by the tracker, so its later end logs
+    nothing; ``rebind`` gives such a storage a new serial."""
+
+    def __init__(self, tracker: LiveTensorTracker, serials: set[int]) -> None:
+        self.tracker = tracker
+        self.keys = {entry[0]: key for key, entry in tracker._live.items()
+                     if entry[0] in serials}
+        self.let_go: dict[int, tuple[int, Any]] = {}  # serial -> (key, weak reference)
+
+    def release(self, serial: int, nbytes: int) -> None:
+        key = self.keys.pop(serial, None)
+        if key is not None:
+            entry = self.tracker._live.get(key)
+            if entry is None or entry[0] != serial or entry[1] != nbytes:
+                raise ScanNotRepeating
+            del self.tracker._live[key]
+            self.let_go[serial] = (key, entry[2])
+        self.tracker._uncount(serial, nbytes)
+
+    def rebind(self, old: int, new: int) -> None:
+        """The storage that stood for ``old`` (released above) now stands for ``new``."""
+        found = self.let_go.pop(old, None)
+        storage = found[1]() if found is not None else None
+        if storage is None:
+            raise ScanNotRepeating
+        self.tracker.attach_storage(storage, new)
+
+
+def _count_events(tracker: LiveTensorTracker, events: tuple[_Event, ...],
+                  resolve: Callable[[Ref], int], releaser: _Releaser,
+                  serials: Iterator[int]) -> list[int]:
+    """Count one token's events; returns the serial of each of its new storages."""
+    made = [0] * sum(1 for e in events if e.alloc)
+    count, uncount = tracker._count, tracker._uncount
+    for event in events:
+        kind, ordinal = event.ref[0], event.ref[-1]
+        if event.alloc:
+            serial = made[ordinal] = next(serials)
+            count(serial, event.nbytes, event.tag)
+        elif kind == "own":
+            uncount(made[ordinal], event.nbytes)
+        else:
+            releaser.release(resolve(event.ref), event.nbytes)
+    return made
+
+
+class _Run:
+    """One scan's counted tokens: what the forward found and the backward reads."""
+
+    def __init__(self, tracker: LiveTensorTracker, template: _Log, first: int, count: int,
+                 state_ordinal: int, output_ordinal: int, state_spec: tuple,
+                 output_spec: tuple, last_real: _Log, own_nodes_keep_state: bool) -> None:
+        self.tracker = tracker
+        self.template = template
+        self.first = first
+        self.count = count
+        self.state_ordinal = state_ordinal
+        self.output_ordinal = output_ordinal
+        self.state_spec = state_spec
+        self.output_spec = output_spec
+        self.last_real = last_real  # the log of token first - 1
+        self.own_nodes_keep_state = own_nodes_keep_state
+        self.outputs: list[torch.Tensor] = []
+        self.kept: _Kept | None = None
+        # token index -> (event index, phase, segment) where its backward began
+        self.marks: dict[int, tuple[int, str, tuple[str, ...]]] = {}
+
+    # -- forward --------------------------------------------------------------------
+    def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count the counted tokens' forward; returns the last one's state and the carrier
+        of what the graph keeps."""
+        tracker, template = self.tracker, self.template
+        handed = template.handed_on()
+        survivors = template.survivors()
+        persist = [o for o in survivors if o not in handed]
+        kept_ordinals = [o for o in persist if o != self.output_ordinal]
+        per_token = len(template.serials)
+        sizes = template.sizes()
+        last_serials = dict(enumerate(self.last_real.serials))
+        releaser = _Releaser(tracker, set(last_serials.values()))
+        base = next(tracker._serials)
+        serials = itertools.chain((base,), tracker._serials)
+        objects: list[torch.Tensor] = []
+        real: list[torch.Tensor] = []
+        with _disable_current_modes():
+            # The real state the first counted token reads is kept by that token's nodes.
+            # Kept detached, here and below: a tensor with a grad_fn would keep its graph
+            # alive (checkpointing's recomputed graph, which the real run lets go of).
+            if self.state_ordinal in kept_ordinals:
+                real.append(state.detach())
+            previous = last_serials
+            for token in range(self.count):
+                made = _count_events(tracker, template.events,
+                                     lambda ref, prev=previous: prev[ref[1]], releaser, serials)
+                for ordinal in persist:
+                    serial, nbytes = made[ordinal], sizes[ordinal]
+                    if ordinal == self.output_ordinal:
+                        output = _empty(self.output_spec)
+                        tracker.attach(output, serial)
+                        self.outputs.append(output)
+                    elif ordinal == self.state_ordinal and token == self.count - 1:
+                        continue  # the state handed on, below
+                    else:
+                        blob = _blob(nbytes)
+                        tracker.attach(blob, serial)
+                        objects.append(blob)
+                previous = dict(enumerate(made))
+            # The last state: the next (real) token reads it, and releases it or keeps it
+            # as the real loop does.
+            new_state = _empty(self.state_spec)
+            tracker.attach(new_state, previous[self.state_ordinal])
+            if self.state_ordinal in kept_ordinals and self.own_nodes_keep_state:
+                # The last counted token's own nodes keep it too (fp32: the matmul
+                # saves the state itself, no cast), till that token's backward.
+                objects.append(new_state.detach())
+            carrier = torch.empty(0, device="meta")
+        kept = _Kept(objects, real, self.first, self.count, base, per_token)
+        kept.tokens[self.first - 1] = self.last_real.ordinals()
+        setattr(carrier, _KEPT, kept)
+        self.kept = kept
+        return new_state, carrier
+
+    # -- backward -------------------------------------------------------------------
+    def backward(self, kept: _Kept, grad: torch.Tensor) -> torch.Tensor:
+        """Count the counted tokens' backward from the last real tokens' logs; returns the
+        gradient of the state the first counted token read."""
+        tracker = self.tracker
+        start = len(tracker._events)
+        last = self.first + self.count + LAST - 1
+        order = [last - k for k in range(LAST)]  # as the backward runs them
+        marks = [self.marks.get(index) for index in order]
+        if any(m is None for m in marks):
+            raise ScanNotRepeating
+        bounds = [m[0] for m in marks] + [start]  # type: ignore[index]
+        where = {(m[1], m[2]) for m in marks[1:]} | {(tracker.phase, tracker.segment)}  # type: ignore[index]
+        if bounds != sorted(bounds) or len(where) != 1:
+            raise ScanNotRepeating
+
+        def fwd_of(index: int) -> Callable[[int], Ref | None]:
+            def ref(serial: int) -> Ref | None:
+                found = kept.token_of(serial)
+                if found is None or found[0] > index:
+                    return None
+                return ("fwd", index - found[0], found[1])
+            return ref
+
+        logs: list[_Log] = []
+        prev: dict[int, int] | None = None
+        for k, index in enumerate(order):
+            log = _read(tracker, bounds[k], bounds[k + 1], prev, fwd_of(index))
+            if log is None:
+                raise ScanNotRepeating
+            logs.append(log)
+            prev = log.ordinals()
+        template, before = logs[-1], logs[-2]
+        phase = tracker.phase
+        if (template.events != before.events or not template.serials
+                or any(e.phase != phase for e in template.events)):
+            raise ScanNotRepeating
+        survivors = template.survivors()
+        if set(survivors) != template.handed_on():
+            raise ScanNotRepeating
+        grad_serial = tracker.serial_of(grad)
+        grad_ordinal = template.ordinals().get(grad_serial) if grad_serial is not None else None
+        grad_spec = _spec(grad)
+        if grad_ordinal is None or grad_ordinal not in survivors or grad_spec is None:
+            raise ScanNotRepeating
+
+        # Every storage a counted token's backward may release that a tensor stands for.
+        fwd_refs = {(e.ref[1], e.ref[2]) for e in template.events
+                    if not e.alloc and e.ref[0] == "fwd"}
+        wanted = set(template.serials)
+        for index in range(self.first - 1, self.first + self.count):
+            for delta, ordinal in fwd_refs:
+                serial = kept.serial(index - delta, ordinal) if index - delta >= 0 else None
+                if serial is not None:
+                    wanted.add(serial)
+        releaser = _Releaser(tracker, wanted)
+
+        def resolve_for(index: int, previous: list[int]) -> Callable[[Ref], int]:
+            def resolve(ref: Ref) -> int:
+                if ref[0] == "prev":
+                    return previous[ref[1]]
+                serial = kept.serial(index - ref[1], ref[2])
+                if serial is None:
+                    raise ScanNotRepeating
+                return serial
+            return resolve
+
+        previous = list(template.serials)
+        serials = tracker._serials
+        with _disable_current_modes():
+            for index in range(self.first + self.count - 1, self.first - 1, -1):
+                previous = _count_events(tracker, template.events,
+                                         resolve_for(index, previous), releaser, serials)
+            # What the last counted token hands on: its state's gradient, returned to the
+            # engine; the running sums the engine holds, under their new serials.
+            for ordinal in survivors:
+                if ordinal != grad_ordinal:
+                    releaser.rebind(template.serials[ordinal], previous[ordinal])
+            out = _empty(grad_spec)
+            tracker.attach(out, previous[grad_ordinal])
+        # Whatever of the counted tokens' forward the graph still kept would end later than
+        # in the real loop, where their nodes have run by now.
+        if any(tracker.serial_of(kept_object) is not None for kept_object in kept.objects):
+            raise ScanNotRepeating
+        # Let go of what the counted tokens kept now, as their nodes would have: the carrier
+        # itself may outlive this node (checkpointing's recomputed tensors).
+        kept.objects.clear()
+        kept.real.clear()
+        return out
+
+
+class _Counted(torch.autograd.Function):
+    """The counted tokens as one autograd node (state in, state out)."""
+
+    @staticmethod
+    def forward(ctx: Any, state: torch.Tensor, run: _Run) -> torch.Tensor:  # type: ignore[override]
+        new_state, carrier = run.forward(state)
+        ctx.save_for_backward(carrier)
+        ctx.run = run
+        # No zeros made for a gradient that never came: the real loop makes none.
+        ctx.set_materialize_grads(False)
+        return new_state
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (carrier,) = ctx.saved_tensors
+        kept = getattr(carrier, _KEPT, None)
+        if grad is None or not isinstance(kept, _Kept):
+            raise ScanNotRepeating
+        return ctx.run.backward(kept, grad), None
+
+
+def _mark(run: _Run, index: int, _grads: Any) -> None:
+    """Node hook: where token ``index``'s backward begins (its output's first node)."""
+    tracker = run.tracker
+    run.marks.setdefault(index, (len(tracker._events), tracker.phase, tracker.segment))
+
+
+def _held_elsewhere(tensor: torch.Tensor) -> bool:
+    """Whether something besides ``tensor`` holds its storage (a node that saved it, or a
+    view of it): more references than a lone tensor's storage has."""
+    with _disable_current_modes():
+        lone = torch.empty(1, device="meta")
+        alone = torch._C._storage_Use_Count(lone.untyped_storage()._cdata)
+        return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) > alone
+
+
+def _new_serials(tracker: LiveTensorTracker, start: int) -> dict[int, int]:
+    """serial -> ordinal of the storages made since event ``start``."""
+    found: dict[int, int] = {}
+    for serial, nbytes, _, _ in tracker._events[start:]:
+        if nbytes > 0 and serial not in found:
+            found[serial] = len(found)
+    return found
+
+
+def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
+                 batch_size: int, intermediate_size: int, state_size: int,
+                 input_dtype: torch.dtype, device: torch.device, seq_len: int,
+                 tracker: LiveTensorTracker,
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+    """transformers' recurrent iteration with a graph, its middle tokens one counted node
+    (the final state, the last token's output and every token's output); None where it
+    runs as it is (too few tokens, or inputs that do not all need a gradient)."""
+    if (seq_len < MIN_TOKENS or not enabled()
+            or not all(t.requires_grad for t in (discrete_A, deltaB_u, C))):
+        return None
+    # "Initial hidden state" is not supported by the kernel path, so use
+    # the same zero initialization as the kernel
+    ssm_state = torch.zeros(
+        batch_size,
+        intermediate_size,
+        state_size,
+        dtype=input_dtype,
+        device=device,
+    )
+    scan_outputs: list[torch.Tensor] = []
+
+    def token(index: int) -> torch.Tensor:
+        nonlocal ssm_state
+        # State calculation
+        ssm_state = discrete_A[:, :, index] * ssm_state + deltaB_u[:, :, index]
+
+        # Subsequent output
+        scan_output = torch.matmul(ssm_state.to(input_dtype), C[:, index, :].unsqueeze(-1))
+        scan_outputs.append(scan_output[:, :, 0])
+        return scan_output
+
+    logs: list[_Log | None] = []
+    previous: dict[int, int] = {}
+    for index in range(FIRST):
+        start = len(tracker._events)
+        output = token(index)
+        logs.append(_read(tracker, start, len(tracker._events), previous) if index else None)
+        previous = _new_serials(tracker, start)
+    template, before = logs[-1], logs[-2]
+    if template is None or before is None or template.events != before.events:
+        raise ScanNotRepeating
+    ordinals = template.ordinals()
+    state_ordinal = ordinals.get(tracker.serial_of(ssm_state))  # type: ignore[arg-type]
+    output_ordinal = ordinals.get(tracker.serial_of(output))  # type: ignore[arg-type]
+    survivors = template.survivors()
+    state_spec, output_spec = _spec(ssm_state), _spec(output)
+    if (state_ordinal is None or output_ordinal is None or state_ordinal == output_ordinal
+            or state_ordinal not in survivors or output_ordinal not in survivors
+            or output_ordinal in template.handed_on()
+            or not template.handed_on() <= set(survivors)
+            or state_spec is None or output_spec is None
+            or any(e.phase != tracker.phase for e in template.events)):
+        raise ScanNotRepeating
+
+    count = seq_len - FIRST - LAST
+    run = _Run(tracker, template, FIRST, count, state_ordinal, output_ordinal, state_spec,
+               output_spec, template, _held_elsewhere(ssm_state))
+    ssm_state = _Counted.apply(ssm_state, run)
+    kept = run.kept
+    assert kept is not None
+    with _disable_current_modes():
+        scan_outputs.extend(counted[:, :, 0] for counted in run.outputs)
+    run.outputs.clear()
+    run.kept = None
+    previous = {kept.serial(FIRST + count - 1, o): o  # type: ignore[misc]
+                for o in range(len(template.serials))}
+    for index in range(FIRST + count, seq_len):
+        start = len(tracker._events)
+        scan_output = token(index)
+        log = _read(tracker, start, len(tracker._events), previous)
+        if log is None or log.events != template.events:
+            raise ScanNotRepeating
+        previous = kept.tokens[index] = log.ordinals()
+        scan_outputs[-1].grad_fn.register_prehook(  # type: ignore[union-attr]
+            functools.partial(_mark, run, index))
+    return ssm_state, scan_output, scan_outputs
+
