@@ -51,7 +51,7 @@ from qplan.planner.patching import (
     swapped,
     while_modules_unchanged,
 )
-from qplan.planner.recurrent_scan_graph import counted_loop
+from qplan.planner.recurrent_scan_graph import LogEvent, counted_loop, layout_spec
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
@@ -70,22 +70,13 @@ KNOWN_SOURCES = frozenset({
 NAME = "mamba_selective_scan"
 
 
-@dataclass(frozen=True)
-class _Event:
-    """One event of an iteration's log: a new storage (``ordinal``: its place among the
-    iteration's new storages) or a release, of a new storage of the iteration or (ordinal
-    -1) of the previous iteration's state."""
-
-    alloc: bool
-    nbytes: int
-    phase: str
-    tag: str | None
-    ordinal: int
+# A release of the previous iteration's state, in an iteration's log (``LogEvent.ref``).
+PREVIOUS_STATE = ("prev", -1)
 
 
 @dataclass(frozen=True)
 class _Iteration:
-    events: tuple[_Event, ...]
+    events: tuple[LogEvent, ...]
     state: int  # ordinal of the storage the new state holds
     output: int  # ordinal of the storage the token's output holds
     state_spec: tuple
@@ -93,17 +84,11 @@ class _Iteration:
 
 
 def _spec(tensor: torch.Tensor) -> tuple | None:
-    """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly."""
-    if (type(tensor) is not torch.Tensor or not tensor.is_meta or tensor.storage_offset() != 0
-            or tensor.layout != torch.strided or tensor.requires_grad):
+    """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly
+    and nothing records a graph through it."""
+    if type(tensor) is not torch.Tensor or tensor.requires_grad:
         return None
-    shape, stride = tuple(tensor.shape), tensor.stride()
-    if 0 in shape:
-        return None
-    needed = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-    if tensor.untyped_storage().nbytes() != needed * tensor.element_size():
-        return None
-    return (shape, stride, tensor.dtype)
+    return layout_spec(tensor)
 
 
 def _iteration(tracker: LiveTensorTracker, start: int, previous_state: int | None,
@@ -118,15 +103,15 @@ def _iteration(tracker: LiveTensorTracker, start: int, previous_state: int | Non
             if serial in ordinals:
                 return None
             ordinals[serial] = len(ordinals)
-            events.append(_Event(True, nbytes, phase, tag, ordinals[serial]))
+            events.append(LogEvent(True, nbytes, phase, tag, ("own", ordinals[serial])))
         elif nbytes < 0:
             if serial in ordinals:
-                ordinal = ordinals[serial]
+                ref: tuple = ("own", ordinals[serial])
             elif serial == previous_state:
-                ordinal = -1
+                ref = PREVIOUS_STATE
             else:
                 return None
-            events.append(_Event(False, -nbytes, phase, tag, ordinal))
+            events.append(LogEvent(False, -nbytes, phase, tag, ref))
         else:
             return None  # an empty storage: its release reads as a new one
     # Serials are handed out one by one: the replay takes them from the same counter.
@@ -137,10 +122,10 @@ def _iteration(tracker: LiveTensorTracker, start: int, previous_state: int | Non
     if (state_serial not in ordinals or output_serial not in ordinals
             or state_serial == output_serial):
         return None
-    released = {e.ordinal for e in events if not e.alloc}
-    if -1 not in released:
+    released = {e.ref for e in events if not e.alloc}
+    if PREVIOUS_STATE not in released:
         return None
-    kept = {o for o in ordinals.values() if o not in released}
+    kept = {o for o in ordinals.values() if ("own", o) not in released}
     state_ordinal, output_ordinal = ordinals[state_serial], ordinals[output_serial]
     if kept != {state_ordinal, output_ordinal}:
         return None
@@ -230,8 +215,8 @@ def _loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
     out_shape, out_stride, out_dtype = template.output_spec
     meta = torch.device("meta")
     made = [0] * sum(1 for e in template.events if e.alloc)
-    plan = [(e.alloc, e.nbytes, e.tag, e.ordinal,
-             1 if e.ordinal == template.state else 2 if e.ordinal == template.output else 0)
+    plan = [(e.alloc, e.nbytes, e.tag, -1 if e.ref == PREVIOUS_STATE else e.ref[1],
+             1 if e.ref[1] == template.state else 2 if e.ref[1] == template.output else 0)
             for e in template.events]
     with _disable_current_modes():
         for _ in range(index, seq_len):

@@ -99,7 +99,10 @@ Ref = tuple
 
 
 @dataclass(frozen=True)
-class _Event:
+class LogEvent:
+    """One event of a token's log: a new storage (``ref``: ("own", its place among the
+    token's new storages)) or a release (``ref`` as above)."""
+
     alloc: bool
     nbytes: int
     phase: str
@@ -109,7 +112,7 @@ class _Event:
 
 @dataclass(frozen=True)
 class _Log:
-    events: tuple[_Event, ...]
+    events: tuple[LogEvent, ...]
     serials: tuple[int, ...]  # the serial of each new storage, by ordinal
 
     def ordinals(self) -> dict[int, int]:
@@ -139,7 +142,7 @@ def _read(tracker: LiveTensorTracker, start: int, end: int, prev: dict[int, int]
             if serial in ordinals:
                 return None
             ordinals[serial] = len(ordinals)
-            events.append(_Event(True, nbytes, phase, tag, ("own", ordinals[serial])))
+            events.append(LogEvent(True, nbytes, phase, tag, ("own", ordinals[serial])))
             continue
         if nbytes == 0:
             return None  # an empty storage: its release reads as a new one
@@ -151,14 +154,14 @@ def _read(tracker: LiveTensorTracker, start: int, end: int, prev: dict[int, int]
             ref = fwd(serial) if fwd is not None else None
             if ref is None:
                 return None
-        events.append(_Event(False, -nbytes, phase, tag, ref))
+        events.append(LogEvent(False, -nbytes, phase, tag, ref))
     serials = tuple(ordinals)
     if serials and serials != tuple(range(serials[0], serials[0] + len(serials))):
         return None
     return _Log(tuple(events), serials)
 
 
-def _spec(tensor: torch.Tensor) -> tuple | None:
+def layout_spec(tensor: torch.Tensor) -> tuple | None:
     """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly."""
     if (not tensor.is_meta or tensor.storage_offset() != 0 or tensor.layout != torch.strided
             or 0 in tensor.shape):
@@ -244,7 +247,7 @@ class _Releaser:
         self.tracker.attach_storage(storage, new)
 
 
-def _count_events(tracker: LiveTensorTracker, events: tuple[_Event, ...],
+def _count_events(tracker: LiveTensorTracker, events: tuple[LogEvent, ...],
                   resolve: Callable[[Ref], int], releaser: _Releaser,
                   serials: Iterator[int]) -> list[int]:
     """Count one token's events; returns the serial of each of its new storages."""
@@ -262,26 +265,24 @@ def _count_events(tracker: LiveTensorTracker, events: tuple[_Event, ...],
     return made
 
 
+@dataclass
 class _Run:
     """One scan's counted tokens: what the forward found and the backward reads."""
 
-    def __init__(self, tracker: LiveTensorTracker, template: _Log, first: int, count: int,
-                 state_ordinal: int, output_ordinal: int, state_spec: tuple,
-                 output_spec: tuple, last_real: _Log, own_nodes_keep_state: bool) -> None:
-        self.tracker = tracker
-        self.template = template
-        self.first = first
-        self.count = count
-        self.state_ordinal = state_ordinal
-        self.output_ordinal = output_ordinal
-        self.state_spec = state_spec
-        self.output_spec = output_spec
-        self.last_real = last_real  # the log of token first - 1
-        self.own_nodes_keep_state = own_nodes_keep_state
-        self.outputs: list[torch.Tensor] = []
-        self.kept: _Kept | None = None
-        # token index -> (event index, phase, segment) where its backward began
-        self.marks: dict[int, tuple[int, str, tuple[str, ...]]] = {}
+    tracker: LiveTensorTracker
+    template: _Log
+    first: int  # index of the first counted token
+    count: int  # counted tokens
+    state_ordinal: int
+    output_ordinal: int
+    state_spec: tuple
+    output_spec: tuple
+    last_real: _Log  # the log of token first - 1
+    own_nodes_keep_state: bool
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    kept: _Kept | None = None
+    # token index -> (event index, phase, segment) where its backward began
+    marks: dict[int, tuple[int, str, tuple[str, ...]]] = field(default_factory=dict)
 
     # -- forward --------------------------------------------------------------------
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +381,7 @@ class _Run:
             raise ScanNotRepeating
         grad_serial = tracker.serial_of(grad)
         grad_ordinal = template.ordinals().get(grad_serial) if grad_serial is not None else None
-        grad_spec = _spec(grad)
+        grad_spec = layout_spec(grad)
         if grad_ordinal is None or grad_ordinal not in survivors or grad_spec is None:
             raise ScanNotRepeating
 
@@ -520,7 +521,7 @@ def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tens
     state_ordinal = ordinals.get(tracker.serial_of(ssm_state))  # type: ignore[arg-type]
     output_ordinal = ordinals.get(tracker.serial_of(output))  # type: ignore[arg-type]
     survivors = template.survivors()
-    state_spec, output_spec = _spec(ssm_state), _spec(output)
+    state_spec, output_spec = layout_spec(ssm_state), layout_spec(output)
     if (state_ordinal is None or output_ordinal is None or state_ordinal == output_ordinal
             or state_ordinal not in survivors or output_ordinal not in survivors
             or output_ordinal in template.handed_on()
