@@ -91,8 +91,9 @@ def _spy_counted(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("arch", ["mamba", "falcon_mamba"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("tokens", [recurrent_scan_graph.MIN_TOKENS, 40])
 def test_counted_tokens_with_a_graph_log_the_real_loops_events(arch, dtype, checkpointing,
-                                                               monkeypatch):
+                                                               tokens, monkeypatch):
     # With autograd recording, the middle tokens are one counted node, forward and
     # backward: the log is the real loop's, serial for serial. bf16 casts the state before
     # its matmul (the cast is saved), fp32 saves the state itself; checkpointing drops
@@ -103,7 +104,6 @@ def test_counted_tokens_with_a_graph_log_the_real_loops_events(arch, dtype, chec
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    tokens = 40
     real = _graph_events(model, counted=False, tokens=tokens)
     counted = _graph_events(model, counted=True, tokens=tokens)
     count = tokens - recurrent_scan_graph.FIRST - recurrent_scan_graph.LAST
