@@ -51,7 +51,7 @@ from qplan.planner.patching import (
     swapped,
     while_modules_unchanged,
 )
-from qplan.planner.recurrent_scan_graph import LogEvent, counted_loop, layout_spec
+from qplan.planner.recurrent_scan_graph import LogEvent, counted_loop, layout_spec, zero_state
 
 # Iterations run for real before the rest is counted from the last one's log: the first
 # differs (it frees the zero initial state, of the input's dtype), the second and third
@@ -174,15 +174,7 @@ def _loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
     """transformers' recurrent iteration: the final state, the last token's output and
     the list of every token's output; after ``WARMUP`` iterations the rest are counted
     from the log where it repeats (``tracker``: None runs every iteration)."""
-    # "Initial hidden state" is not supported by the kernel path, so use
-    # the same zero initialization as the kernel
-    ssm_state = torch.zeros(
-        batch_size,
-        intermediate_size,
-        state_size,
-        dtype=input_dtype,
-        device=device,
-    )
+    ssm_state = zero_state(batch_size, intermediate_size, state_size, input_dtype, device)
     scan_outputs: list[torch.Tensor] = []
     template: _Iteration | None = None
     before: _Iteration | None = None

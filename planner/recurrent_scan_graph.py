@@ -475,6 +475,20 @@ def _new_serials(tracker: LiveTensorTracker, start: int) -> dict[int, int]:
     return found
 
 
+def zero_state(batch_size: int, intermediate_size: int, state_size: int,
+               input_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """transformers' initial state of the recurrent iteration (both loops start from it)."""
+    # "Initial hidden state" is not supported by the kernel path, so use
+    # the same zero initialization as the kernel
+    return torch.zeros(
+        batch_size,
+        intermediate_size,
+        state_size,
+        dtype=input_dtype,
+        device=device,
+    )
+
+
 def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tensor,
                  batch_size: int, intermediate_size: int, state_size: int,
                  input_dtype: torch.dtype, device: torch.device, seq_len: int,
@@ -486,15 +500,7 @@ def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tens
     if (seq_len < MIN_TOKENS or not enabled()
             or not all(t.requires_grad for t in (discrete_A, deltaB_u, C))):
         return None
-    # "Initial hidden state" is not supported by the kernel path, so use
-    # the same zero initialization as the kernel
-    ssm_state = torch.zeros(
-        batch_size,
-        intermediate_size,
-        state_size,
-        dtype=input_dtype,
-        device=device,
-    )
+    ssm_state = zero_state(batch_size, intermediate_size, state_size, input_dtype, device)
     scan_outputs: list[torch.Tensor] = []
 
     def token(index: int) -> torch.Tensor:
