@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from qplan.planner import meta_memo, reuse
-from qplan.planner.precision import alloc_size
+from qplan.planner.precision import ALLOC_ROUND
 
 
 class LiveStorage(NamedTuple):
@@ -126,34 +126,39 @@ class LiveTensorTracker(TorchDispatchMode):
         return serial
 
     def _count(self, serial: int, nbytes: int, tag: str | None) -> None:
-        """Log a new storage in the current phase and part, and update every peak. Also
-        what a replayed log runs (planner/derived_traces.py), so a derived step peaks
-        exactly as a traced one."""
+        """Log a new storage in the current phase and part, and update every peak. What
+        ``count_log`` does for each storage of a log, one at a time."""
         events = self._events
-        events.append(_entry(LiveStorage, (serial, nbytes, self.phase, tag)))
+        phase = self.phase
+        events.append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
         if self._parts is not None:
             self._parts.append(self.segment)
         current = self.current = self.current + nbytes
-        self.current_allocated += alloc_size(nbytes)
-        if self.current_allocated > self.peak_allocated:
-            self.peak_allocated = self.current_allocated
+        if nbytes > 0:
+            allocated = self.current_allocated = (self.current_allocated
+                                                  - (-nbytes // ALLOC_ROUND) * ALLOC_ROUND)
+            if allocated > self.peak_allocated:
+                self.peak_allocated = allocated
         index = len(events) - 1
         if current > self.peak:
             self.peak = current
             self._peak_event = index
-            self._peak_phase = self.phase
+            self._peak_phase = phase
         # The phase's peak, then each named part's ("phase:name"): the keys are made once
         # per (phase, segment), not at every storage (a Mamba scan makes one per token).
-        names = (self.phase, self.segment)
-        keys = self._peak_keys.get(names)
-        if keys is None:
-            keys = self._peak_keys[names] = (
-                self.phase, *(f"{self.phase}:{name}" for name in self.segment))
         peaks = self.phase_peaks
-        for name in keys:
+        for name in self._keys(phase, self.segment):
             if current > peaks.get(name, 0):
                 peaks[name] = current
                 self._phase_peak_events[name] = index
+
+    def _keys(self, phase: str, segment: tuple[str, ...]) -> tuple[str, ...]:
+        """The ``phase_peaks`` keys a storage made in ``phase`` and ``segment`` updates."""
+        names = (phase, segment)
+        keys = self._peak_keys.get(names)
+        if keys is None:
+            keys = self._peak_keys[names] = (phase, *(f"{phase}:{name}" for name in segment))
+        return keys
 
     def _add_host(self, storage: Any, key: int, nbytes: int) -> None:
         self._host_live[key] = nbytes
@@ -203,21 +208,67 @@ class LiveTensorTracker(TorchDispatchMode):
         its part: None for a release."""
         offset = start - self._parts_from
         assert self._parts is not None and offset >= 0
-        return [(*event, part) for event, part in
-                zip(self._events[start:], self._parts[offset:], strict=True)]
+        events, parts = self._events[start:], self._parts[offset:]
+        assert len(events) == len(parts)
+        # Each entry with its part appended, in C: a training step's log is millions long.
+        return list(map(tuple.__add__, events, zip(parts)))
 
     def count_log(self, log: Iterable[tuple[int, int, str, str | None,
                                             tuple[str, ...] | None]]) -> None:
-        """Count a log of that form again, in its phases and parts, through the same
-        counting as a traced step (a derived or repeated step peaks exactly as a traced
-        one): a storage where the part is set, a release where it is None."""
-        for serial, nbytes, phase, tag, part in log:
-            self.phase = phase
-            if part is None:
-                self._uncount(serial, -nbytes)
-            else:
-                self.segment = part
-                self._count(serial, nbytes, tag)
+        """Count a log of that form again, in its phases and parts, as a traced step counts
+        (a derived or repeated step peaks exactly as a traced one): a storage where the
+        part is set, a release (``-nbytes``) where it is None.
+
+        ``_count`` and ``_uncount`` for each entry, in one loop over local state: a
+        repeated training step or a Mamba scan's counted tokens (planner/repeated_steps.py,
+        recurrent_scan_graph.py) count millions of entries, and each call's attribute
+        traffic cost more than the counting."""
+        events = self._events
+        append = events.append
+        parts = self._parts
+        phase, segment = self.phase, self.segment
+        current, allocated = self.current, self.current_allocated
+        peak, peak_allocated = self.peak, self.peak_allocated
+        peak_event, peak_phase = self._peak_event, self._peak_phase
+        peaks, peak_events = self.phase_peaks, self._phase_peak_events
+        index = len(events) - 1
+        keys_of = self._keys
+        last: tuple[Any, Any] = (None, None)
+        keys: tuple[str, ...] = ()
+        try:
+            for serial, nbytes, phase, tag, part in log:
+                index += 1
+                if part is None:
+                    # A release, logged as ``_uncount`` logs it.
+                    current += nbytes
+                    if nbytes < 0:
+                        allocated += (nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                    append(_entry(LiveStorage, (serial, nbytes, phase, None)))
+                    if parts is not None:
+                        parts.append(None)
+                    continue
+                segment = part
+                append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
+                if parts is not None:
+                    parts.append(part)
+                current += nbytes
+                if nbytes > 0:
+                    allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                    if allocated > peak_allocated:
+                        peak_allocated = allocated
+                if current > peak:
+                    peak, peak_event, peak_phase = current, index, phase
+                if last[0] is not phase or last[1] is not part:
+                    keys, last = keys_of(phase, part), (phase, part)
+                for name in keys:
+                    if current > peaks.get(name, 0):
+                        peaks[name] = current
+                        peak_events[name] = index
+        finally:
+            self.phase, self.segment = phase, segment
+            self.current, self.current_allocated = current, allocated
+            self.peak, self.peak_allocated = peak, peak_allocated
+            self._peak_event, self._peak_phase = peak_event, peak_phase
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         known = self._live.get(id(tensor.untyped_storage()))
@@ -233,7 +284,8 @@ class LiveTensorTracker(TorchDispatchMode):
     def _uncount(self, serial: int, nbytes: int) -> None:
         """Log the release of a storage (``_release``; a replayed log)."""
         self.current -= nbytes
-        self.current_allocated -= alloc_size(nbytes)
+        if nbytes > 0:
+            self.current_allocated += (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
         self._events.append(_entry(LiveStorage, (serial, -nbytes, self.phase, None)))
         if self._parts is not None:
             self._parts.append(None)
@@ -297,24 +349,29 @@ class LiveTensorTracker(TorchDispatchMode):
         entries, taken in one C-level copy, not a new object per storage and snapshot."""
         live: dict[int, LiveStorage] = {}
         found: dict[int, tuple[tuple[LiveStorage, ...], int]] = {}
-        last = max(events, default=-1)
+        log = self._events
+        get, pop = live.get, live.pop
         allocated = 0
-        for index, entry in enumerate(self._events[: last + 1]):
-            nbytes = entry[1]
-            if nbytes >= 0:
-                # A serial logged again replaces its entry in place (the release of an
-                # empty storage reads as one made, as it always has).
-                before = live.get(entry[0])
-                if before is not None:
-                    allocated -= alloc_size(before[1])
-                live[entry[0]] = entry
-                allocated += alloc_size(nbytes)
-            else:
-                gone = live.pop(entry[0], None)
-                if gone is not None:
-                    allocated -= alloc_size(gone[1])
-            if index in events:
-                found[index] = (tuple(live.values()), allocated)
+        start = 0
+        # The log walked in stretches from one wanted event to the next: no test per entry.
+        for stop in sorted(e for e in events if 0 <= e < len(log)):
+            for entry in log[start:stop + 1]:
+                serial, nbytes = entry[0], entry[1]
+                if nbytes >= 0:
+                    # A serial logged again replaces its entry in place (the release of an
+                    # empty storage reads as one made, as it always has).
+                    before = get(serial)
+                    if before is not None and before[1] > 0:
+                        allocated += (-before[1] // ALLOC_ROUND) * ALLOC_ROUND
+                    live[serial] = entry
+                    if nbytes > 0:
+                        allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                else:
+                    gone = pop(serial, None)
+                    if gone is not None and gone[1] > 0:
+                        allocated += (-gone[1] // ALLOC_ROUND) * ALLOC_ROUND
+            found[stop] = (tuple(live.values()), allocated)
+            start = stop + 1
         if -1 in events:
             found[-1] = ((), 0)
         return found

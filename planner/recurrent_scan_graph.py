@@ -217,10 +217,11 @@ class _Kept:
 
 
 class _Releaser:
-    """Releases a serial at the point the real loop releases it: the log's release, and
-    where a storage still stands for it (a real tensor the engine or the graph holds a
-    while longer), that storage is let go of by the tracker, so its later end logs
-    nothing; ``rebind`` gives such a storage a new serial."""
+    """Releases a serial at the point the real loop releases it: the log's release is
+    counted by ``_count_events``, and where a storage still stands for the serial (a real
+    tensor the engine or the graph holds a while longer), that storage is let go of by the
+    tracker here, so its later end logs nothing; ``rebind`` gives such a storage a new
+    serial."""
 
     def __init__(self, tracker: LiveTensorTracker, serials: set[int]) -> None:
         self.tracker = tracker
@@ -228,7 +229,9 @@ class _Releaser:
                      if entry[0] in serials}
         self.let_go: dict[int, tuple[int, Any]] = {}  # serial -> (key, weak reference)
 
-    def release(self, serial: int, nbytes: int) -> None:
+    def forget(self, serial: int, nbytes: int) -> None:
+        """The tracker lets go of the storage standing for ``serial``, if one does; the
+        caller logs the release itself (``_count_events``)."""
         key = self.keys.pop(serial, None)
         if key is not None:
             entry = self.tracker._live.get(key)
@@ -236,7 +239,6 @@ class _Releaser:
                 raise ScanNotRepeating
             del self.tracker._live[key]
             self.let_go[serial] = (key, entry[2])
-        self.tracker._uncount(serial, nbytes)
 
     def rebind(self, old: int, new: int) -> None:
         """The storage that stood for ``old`` (released above) now stands for ``new``."""
@@ -247,22 +249,33 @@ class _Releaser:
         self.tracker.attach_storage(storage, new)
 
 
-def _count_events(tracker: LiveTensorTracker, events: tuple[LogEvent, ...],
-                  resolve: Callable[[Ref], int], releaser: _Releaser,
-                  serials: Iterator[int]) -> list[int]:
-    """Count one token's events; returns the serial of each of its new storages."""
+def _token_log(events: tuple[LogEvent, ...], resolve: Callable[[Ref], int],
+               releaser: _Releaser, serials: Iterator[int], phase: str,
+               part: tuple[str, ...], log: list[tuple]) -> list[int]:
+    """Append one token's events to ``log``, in the form ``count_log`` counts, made in
+    ``phase`` and ``part``; returns the serial of each of its new storages. The storages
+    released from earlier tokens are let go of as they are met."""
     made = [0] * sum(1 for e in events if e.alloc)
-    count, uncount = tracker._count, tracker._uncount
     for event in events:
-        kind, ordinal = event.ref[0], event.ref[-1]
+        ref = event.ref
         if event.alloc:
-            serial = made[ordinal] = next(serials)
-            count(serial, event.nbytes, event.tag)
-        elif kind == "own":
-            uncount(made[ordinal], event.nbytes)
+            serial = made[ref[-1]] = next(serials)
+            log.append((serial, event.nbytes, phase, event.tag, part))
+        elif ref[0] == "own":
+            log.append((made[ref[-1]], -event.nbytes, phase, None, None))
         else:
-            releaser.release(resolve(event.ref), event.nbytes)
+            serial = resolve(ref)
+            releaser.forget(serial, event.nbytes)
+            log.append((serial, -event.nbytes, phase, None, None))
     return made
+
+
+def _count_tokens(tracker: LiveTensorTracker, log: list[tuple], start: int) -> None:
+    """Count the counted tokens' log, made while the tracker logged nothing since event
+    ``start`` (what the real loop would have logged in between would be out of order)."""
+    if len(tracker._events) != start:
+        raise ScanNotRepeating
+    tracker.count_log(log)
 
 
 @dataclass
@@ -308,9 +321,12 @@ class _Run:
             if self.state_ordinal in kept_ordinals:
                 real.append(state.detach())
             previous = last_serials
+            # The tokens' events are counted together once they are all logged.
+            log: list[tuple] = []
+            start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             for token in range(self.count):
-                made = _count_events(tracker, template.events,
-                                     lambda ref, prev=previous: prev[ref[1]], releaser, serials)
+                made = _token_log(template.events, lambda ref, prev=previous: prev[ref[1]],
+                                  releaser, serials, phase, part, log)
                 for ordinal in persist:
                     serial, nbytes = made[ordinal], sizes[ordinal]
                     if ordinal == self.output_ordinal:
@@ -324,6 +340,7 @@ class _Run:
                         tracker.attach(blob, serial)
                         objects.append(blob)
                 previous = dict(enumerate(made))
+            _count_tokens(tracker, log, start)
             # The last state: the next (real) token reads it, and releases it or keeps it
             # as the real loop does.
             new_state = _empty(self.state_spec)
@@ -409,9 +426,12 @@ class _Run:
         previous = list(template.serials)
         serials = tracker._serials
         with _disable_current_modes():
+            log: list[tuple] = []
+            start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             for index in range(self.first + self.count - 1, self.first - 1, -1):
-                previous = _count_events(tracker, template.events,
-                                         resolve_for(index, previous), releaser, serials)
+                previous = _token_log(template.events, resolve_for(index, previous),
+                                      releaser, serials, phase, part, log)
+            _count_tokens(tracker, log, start)
             # What the last counted token hands on: its state's gradient, returned to the
             # engine; the running sums the engine holds, under their new serials.
             for ordinal in survivors:
