@@ -189,9 +189,6 @@ class LiveTensorTracker(TorchDispatchMode):
                           self._release(key, serial))
         self._live[key] = (serial, storage.nbytes(), ref)
 
-    def new_serial(self) -> int:
-        return next(self._serials)
-
     def live_serials(self) -> set[int]:
         return {known[0] for known in self._live.values()}
 
@@ -226,6 +223,7 @@ class LiveTensorTracker(TorchDispatchMode):
         events = self._events
         append = events.append
         parts = self._parts
+        part_of = parts.append if parts is not None else None
         phase, segment = self.phase, self.segment
         current, allocated = self.current, self.current_allocated
         peak, peak_allocated = self.peak, self.peak_allocated
@@ -235,6 +233,7 @@ class LiveTensorTracker(TorchDispatchMode):
         keys_of = self._keys
         last: tuple[Any, Any] = (None, None)
         keys: tuple[str, ...] = ()
+        lowest = 0  # the lowest peak among ``keys``
         try:
             for serial, nbytes, phase, tag, part in log:
                 index += 1
@@ -244,13 +243,13 @@ class LiveTensorTracker(TorchDispatchMode):
                     if nbytes < 0:
                         allocated += (nbytes // ALLOC_ROUND) * ALLOC_ROUND
                     append(_entry(LiveStorage, (serial, nbytes, phase, None)))
-                    if parts is not None:
-                        parts.append(None)
+                    if part_of is not None:
+                        part_of(None)
                     continue
                 segment = part
                 append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
-                if parts is not None:
-                    parts.append(part)
+                if part_of is not None:
+                    part_of(part)
                 current += nbytes
                 if nbytes > 0:
                     allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
@@ -260,10 +259,14 @@ class LiveTensorTracker(TorchDispatchMode):
                     peak, peak_event, peak_phase = current, index, phase
                 if last[0] is not phase or last[1] is not part:
                     keys, last = keys_of(phase, part), (phase, part)
-                for name in keys:
-                    if current > peaks.get(name, 0):
-                        peaks[name] = current
-                        peak_events[name] = index
+                    lowest = min([peaks.get(name, 0) for name in keys])
+                # Most storages raise none of their keys' peaks: one test for all of them.
+                if current > lowest:
+                    for name in keys:
+                        if current > peaks.get(name, 0):
+                            peaks[name] = current
+                            peak_events[name] = index
+                    lowest = min([peaks.get(name, 0) for name in keys])
         finally:
             self.phase, self.segment = phase, segment
             self.current, self.current_allocated = current, allocated
@@ -342,7 +345,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def _replay(self, events: set[int]) -> dict[int, tuple[tuple[LiveStorage, ...], int]]:
         """The storages live at each of ``events`` (indices into the log), and their bytes
-        rounded as CUDA allocates them, kept as the log is walked.
+        rounded as CUDA allocates them.
 
         A training step's phases and parts peak at a hundred events or more, each over
         thousands of live storages (the weights among them): a snapshot is the log's own
@@ -350,27 +353,21 @@ class LiveTensorTracker(TorchDispatchMode):
         live: dict[int, LiveStorage] = {}
         found: dict[int, tuple[tuple[LiveStorage, ...], int]] = {}
         log = self._events
-        get, pop = live.get, live.pop
-        allocated = 0
+        pop = live.pop
         start = 0
-        # The log walked in stretches from one wanted event to the next: no test per entry.
+        # The log walked in stretches from one wanted event to the next: no test per entry,
+        # and the rounded bytes summed over the live set where one is wanted.
         for stop in sorted(e for e in events if 0 <= e < len(log)):
             for entry in log[start:stop + 1]:
-                serial, nbytes = entry[0], entry[1]
-                if nbytes >= 0:
+                if entry[1] >= 0:
                     # A serial logged again replaces its entry in place (the release of an
                     # empty storage reads as one made, as it always has).
-                    before = get(serial)
-                    if before is not None and before[1] > 0:
-                        allocated += (-before[1] // ALLOC_ROUND) * ALLOC_ROUND
-                    live[serial] = entry
-                    if nbytes > 0:
-                        allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                    live[entry[0]] = entry
                 else:
-                    gone = pop(serial, None)
-                    if gone is not None and gone[1] > 0:
-                        allocated += (-gone[1] // ALLOC_ROUND) * ALLOC_ROUND
-            found[stop] = (tuple(live.values()), allocated)
+                    pop(entry[0], None)
+            snapshot = tuple(live.values())
+            found[stop] = (snapshot, sum([-(-entry[1] // ALLOC_ROUND) * ALLOC_ROUND
+                                          for entry in snapshot if entry[1] > 0]))
             start = stop + 1
         if -1 in events:
             found[-1] = ((), 0)

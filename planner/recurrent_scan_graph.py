@@ -249,24 +249,39 @@ class _Releaser:
         self.tracker.attach_storage(storage, new)
 
 
-def _token_log(events: tuple[LogEvent, ...], resolve: Callable[[Ref], int],
-               releaser: _Releaser, serials: Iterator[int], phase: str,
-               part: tuple[str, ...], log: list[tuple]) -> list[int]:
-    """Append one token's events to ``log``, in the form ``count_log`` counts, made in
-    ``phase`` and ``part``; returns the serial of each of its new storages. The storages
-    released from earlier tokens are let go of as they are met."""
-    made = [0] * sum(1 for e in events if e.alloc)
-    for event in events:
-        ref = event.ref
-        if event.alloc:
-            serial = made[ref[-1]] = next(serials)
-            log.append((serial, event.nbytes, phase, event.tag, part))
-        elif ref[0] == "own":
-            log.append((made[ref[-1]], -event.nbytes, phase, None, None))
+# How ``_token_log`` reads one event of a token's log.
+_MADE, _OWN, _EARLIER = 0, 1, 2
+
+
+def _instructions(events: tuple[LogEvent, ...]) -> tuple[tuple[int, int, Any, Any], ...]:
+    """A token's events as ``_token_log`` reads them, made once per scan: (what, bytes,
+    tag, ordinal or reference)."""
+    return tuple(
+        (_MADE, e.nbytes, e.tag, e.ref[-1]) if e.alloc
+        else (_OWN, e.nbytes, None, e.ref[-1]) if e.ref[0] == "own"
+        else (_EARLIER, e.nbytes, None, e.ref)
+        for e in events)
+
+
+def _token_log(instructions: tuple[tuple[int, int, Any, Any], ...], made_count: int,
+               resolve: Callable[[Ref], int], releaser: _Releaser, serials: Iterator[int],
+               phase: str, part: tuple[str, ...], log: list[tuple]) -> list[int]:
+    """Append one token's events (``_instructions``) to ``log``, in the form ``count_log``
+    counts, made in ``phase`` and ``part``; returns the serial of each of its
+    ``made_count`` new storages. The storages released from earlier tokens are let go of
+    as they are met."""
+    made = [0] * made_count
+    append = log.append
+    for what, nbytes, tag, which in instructions:
+        if what == _MADE:
+            serial = made[which] = next(serials)
+            append((serial, nbytes, phase, tag, part))
+        elif what == _OWN:
+            append((made[which], -nbytes, phase, None, None))
         else:
-            serial = resolve(ref)
-            releaser.forget(serial, event.nbytes)
-            log.append((serial, -event.nbytes, phase, None, None))
+            serial = resolve(which)
+            releaser.forget(serial, nbytes)
+            append((serial, -nbytes, phase, None, None))
     return made
 
 
@@ -324,8 +339,11 @@ class _Run:
             # The tokens' events are counted together once they are all logged.
             log: list[tuple] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
+            instructions = _instructions(template.events)
+            made_count = sum(1 for e in template.events if e.alloc)
             for token in range(self.count):
-                made = _token_log(template.events, lambda ref, prev=previous: prev[ref[1]],
+                made = _token_log(instructions, made_count,
+                                  lambda ref, prev=previous: prev[ref[1]],
                                   releaser, serials, phase, part, log)
                 for ordinal in persist:
                     serial, nbytes = made[ordinal], sizes[ordinal]
@@ -428,8 +446,10 @@ class _Run:
         with _disable_current_modes():
             log: list[tuple] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
+            instructions = _instructions(template.events)
+            made_count = sum(1 for e in template.events if e.alloc)
             for index in range(self.first + self.count - 1, self.first - 1, -1):
-                previous = _token_log(template.events, resolve_for(index, previous),
+                previous = _token_log(instructions, made_count, resolve_for(index, previous),
                                       releaser, serials, phase, part, log)
             _count_tokens(tracker, log, start)
             # What the last counted token hands on: its state's gradient, returned to the

@@ -239,11 +239,15 @@ class StepRepeater:
             return False
         # The section's log under fresh serials, as the step would make them.
         serials: dict[int, int] = {}
+        fresh = tracker._serials
         log = []
+        append = log.append
         for serial, nbytes, phase, tag, part in section.events:
             if part is not None:
-                serials[serial] = tracker.new_serial()
-            log.append((serials[serial], nbytes, phase, tag, part))
+                new = serials[serial] = next(fresh)
+            else:
+                new = serials[serial]
+            append((new, nbytes, phase, tag, part))
         phase = section.events[-1][2] if section.events else section.phase
         log.extend((serials[serial], 0, phase, None, None) for serial in section.empty)
         tracker.count_log(log)
