@@ -273,6 +273,55 @@ class LiveTensorTracker(TorchDispatchMode):
             self.peak, self.peak_allocated = peak, peak_allocated
             self._peak_event, self._peak_phase = peak_event, peak_phase
 
+    def count_entries(self, entries: list[LiveStorage], made: list[bool],
+                      part: tuple[str, ...]) -> None:
+        """``count_log`` for entries already in the log's own form, every storage among them
+        made in ``part`` (``made[i]``: entry ``i`` is a storage made, else a release with
+        ``-nbytes``): a Mamba scan's counted tokens (planner/recurrent_scan_graph.py), which
+        need no tuple per entry but the log's own."""
+        events = self._events
+        index = len(events) - 1
+        events.extend(entries)
+        if self._parts is not None:
+            self._parts.extend([part if is_made else None for is_made in made])
+        phase, segment = self.phase, self.segment
+        current, allocated = self.current, self.current_allocated
+        peak, peak_allocated = self.peak, self.peak_allocated
+        peak_event, peak_phase = self._peak_event, self._peak_phase
+        peaks, peak_events = self.phase_peaks, self._phase_peak_events
+        last: Any = None
+        keys: tuple[str, ...] = ()
+        lowest = 0  # the lowest peak among ``keys``
+        try:
+            for (_, nbytes, phase, _), is_made in zip(entries, made, strict=True):
+                index += 1
+                current += nbytes
+                if not is_made:
+                    if nbytes < 0:
+                        allocated += (nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                    continue
+                segment = part
+                if nbytes > 0:
+                    allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+                    if allocated > peak_allocated:
+                        peak_allocated = allocated
+                if current > peak:
+                    peak, peak_event, peak_phase = current, index, phase
+                if last is not phase:
+                    keys, last = self._keys(phase, part), phase
+                    lowest = min([peaks.get(name, 0) for name in keys])
+                if current > lowest:
+                    for name in keys:
+                        if current > peaks.get(name, 0):
+                            peaks[name] = current
+                            peak_events[name] = index
+                    lowest = min([peaks.get(name, 0) for name in keys])
+        finally:
+            self.phase, self.segment = phase, segment
+            self.current, self.current_allocated = current, allocated
+            self.peak, self.peak_allocated = peak, peak_allocated
+            self._peak_event, self._peak_phase = peak_event, peak_phase
+
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         known = self._live.get(id(tensor.untyped_storage()))
         return known[0] if known is not None else None

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.live_tensors import LiveStorage, LiveTensorTracker
 
 # Tokens run for real before the counted ones: the first differs (it reads the zero initial
 # state), the last two must log the same iteration.
@@ -249,6 +249,8 @@ class _Releaser:
         self.tracker.attach_storage(storage, new)
 
 
+# A log entry made without LiveStorage's Python constructor (as the tracker makes them).
+_entry = tuple.__new__
 # How ``_token_log`` reads one event of a token's log.
 _MADE, _OWN, _EARLIER = 0, 1, 2
 
@@ -265,32 +267,36 @@ def _instructions(events: tuple[LogEvent, ...]) -> tuple[tuple[int, int, Any, An
 
 def _token_log(instructions: tuple[tuple[int, int, Any, Any], ...], made_count: int,
                resolve: Callable[[Ref], int], releaser: _Releaser, serials: Iterator[int],
-               phase: str, part: tuple[str, ...], log: list[tuple]) -> list[int]:
-    """Append one token's events (``_instructions``) to ``log``, in the form ``count_log``
-    counts, made in ``phase`` and ``part``; returns the serial of each of its
-    ``made_count`` new storages. The storages released from earlier tokens are let go of
-    as they are met."""
-    made = [0] * made_count
-    append = log.append
+               phase: str, entries: list[LiveStorage], made: list[bool]) -> list[int]:
+    """Append one token's events (``_instructions``) to ``entries`` in the log's own form,
+    made in ``phase``, and to ``made`` whether each is a storage made (else a release);
+    returns the serial of each of its ``made_count`` new storages. The storages released
+    from earlier tokens are let go of as they are met."""
+    serial_of = [0] * made_count
+    append, flag = entries.append, made.append
     for what, nbytes, tag, which in instructions:
         if what == _MADE:
-            serial = made[which] = next(serials)
-            append((serial, nbytes, phase, tag, part))
+            serial = serial_of[which] = next(serials)
+            append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
+            flag(True)
         elif what == _OWN:
-            append((made[which], -nbytes, phase, None, None))
+            append(_entry(LiveStorage, (serial_of[which], -nbytes, phase, None)))
+            flag(False)
         else:
             serial = resolve(which)
             releaser.forget(serial, nbytes)
-            append((serial, -nbytes, phase, None, None))
-    return made
+            append(_entry(LiveStorage, (serial, -nbytes, phase, None)))
+            flag(False)
+    return serial_of
 
 
-def _count_tokens(tracker: LiveTensorTracker, log: list[tuple], start: int) -> None:
-    """Count the counted tokens' log, made while the tracker logged nothing since event
+def _count_tokens(tracker: LiveTensorTracker, entries: list[LiveStorage], made: list[bool],
+                  part: tuple[str, ...], start: int) -> None:
+    """Count the counted tokens' entries, made while the tracker logged nothing since event
     ``start`` (what the real loop would have logged in between would be out of order)."""
     if len(tracker._events) != start:
         raise ScanNotRepeating
-    tracker.count_log(log)
+    tracker.count_entries(entries, made, part)
 
 
 @dataclass
@@ -337,14 +343,15 @@ class _Run:
                 real.append(state.detach())
             previous = last_serials
             # The tokens' events are counted together once they are all logged.
-            log: list[tuple] = []
+            entries: list[LiveStorage] = []
+            flags: list[bool] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             instructions = _instructions(template.events)
             made_count = sum(1 for e in template.events if e.alloc)
             for token in range(self.count):
                 made = _token_log(instructions, made_count,
                                   lambda ref, prev=previous: prev[ref[1]],
-                                  releaser, serials, phase, part, log)
+                                  releaser, serials, phase, entries, flags)
                 for ordinal in persist:
                     serial, nbytes = made[ordinal], sizes[ordinal]
                     if ordinal == self.output_ordinal:
@@ -358,7 +365,7 @@ class _Run:
                         tracker.attach(blob, serial)
                         objects.append(blob)
                 previous = dict(enumerate(made))
-            _count_tokens(tracker, log, start)
+            _count_tokens(tracker, entries, flags, part, start)
             # The last state: the next (real) token reads it, and releases it or keeps it
             # as the real loop does.
             new_state = _empty(self.state_spec)
@@ -444,14 +451,15 @@ class _Run:
         previous = list(template.serials)
         serials = tracker._serials
         with _disable_current_modes():
-            log: list[tuple] = []
+            entries: list[LiveStorage] = []
+            flags: list[bool] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             instructions = _instructions(template.events)
             made_count = sum(1 for e in template.events if e.alloc)
             for index in range(self.first + self.count - 1, self.first - 1, -1):
                 previous = _token_log(instructions, made_count, resolve_for(index, previous),
-                                      releaser, serials, phase, part, log)
-            _count_tokens(tracker, log, start)
+                                      releaser, serials, phase, entries, flags)
+            _count_tokens(tracker, entries, flags, part, start)
             # What the last counted token hands on: its state's gradient, returned to the
             # engine; the running sums the engine holds, under their new serials.
             for ordinal in survivors:
