@@ -214,43 +214,44 @@ class LiveTensorTracker(TorchDispatchMode):
                                             tuple[str, ...] | None]]) -> None:
         """Count a log of that form again, in its phases and parts, as a traced step counts
         (a derived or repeated step peaks exactly as a traced one): a storage where the
-        part is set, a release (``-nbytes``) where it is None.
+        part is set, a release (``-nbytes``) where it is None."""
+        entries, parts = [], []
+        for serial, nbytes, phase, tag, part in log:
+            entries.append(_entry(LiveStorage, (
+                serial, nbytes, phase, tag if part is not None else None)))
+            parts.append(part)
+        self.count_entries(entries, parts)
 
-        ``_count`` and ``_uncount`` for each entry, in one loop over local state: a
-        repeated training step or a Mamba scan's counted tokens (planner/repeated_steps.py,
-        recurrent_scan_graph.py) count millions of entries, and each call's attribute
-        traffic cost more than the counting."""
+    def count_entries(self, entries: list[LiveStorage],
+                      parts: list[tuple[str, ...] | None]) -> None:
+        """Count ``entries``, already in the log's own form, each a storage made in its
+        part ``parts[i]`` or, where that is None, a release (``-nbytes``): ``_count`` and
+        ``_uncount`` for each, in one loop over local state. A repeated training step or a
+        Mamba scan's counted tokens (planner/repeated_steps.py, recurrent_scan_graph.py)
+        count millions of entries, and each call's attribute traffic cost more than the
+        counting."""
         events = self._events
-        append = events.append
-        parts = self._parts
-        part_of = parts.append if parts is not None else None
+        index = len(events) - 1
+        events.extend(entries)
+        if self._parts is not None:
+            self._parts.extend(parts)
         phase, segment = self.phase, self.segment
         current, allocated = self.current, self.current_allocated
         peak, peak_allocated = self.peak, self.peak_allocated
         peak_event, peak_phase = self._peak_event, self._peak_phase
         peaks, peak_events = self.phase_peaks, self._phase_peak_events
-        index = len(events) - 1
-        keys_of = self._keys
         last: tuple[Any, Any] = (None, None)
         keys: tuple[str, ...] = ()
         lowest = 0  # the lowest peak among ``keys``
         try:
-            for serial, nbytes, phase, tag, part in log:
+            for (_, nbytes, phase, _), part in zip(entries, parts, strict=True):
                 index += 1
+                current += nbytes
                 if part is None:
-                    # A release, logged as ``_uncount`` logs it.
-                    current += nbytes
                     if nbytes < 0:
                         allocated += (nbytes // ALLOC_ROUND) * ALLOC_ROUND
-                    append(_entry(LiveStorage, (serial, nbytes, phase, None)))
-                    if part_of is not None:
-                        part_of(None)
                     continue
                 segment = part
-                append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
-                if part_of is not None:
-                    part_of(part)
-                current += nbytes
                 if nbytes > 0:
                     allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
                     if allocated > peak_allocated:
@@ -258,58 +259,9 @@ class LiveTensorTracker(TorchDispatchMode):
                 if current > peak:
                     peak, peak_event, peak_phase = current, index, phase
                 if last[0] is not phase or last[1] is not part:
-                    keys, last = keys_of(phase, part), (phase, part)
+                    keys, last = self._keys(phase, part), (phase, part)
                     lowest = min([peaks.get(name, 0) for name in keys])
                 # Most storages raise none of their keys' peaks: one test for all of them.
-                if current > lowest:
-                    for name in keys:
-                        if current > peaks.get(name, 0):
-                            peaks[name] = current
-                            peak_events[name] = index
-                    lowest = min([peaks.get(name, 0) for name in keys])
-        finally:
-            self.phase, self.segment = phase, segment
-            self.current, self.current_allocated = current, allocated
-            self.peak, self.peak_allocated = peak, peak_allocated
-            self._peak_event, self._peak_phase = peak_event, peak_phase
-
-    def count_entries(self, entries: list[LiveStorage], made: list[bool],
-                      part: tuple[str, ...]) -> None:
-        """``count_log`` for entries already in the log's own form, every storage among them
-        made in ``part`` (``made[i]``: entry ``i`` is a storage made, else a release with
-        ``-nbytes``): a Mamba scan's counted tokens (planner/recurrent_scan_graph.py), which
-        need no tuple per entry but the log's own."""
-        events = self._events
-        index = len(events) - 1
-        events.extend(entries)
-        if self._parts is not None:
-            self._parts.extend([part if is_made else None for is_made in made])
-        phase, segment = self.phase, self.segment
-        current, allocated = self.current, self.current_allocated
-        peak, peak_allocated = self.peak, self.peak_allocated
-        peak_event, peak_phase = self._peak_event, self._peak_phase
-        peaks, peak_events = self.phase_peaks, self._phase_peak_events
-        last: Any = None
-        keys: tuple[str, ...] = ()
-        lowest = 0  # the lowest peak among ``keys``
-        try:
-            for (_, nbytes, phase, _), is_made in zip(entries, made, strict=True):
-                index += 1
-                current += nbytes
-                if not is_made:
-                    if nbytes < 0:
-                        allocated += (nbytes // ALLOC_ROUND) * ALLOC_ROUND
-                    continue
-                segment = part
-                if nbytes > 0:
-                    allocated -= (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
-                    if allocated > peak_allocated:
-                        peak_allocated = allocated
-                if current > peak:
-                    peak, peak_event, peak_phase = current, index, phase
-                if last is not phase:
-                    keys, last = self._keys(phase, part), phase
-                    lowest = min([peaks.get(name, 0) for name in keys])
                 if current > lowest:
                     for name in keys:
                         if current > peaks.get(name, 0):

@@ -267,36 +267,38 @@ def _instructions(events: tuple[LogEvent, ...]) -> tuple[tuple[int, int, Any, An
 
 def _token_log(instructions: tuple[tuple[int, int, Any, Any], ...], made_count: int,
                resolve: Callable[[Ref], int], releaser: _Releaser, serials: Iterator[int],
-               phase: str, entries: list[LiveStorage], made: list[bool]) -> list[int]:
+               phase: str, part: tuple[str, ...], entries: list[LiveStorage],
+               parts: list[tuple[str, ...] | None]) -> list[int]:
     """Append one token's events (``_instructions``) to ``entries`` in the log's own form,
-    made in ``phase``, and to ``made`` whether each is a storage made (else a release);
-    returns the serial of each of its ``made_count`` new storages. The storages released
-    from earlier tokens are let go of as they are met."""
+    made in ``phase``, and to ``parts`` the part of each (``part`` for a storage made, None
+    for a release), as ``count_entries`` counts them; returns the serial of each of its
+    ``made_count`` new storages. The storages released from earlier tokens are let go of
+    as they are met."""
     serial_of = [0] * made_count
-    append, flag = entries.append, made.append
+    append, part_of = entries.append, parts.append
     for what, nbytes, tag, which in instructions:
         if what == _MADE:
             serial = serial_of[which] = next(serials)
             append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
-            flag(True)
+            part_of(part)
         elif what == _OWN:
             append(_entry(LiveStorage, (serial_of[which], -nbytes, phase, None)))
-            flag(False)
+            part_of(None)
         else:
             serial = resolve(which)
             releaser.forget(serial, nbytes)
             append(_entry(LiveStorage, (serial, -nbytes, phase, None)))
-            flag(False)
+            part_of(None)
     return serial_of
 
 
-def _count_tokens(tracker: LiveTensorTracker, entries: list[LiveStorage], made: list[bool],
-                  part: tuple[str, ...], start: int) -> None:
+def _count_tokens(tracker: LiveTensorTracker, entries: list[LiveStorage],
+                  parts: list[tuple[str, ...] | None], start: int) -> None:
     """Count the counted tokens' entries, made while the tracker logged nothing since event
     ``start`` (what the real loop would have logged in between would be out of order)."""
     if len(tracker._events) != start:
         raise ScanNotRepeating
-    tracker.count_entries(entries, made, part)
+    tracker.count_entries(entries, parts)
 
 
 @dataclass
@@ -344,14 +346,14 @@ class _Run:
             previous = last_serials
             # The tokens' events are counted together once they are all logged.
             entries: list[LiveStorage] = []
-            flags: list[bool] = []
+            parts: list[tuple[str, ...] | None] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             instructions = _instructions(template.events)
             made_count = sum(1 for e in template.events if e.alloc)
             for token in range(self.count):
                 made = _token_log(instructions, made_count,
                                   lambda ref, prev=previous: prev[ref[1]],
-                                  releaser, serials, phase, entries, flags)
+                                  releaser, serials, phase, part, entries, parts)
                 for ordinal in persist:
                     serial, nbytes = made[ordinal], sizes[ordinal]
                     if ordinal == self.output_ordinal:
@@ -365,7 +367,7 @@ class _Run:
                         tracker.attach(blob, serial)
                         objects.append(blob)
                 previous = dict(enumerate(made))
-            _count_tokens(tracker, entries, flags, part, start)
+            _count_tokens(tracker, entries, parts, start)
             # The last state: the next (real) token reads it, and releases it or keeps it
             # as the real loop does.
             new_state = _empty(self.state_spec)
@@ -452,14 +454,14 @@ class _Run:
         serials = tracker._serials
         with _disable_current_modes():
             entries: list[LiveStorage] = []
-            flags: list[bool] = []
+            parts: list[tuple[str, ...] | None] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
             instructions = _instructions(template.events)
             made_count = sum(1 for e in template.events if e.alloc)
             for index in range(self.first + self.count - 1, self.first - 1, -1):
                 previous = _token_log(instructions, made_count, resolve_for(index, previous),
-                                      releaser, serials, phase, entries, flags)
-            _count_tokens(tracker, entries, flags, part, start)
+                                      releaser, serials, phase, part, entries, parts)
+            _count_tokens(tracker, entries, parts, start)
             # What the last counted token hands on: its state's gradient, returned to the
             # engine; the running sums the engine holds, under their new serials.
             for ordinal in survivors:
