@@ -38,8 +38,9 @@ class LiveStorage(NamedTuple):
     tag: str | None
 
 
-# LiveStorage's own constructor runs Python code; a trace logs hundreds of thousands.
-_entry = tuple.__new__
+# A log entry made without LiveStorage's own constructor, which runs Python code: a trace
+# logs millions (the counted Mamba tokens make theirs too, planner/recurrent_scan_graph.py).
+new_entry = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class LiveTensorTracker(TorchDispatchMode):
         ``count_log`` does for each storage of a log, one at a time."""
         events = self._events
         phase = self.phase
-        events.append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
+        events.append(new_entry(LiveStorage, (serial, nbytes, phase, tag)))
         if self._parts is not None:
             self._parts.append(self.segment)
         current = self.current = self.current + nbytes
@@ -217,7 +218,7 @@ class LiveTensorTracker(TorchDispatchMode):
         part is set, a release (``-nbytes``) where it is None."""
         entries, parts = [], []
         for serial, nbytes, phase, tag, part in log:
-            entries.append(_entry(LiveStorage, (
+            entries.append(new_entry(LiveStorage, (
                 serial, nbytes, phase, tag if part is not None else None)))
             parts.append(part)
         self.count_entries(entries, parts)
@@ -290,7 +291,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self.current -= nbytes
         if nbytes > 0:
             self.current_allocated += (-nbytes // ALLOC_ROUND) * ALLOC_ROUND
-        self._events.append(_entry(LiveStorage, (serial, -nbytes, self.phase, None)))
+        self._events.append(new_entry(LiveStorage, (serial, -nbytes, self.phase, None)))
         if self._parts is not None:
             self._parts.append(None)
 

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from qplan.planner.live_tensors import LiveStorage, LiveTensorTracker
+from qplan.planner.live_tensors import LiveStorage, LiveTensorTracker, new_entry
 
 # Tokens run for real before the counted ones: the first differs (it reads the zero initial
 # state), the last two must log the same iteration.
@@ -218,10 +218,10 @@ class _Kept:
 
 class _Releaser:
     """Releases a serial at the point the real loop releases it: the log's release is
-    counted by ``_count_events``, and where a storage still stands for the serial (a real
-    tensor the engine or the graph holds a while longer), that storage is let go of by the
-    tracker here, so its later end logs nothing; ``rebind`` gives such a storage a new
-    serial."""
+    logged with the token's events (``_token_log``), and where a storage still stands for
+    the serial (a real tensor the engine or the graph holds a while longer), that storage
+    is let go of by the tracker here, so its later end logs nothing; ``rebind`` gives such
+    a storage a new serial."""
 
     def __init__(self, tracker: LiveTensorTracker, serials: set[int]) -> None:
         self.tracker = tracker
@@ -231,7 +231,7 @@ class _Releaser:
 
     def forget(self, serial: int, nbytes: int) -> None:
         """The tracker lets go of the storage standing for ``serial``, if one does; the
-        caller logs the release itself (``_count_events``)."""
+        caller logs the release itself (``_token_log``)."""
         key = self.keys.pop(serial, None)
         if key is not None:
             entry = self.tracker._live.get(key)
@@ -249,20 +249,19 @@ class _Releaser:
         self.tracker.attach_storage(storage, new)
 
 
-# A log entry made without LiveStorage's Python constructor (as the tracker makes them).
-_entry = tuple.__new__
 # How ``_token_log`` reads one event of a token's log.
 _MADE, _OWN, _EARLIER = 0, 1, 2
 
 
-def _instructions(events: tuple[LogEvent, ...]) -> tuple[tuple[int, int, Any, Any], ...]:
+def _instructions(events: tuple[LogEvent, ...]
+                  ) -> tuple[tuple[tuple[int, int, Any, Any], ...], int]:
     """A token's events as ``_token_log`` reads them, made once per scan: (what, bytes,
-    tag, ordinal or reference)."""
+    tag, ordinal or reference) each; and how many storages a token makes."""
     return tuple(
         (_MADE, e.nbytes, e.tag, e.ref[-1]) if e.alloc
         else (_OWN, e.nbytes, None, e.ref[-1]) if e.ref[0] == "own"
         else (_EARLIER, e.nbytes, None, e.ref)
-        for e in events)
+        for e in events), sum(1 for e in events if e.alloc)
 
 
 def _token_log(instructions: tuple[tuple[int, int, Any, Any], ...], made_count: int,
@@ -279,15 +278,15 @@ def _token_log(instructions: tuple[tuple[int, int, Any, Any], ...], made_count: 
     for what, nbytes, tag, which in instructions:
         if what == _MADE:
             serial = serial_of[which] = next(serials)
-            append(_entry(LiveStorage, (serial, nbytes, phase, tag)))
+            append(new_entry(LiveStorage, (serial, nbytes, phase, tag)))
             part_of(part)
         elif what == _OWN:
-            append(_entry(LiveStorage, (serial_of[which], -nbytes, phase, None)))
+            append(new_entry(LiveStorage, (serial_of[which], -nbytes, phase, None)))
             part_of(None)
         else:
             serial = resolve(which)
             releaser.forget(serial, nbytes)
-            append(_entry(LiveStorage, (serial, -nbytes, phase, None)))
+            append(new_entry(LiveStorage, (serial, -nbytes, phase, None)))
             part_of(None)
     return serial_of
 
@@ -348,8 +347,7 @@ class _Run:
             entries: list[LiveStorage] = []
             parts: list[tuple[str, ...] | None] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
-            instructions = _instructions(template.events)
-            made_count = sum(1 for e in template.events if e.alloc)
+            instructions, made_count = _instructions(template.events)
             for token in range(self.count):
                 made = _token_log(instructions, made_count,
                                   lambda ref, prev=previous: prev[ref[1]],
@@ -456,8 +454,7 @@ class _Run:
             entries: list[LiveStorage] = []
             parts: list[tuple[str, ...] | None] = []
             start, phase, part = len(tracker._events), tracker.phase, tracker.segment
-            instructions = _instructions(template.events)
-            made_count = sum(1 for e in template.events if e.alloc)
+            instructions, made_count = _instructions(template.events)
             for index in range(self.first + self.count - 1, self.first - 1, -1):
                 previous = _token_log(instructions, made_count, resolve_for(index, previous),
                                       releaser, serials, phase, part, entries, parts)
