@@ -787,128 +787,132 @@ def estimate(
         return trace_group(precision) if row is None else (row, wl)
 
     plans = Plans(make_plan, plan_key, plan_group)
-    plan_for = plans.get
+    try:
+        plan_for = plans.get
 
-    def plan_one(precision: str):
-        plan = plan_for(precision, workload)
-        if multi is None:
-            return plan.weights, plan.components, plan.peak_allocated_bytes
-        busiest = multi.strategy(precision, plan).busiest
-        parts = {k: v for k, v in busiest.components.items() if k != "cuda_context"}
-        return plan.weights, parts, plan.peak_allocated_bytes
+        def plan_one(precision: str):
+            plan = plan_for(precision, workload)
+            if multi is None:
+                return plan.weights, plan.components, plan.peak_allocated_bytes
+            busiest = multi.strategy(precision, plan).busiest
+            parts = {k: v for k, v in busiest.components.items() if k != "cuda_context"}
+            return plan.weights, parts, plan.peak_allocated_bytes
 
-    plans.make_ahead([(precision, workload) for precision in names])
-    decision = decide(
-        names,
-        gpu_target,
-        budget,
-        plan_one,
-        explicit=explicit,
-        compute_dtype=compute,
-        fits_for=None if multi is None else lambda p: multi.found[p].fits,
-        strategy_for=None if multi is None else lambda p: multi.found[p].name,
-        quant_storage=quant_storage,
-        skip_modules=report_skips,
-        stored_first=stored.precision if stored is not None else None,
-    )
-    if stored is not None:
-        decision = _stored_decision(decision, stored, gpu_target)
-    if workload.activation_offloading:
-        # Beside the GPU: the pinned host memory the offloaded activations take.
-        decision = replace(decision, candidates=tuple(
-            replace(c, host_bytes=plan_for(c.precision, workload).host_bytes)
-            for c in decision.candidates
-        ))
-    strategy = _chosen_strategy(multi, decision)
-    if strategy is not None and strategy.device_map and decision.recommendation is not None:
-        # The planned split, as from_pretrained takes it: what `qplan load` passes too.
-        rec = decision.recommendation
-        quantized = PRECISIONS[rec.precision].method.max_memory_fraction()
-        kwargs = {**rec.load_kwargs, "device_map": dict(strategy.device_map)}
-        if strategy.max_memory:
-            kwargs["max_memory"] = {
-                str(k): v
-                for k, v in from_pretrained_max_memory(strategy.max_memory, quantized).items()
-            }
-        decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
-    warnings = [*plan_warnings, *decision.warnings]
-    if stored is None:
-        warnings.extend(unquantized_warning(inventory, names))
-    on_disk = _stored_bytes(spec)
-    warnings.extend(_stored_mismatch(on_disk, decision, stored, config_dtype))
-    solutions: list[Solution] = []
-    variables = [solve] if solve else []
-    if decision.recommendation is None and workload.runs_step and not variables:
-        variables = ["batch", "seq_len"]
-    if variables:
-        if not workload.runs_step:
-            raise UsageError(f"--solve needs a workload: use --mode {', '.join(STEP_MODES)}")
-        order = choosable(names, gpu_target, explicit)
-        limit = budget.available_bytes - budget.headroom_bytes
-        # The advice's changed workloads go with the searches' first round.
-        tries = advice_plans(decision, workload, order)
-
-        def make_round(pairs: Sequence[tuple[str, Workload]]) -> None:
-            plans.make_ahead([*pairs, *tries])
-            tries.clear()
-
-        plans_ahead([(precision, variable) for variable in variables for precision in order],
-                    workload, plans.known, make_round, budget.cuda_context_bytes, limit,
-                    spec.config)
-        plans.make_ahead(tries)
-        for variable in variables:
-            for precision in order:
-                solutions.append(
-                    solve_one(
-                        precision,
-                        variable,
-                        workload,
-                        plan_for,
-                        budget.cuda_context_bytes,
-                        limit,
-                        spec.config,
-                    )
-                )
-        warnings.extend(
-            advice_when_nothing_fits(decision, workload, plan_for, budget, gpu_target, order)
+        plans.make_ahead([(precision, workload) for precision in names])
+        decision = decide(
+            names,
+            gpu_target,
+            budget,
+            plan_one,
+            explicit=explicit,
+            compute_dtype=compute,
+            fits_for=None if multi is None else lambda p: multi.found[p].fits,
+            strategy_for=None if multi is None else lambda p: multi.found[p].name,
+            quant_storage=quant_storage,
+            skip_modules=report_skips,
+            stored_first=stored.precision if stored is not None else None,
         )
-    return Report(
-        model=ModelInfo(
-            id=spec.id,
-            source=spec.source,
-            model_type=inventory.model_type,
-            architecture=architecture,
-            parameters=inventory.num_parameters,
-            dtype=config_dtype,
-            revision=spec.revision,
-            config_path=spec.config_path,
-            quantization=_quantization_info(stored, inventory, gpu_target),
-            stored_bytes=on_disk.bytes if on_disk is not None else None,
-        ),
-        gpu=GpuInfo(
-            name=gpu_target.name,
-            count=gpu_target.count,
-            memory_bytes=gpu_target.memory_bytes,
-            source=gpu_target.source,
-            compute_capability=gpu_target.compute_capability,
-            bf16=gpu_target.bf16,
-            architecture=gpu_target.architecture,
-            free_bytes=gpu_target.free_bytes,
-            cuda_context_bytes=budget.cuda_context_bytes,
-            headroom_bytes=budget.headroom_bytes,
-            usable_bytes=budget.usable_bytes,
-        ),
-        workload={**workload_dict(workload, compute, quant_storage, target, report_skips,
-                                  lora_excluded), **image_report},
-        candidates=decision.candidates,
-        recommendation=decision.recommendation,
-        warnings=tuple(warnings),
-        solutions=tuple(solutions),
-        notes=(*notes, *_stored_notes(stored, gpu_target)),
-        versions=_versions(),
-        devices=strategy.devices if strategy is not None else (),
-        strategy=strategy,
-    )
+        if stored is not None:
+            decision = _stored_decision(decision, stored, gpu_target)
+        if workload.activation_offloading:
+            # Beside the GPU: the pinned host memory the offloaded activations take.
+            decision = replace(decision, candidates=tuple(
+                replace(c, host_bytes=plan_for(c.precision, workload).host_bytes)
+                for c in decision.candidates
+            ))
+        strategy = _chosen_strategy(multi, decision)
+        if strategy is not None and strategy.device_map and decision.recommendation is not None:
+            # The planned split, as from_pretrained takes it: what `qplan load` passes too.
+            rec = decision.recommendation
+            quantized = PRECISIONS[rec.precision].method.max_memory_fraction()
+            kwargs = {**rec.load_kwargs, "device_map": dict(strategy.device_map)}
+            if strategy.max_memory:
+                kwargs["max_memory"] = {
+                    str(k): v
+                    for k, v in from_pretrained_max_memory(strategy.max_memory, quantized).items()
+                }
+            decision = replace(decision, recommendation=replace(rec, load_kwargs=kwargs))
+        warnings = [*plan_warnings, *decision.warnings]
+        if stored is None:
+            warnings.extend(unquantized_warning(inventory, names))
+        on_disk = _stored_bytes(spec)
+        warnings.extend(_stored_mismatch(on_disk, decision, stored, config_dtype))
+        solutions: list[Solution] = []
+        variables = [solve] if solve else []
+        if decision.recommendation is None and workload.runs_step and not variables:
+            variables = ["batch", "seq_len"]
+        if variables:
+            if not workload.runs_step:
+                raise UsageError(f"--solve needs a workload: use --mode {', '.join(STEP_MODES)}")
+            order = choosable(names, gpu_target, explicit)
+            limit = budget.available_bytes - budget.headroom_bytes
+            # The advice's changed workloads go with the searches' first round.
+            tries = advice_plans(decision, workload, order)
+
+            def make_round(pairs: Sequence[tuple[str, Workload]]) -> None:
+                plans.make_ahead([*pairs, *tries])
+                tries.clear()
+
+            plans_ahead([(precision, variable) for variable in variables for precision in order],
+                        workload, plans.known, make_round, budget.cuda_context_bytes, limit,
+                        spec.config)
+            plans.make_ahead(tries)
+            for variable in variables:
+                for precision in order:
+                    solutions.append(
+                        solve_one(
+                            precision,
+                            variable,
+                            workload,
+                            plan_for,
+                            budget.cuda_context_bytes,
+                            limit,
+                            spec.config,
+                        )
+                    )
+            warnings.extend(
+                advice_when_nothing_fits(decision, workload, plan_for, budget, gpu_target, order)
+            )
+        return Report(
+            model=ModelInfo(
+                id=spec.id,
+                source=spec.source,
+                model_type=inventory.model_type,
+                architecture=architecture,
+                parameters=inventory.num_parameters,
+                dtype=config_dtype,
+                revision=spec.revision,
+                config_path=spec.config_path,
+                quantization=_quantization_info(stored, inventory, gpu_target),
+                stored_bytes=on_disk.bytes if on_disk is not None else None,
+            ),
+            gpu=GpuInfo(
+                name=gpu_target.name,
+                count=gpu_target.count,
+                memory_bytes=gpu_target.memory_bytes,
+                source=gpu_target.source,
+                compute_capability=gpu_target.compute_capability,
+                bf16=gpu_target.bf16,
+                architecture=gpu_target.architecture,
+                free_bytes=gpu_target.free_bytes,
+                cuda_context_bytes=budget.cuda_context_bytes,
+                headroom_bytes=budget.headroom_bytes,
+                usable_bytes=budget.usable_bytes,
+            ),
+            workload={**workload_dict(workload, compute, quant_storage, target, report_skips,
+                                      lora_excluded), **image_report},
+            candidates=decision.candidates,
+            recommendation=decision.recommendation,
+            warnings=tuple(warnings),
+            solutions=tuple(solutions),
+            notes=(*notes, *_stored_notes(stored, gpu_target)),
+            versions=_versions(),
+            devices=strategy.devices if strategy is not None else (),
+            strategy=strategy,
+        )
+    finally:
+        # The plan workers, if any were forked, end with the estimate.
+        plans.close()
 
 
 def stored_quantization(spec: ModelSpec) -> Any:

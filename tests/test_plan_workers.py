@@ -19,24 +19,64 @@ from qplan.report import report_json
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
-def test_each_share_runs_in_its_own_process_and_comes_back():
+def test_every_task_runs_in_a_worker_and_comes_back():
     tasks = [os.getpid] * 4
     found = plan_workers.make_all(tasks, ["a", "a", "b", "b"], workers=2)
     assert all(ok for ok, _ in found)
-    pids = [pid for _, pid in found]
-    # A group stays in one process; the parent makes one share, a worker the other.
-    assert pids[0] == pids[1] and pids[2] == pids[3]
-    assert os.getpid() in pids and len(set(pids)) == 2
+    pids = {pid for _, pid in found}
+    # This process hands the tasks out and collects them: the workers make them all.
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
-def test_this_process_keeps_the_groups_it_made_plans_of():
-    groups = ["a", "a", "b", "b", "c", "c", "d", "d"]
-    # Largest first to the least loaded without a home; "c" and "d" stay here with one.
-    assert plan_workers._shares(groups, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert plan_workers._shares(groups, 2, home={"c", "d"}) == [[4, 5, 6, 7], [0, 1, 2, 3]]
-    # No more than its part: the rest goes to the others.
-    assert plan_workers._shares(groups, 2, home={"a", "b", "c"}) == [[0, 1, 2, 3],
-                                                                     [4, 5, 6, 7]]
+def _worker(*groups: str) -> plan_workers._Worker:
+    return plan_workers._Worker(pid=0, requests=-1, results=-1, groups=set(groups))
+
+
+def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_end():
+    from collections import deque
+
+    pool = plan_workers.WorkerPool(lambda item: item, 0)
+    one, two = _worker("a"), _worker("b")
+    pool._workers = [one, two]
+    left = {"a": deque([0, 1]), "b": deque([2, 3, 4]), "c": deque([5]), "d": deque([6, 7])}
+    # Its own group first (where its prepared model is), from the front.
+    assert pool._next(one, left) == 0
+    assert pool._next(one, left) == 1
+    # Then the largest group no worker holds.
+    assert pool._next(one, left) == 6
+    one.groups.add("d")
+    assert pool._next(two, left) == 2
+    left["d"].clear()
+    assert pool._next(one, left) == 5
+    one.groups.add("c")
+    # Then, idle being worse than preparing again, the group with the most left, from
+    # the end its holder does not reach first.
+    assert pool._next(one, left) == 4
+    assert pool._next(two, left) == 3
+    assert pool._next(one, left) is None
+
+
+def test_the_pool_lasts_across_rounds_and_its_workers_keep_what_they_made():
+    made: list[str] = []
+
+    def run(item: str) -> tuple[int, list[str]]:
+        made.append(item)  # in the worker: what it has made so far
+        return os.getpid(), list(made)
+
+    pool = plan_workers.WorkerPool(run, 2)
+    try:
+        first = pool.map(["a1", "b1"], ["a", "b"])
+        second = pool.map(["b2", "a2"], ["b", "a"])
+    finally:
+        pool.close()
+    by_item = {item: value for item, (ok, value) in
+               zip(["a1", "b1", "b2", "a2"], [*first, *second], strict=True) if ok}
+    assert len(by_item) == 4 and made == []  # nothing made in this process
+    # Each group went back to the worker that made it, which still held its first plan.
+    assert by_item["a2"][0] == by_item["a1"][0] and by_item["a2"][1][-2:] == ["a1", "a2"]
+    assert by_item["b2"][0] == by_item["b1"][0] and by_item["b2"][1][-2:] == ["b1", "b2"]
+    with pytest.raises(ChildProcessError):  # closed: every worker ended and reaped
+        os.waitpid(-1, os.WNOHANG)
 
 
 def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
@@ -46,9 +86,8 @@ def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
     def dies():
         os._exit(3)
 
-    # The largest group is the parent's share: the others go to workers.
     tasks = [lambda: 1, fails, lambda: 3, dies, lambda: (lambda: None), lambda: 6]
-    groups = ["parent", "parent", "parent", "dies", "unpicklable", "parent"]
+    groups = ["many", "many", "many", "dies", "unpicklable", "many"]
     found = plan_workers.make_all(tasks, groups, workers=3)
     assert found[0] == (True, 1) and found[2] == (True, 3) and found[5] == (True, 6)
     assert found[1] == (False, None)  # the error is met again where the caller asks
@@ -56,26 +95,28 @@ def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
     assert found[4] == (False, None)  # a value that does not pickle
 
 
-def test_a_fork_that_fails_leaves_the_rest_to_the_caller(monkeypatch):
+def test_a_fork_that_fails_leaves_the_tasks_to_the_caller(monkeypatch):
     def no_fork():
         raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(os, "fork", no_fork)
     found = plan_workers.make_all([lambda: 1, lambda: 2], ["a", "b"], workers=2)
-    assert found == [(True, 1), (False, None)]
+    assert found == [(False, None), (False, None)]
 
 
-def test_an_interrupt_takes_the_workers_with_it():
+def test_an_interrupt_takes_the_workers_with_it(monkeypatch):
     import time
 
-    def interrupted():
-        raise KeyboardInterrupt
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C while this process waits for the workers
 
+    monkeypatch.setattr(plan_workers.select, "select", interrupted)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        plan_workers.make_all([interrupted, lambda: time.sleep(60)], ["a", "b"], workers=2)
+        plan_workers.make_all([lambda: time.sleep(60), lambda: time.sleep(60)], ["a", "b"],
+                              workers=2)
     assert time.monotonic() - started < 30
-    with pytest.raises(ChildProcessError):  # the worker was killed and reaped
+    with pytest.raises(ChildProcessError):  # the workers were killed and reaped
         os.waitpid(-1, os.WNOHANG)
 
 
@@ -88,12 +129,12 @@ def test_waiting_for_a_worker_is_told_once_a_second_under_the_current_step(monke
     heard: list[str] = []
     enter_step("planning lora at nf4")
     with on_step(heard.append):
-        # The parent's share is quick, the worker's takes a while.
+        # One worker's task is quick, the other's takes a while.
         found = plan_workers.make_all([lambda: 1, lambda: time.sleep(0.6) or 2], ["a", "b"],
                                       workers=2)
     assert found == [(True, 1), (True, 2)]
-    assert len(heard) >= 3
-    assert set(heard) == {"waiting for 1 plan worker"}
+    assert heard.count("waiting for 1 plan worker") >= 3
+    assert set(heard) <= {"waiting for 1 plan worker", "waiting for 2 plan workers"}
     assert current_step() == "planning lora at nf4"  # what an error would name
 
 
@@ -229,5 +270,7 @@ def test_plans_made_in_workers_give_the_same_report(monkeypatch, mode, precision
     together = report_json(estimate(spec, **options))
     assert '"solutions": []' not in alone
     assert together == alone
+    with pytest.raises(ChildProcessError):  # the estimate ended its workers
+        os.waitpid(-1, os.WNOHANG)
     # Some of the plans were made in the worker, out of this process.
     assert 0 < len(made_here) < in_one
