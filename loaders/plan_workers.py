@@ -37,6 +37,7 @@ processes make plans (1: none forked); the default is the usable cores, at most
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import select
@@ -143,6 +144,11 @@ def _serve(run: Callable[[Any], Any], requests: int, results: int) -> None:
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # What the worker inherited is out of its collector's sight: a collection of the
+        # oldest generation would otherwise walk every object the parent made (its
+        # imports, unless the command line froze them; earlier estimates' kept models),
+        # writing to each one's page, which the fork then copies.
+        gc.freeze()
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)

@@ -79,6 +79,17 @@ def test_the_pool_lasts_across_rounds_and_its_workers_keep_what_they_made():
         os.waitpid(-1, os.WNOHANG)
 
 
+def test_a_worker_collects_only_what_it_made():
+    import gc
+
+    # Everything the parent made is frozen in the worker (never walked by its collector,
+    # so never written to and copied); this process's own collector is left as it was.
+    frozen_here = gc.get_freeze_count()
+    found = plan_workers.make_all([gc.get_freeze_count] * 2, ["a", "b"], workers=2)
+    assert all(ok and count > frozen_here + 1000 for ok, count in found)
+    assert gc.get_freeze_count() == frozen_here
+
+
 def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
     def fails():
         raise ValueError("no plan")
