@@ -186,6 +186,7 @@ class WorkerPool:
     def __init__(self, run: Callable[[Any], Any], count: int,
                  home: Collection[Hashable] = ()) -> None:
         self._workers: list[_Worker] = []
+        self._sizes: list[int] = []  # of the items of the round being made
         for _ in range(count):
             try:
                 self._fork(run, set(home))
@@ -222,13 +223,19 @@ class WorkerPool:
         os.close(from_worker[1])
         self._workers.append(_Worker(pid, to_worker[1], from_worker[0], home))
 
-    def map(self, items: Sequence[Any], groups: Sequence[Hashable]) -> list[tuple[bool, Any]]:
-        """Make ``items`` over the workers, ``groups[i]`` naming the group of item i: for
-        each, (True, its value) or (False, None) where it failed or was not made."""
+    def map(self, items: Sequence[Any], groups: Sequence[Hashable],
+            sizes: Sequence[int] | None = None) -> list[tuple[bool, Any]]:
+        """Make ``items`` over the workers, ``groups[i]`` naming the group of item i and
+        ``sizes[i]`` (1 each when None) how long it takes relative to the others, as far as
+        the caller can tell: for each, (True, its value) or (False, None) where it failed or
+        was not made."""
         found: list[tuple[bool, Any]] = [(False, None)] * len(items)
+        self._sizes = list(sizes) if sizes is not None else [1] * len(items)
         left: dict[Hashable, deque[int]] = {}
-        for index, group in enumerate(groups):
-            left.setdefault(group, deque()).append(index)
+        # The largest first (a long item started last leaves the other workers idle while
+        # it runs), in the order given among equals.
+        for index in sorted(range(len(items)), key=lambda i: -self._sizes[i]):
+            left.setdefault(groups[index], deque()).append(index)
         try:
             for worker in list(self._workers):
                 self._give(worker, items, groups, left)
@@ -279,19 +286,25 @@ class WorkerPool:
             return
 
     def _next(self, worker: _Worker, left: dict[Hashable, deque[int]]) -> int | None:
-        """Which item ``worker`` makes next: one of a group it holds, else of a group no
-        worker holds, else one from the end of the group with the most left."""
+        """Which item ``worker`` makes next: the largest of the groups it holds, else the
+        largest of the group no worker holds with the most work left, else (idle is worse
+        than preparing again) the smallest of the group with the most work left."""
+        sizes = self._sizes
         open_groups = [g for g, indices in left.items() if indices]
         if not open_groups:
             return None
+
+        def work(group: Hashable) -> int:
+            return sum(sizes[i] for i in left[group])
+
         mine = [g for g in open_groups if g in worker.groups]
         if mine:
-            return left[max(mine, key=lambda g: len(left[g]))].popleft()
+            return left[max(mine, key=lambda g: (sizes[left[g][0]], work(g)))].popleft()
         held = set().union(*(w.groups for w in self._workers if w is not worker))
         free = [g for g in open_groups if g not in held]
         if free:
-            return left[max(free, key=lambda g: len(left[g]))].popleft()
-        return left[max(open_groups, key=lambda g: len(left[g]))].pop()
+            return left[max(free, key=work)].popleft()
+        return left[max(open_groups, key=work)].pop()
 
     def _drop(self, worker: _Worker, kill: bool) -> None:
         self._workers.remove(worker)
@@ -331,12 +344,15 @@ class Plans:
     """The plans of one estimate, each made once: ``get`` makes one when first asked for
     (``make``) and keeps it under ``key`` (None: not kept), timing it; ``make_ahead``
     makes a list of plans asked for later over the worker pool, when the plans made so far
-    say it is worth it. ``group`` names what one worker should make together. ``close``
-    ends the pool (the estimate's end)."""
+    say it is worth it. ``group`` names what one worker should make together, ``size`` how
+    long a plan takes relative to the others (the largest are made first). ``close`` ends
+    the pool (the estimate's end)."""
 
     def __init__(self, make: Callable[..., Any], key: Callable[..., Hashable | None],
-                 group: Callable[..., Hashable], workers: int | None = None) -> None:
+                 group: Callable[..., Hashable], workers: int | None = None,
+                 size: Callable[..., int] | None = None) -> None:
         self._make, self._key, self._group = make, key, group
+        self._size = size
         self.workers = worker_count() if workers is None else workers
         self._made: dict[Hashable, Any] = {}
         # Seconds of each plan made here that imported no module (what a plan costs).
@@ -392,8 +408,10 @@ class Plans:
                 return
         elif len(todo) == 1 and self._group(*next(iter(todo.values()))) in self._home:
             return  # one plan this process holds the group of: made here when asked
-        made = self._pool.map(list(todo.values()),
-                              [self._group(*request) for request in todo.values()])
+        requests = list(todo.values())
+        made = self._pool.map(requests, [self._group(*request) for request in requests],
+                              [self._size(*request) for request in requests]
+                              if self._size is not None else None)
         for key, (ok, plan) in zip(todo, made, strict=True):
             if ok:
                 self._made[key] = plan

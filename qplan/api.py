@@ -786,7 +786,12 @@ def estimate(
         row = None if wl.is_training else reference_row(precision, compute)
         return trace_group(precision) if row is None else (row, wl)
 
-    plans = Plans(make_plan, plan_key, plan_group)
+    def plan_size(precision: str, wl: Workload) -> int:
+        # What a plan costs grows with its sequence (a Mamba scan runs token by token; a
+        # larger batch runs the same ops on meta): the longest probes go out first.
+        return wl.seq_len
+
+    plans = Plans(make_plan, plan_key, plan_group, size=plan_size)
     try:
         plan_for = plans.get
 

@@ -38,6 +38,7 @@ def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_
     pool = plan_workers.WorkerPool(lambda item: item, 0)
     one, two = _worker("a"), _worker("b")
     pool._workers = [one, two]
+    pool._sizes = [1] * 8
     left = {"a": deque([0, 1]), "b": deque([2, 3, 4]), "c": deque([5]), "d": deque([6, 7])}
     # Its own group first (where its prepared model is), from the front.
     assert pool._next(one, left) == 0
@@ -54,6 +55,32 @@ def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_
     assert pool._next(one, left) == 4
     assert pool._next(two, left) == 3
     assert pool._next(one, left) is None
+
+
+def test_the_longest_items_go_first():
+    # One worker, so the order it is given the items in is the order they are made.
+    order: list[str] = []
+    pool = plan_workers.WorkerPool(lambda item: item, 1)
+    try:
+        found = pool.map(["short", "long", "middle", "long too"], ["a", "a", "a", "b"],
+                         [1, 16, 4, 16])
+    finally:
+        pool.close()
+    assert [value for _, value in found] == ["short", "long", "middle", "long too"]
+    left: dict = {}
+    pool._sizes = [1, 16, 4, 16]
+    from collections import deque
+
+    for index in sorted(range(4), key=lambda i: -pool._sizes[i]):
+        left.setdefault("ab"[index == 3], deque()).append(index)
+    worker = _worker()
+    pool._workers = [worker]
+    while (index := pool._next(worker, left)) is not None:
+        order.append(index)
+        worker.groups.add("ab"[index == 3])
+    # The largest of the group with the most work, then the rest of that group (it holds
+    # it now: its prepared model is there), largest first, then the other group.
+    assert order == [1, 2, 0, 3]
 
 
 def test_the_pool_lasts_across_rounds_and_its_workers_keep_what_they_made():
