@@ -14,12 +14,12 @@ forked once, at the first round worth spreading, and sent the plans of every lat
 one at a time, each as it is free, while this process only hands them out and collects
 them. A worker keeps what it made, as one process making every plan would: the prepared
 meta models of the groups it planned (a training step's build, peft adapters and k-bit
-preparation: a tenth to a fifth of a step), its recorded steps. So each plan goes to a
-worker that made plans of its group before where one is free, else to a group nobody
-holds yet, else (idle is worse than preparing again) to the group with the most plans left,
-from its end. Forked afresh per round with fixed shares (this process making one), the
-workers prepared the same groups again every round, and a round lasted as long as its
-slowest share: Gemma-3-12B's ORPO plan (56 traces on this repository's 2-core machine)
+preparation: a tenth to a fifth of a step), its recorded steps. So a free worker takes the
+longest plan of a group it made plans of before, else of the group nobody holds yet with
+the most work left, else (idle is worse than preparing again) the shortest of the group
+with the most work left. Forked afresh per round with fixed shares (this process making
+one), the workers prepared the same groups again every round, and a round lasted as long
+as its slowest share: Gemma-3-12B's ORPO plan (56 traces on this repository's 2-core machine)
 took 35.9 s of CPU against 29.4 s in one process, and this process waited 3 s in one
 round alone. With the pool: 32.4 s of CPU, 18.2 s instead of 21.1 s of wall time.
 
@@ -49,7 +49,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qplan.errors import still_running
@@ -174,7 +174,6 @@ class _Worker:
     results: int  # the pipe the parent reads plans from
     groups: set[Hashable]  # groups it made plans of (or inherited at the fork)
     busy: int | None = None  # the index of the item it is making
-    made: list[int] = field(default_factory=list)  # indices made, this round
 
 
 class WorkerPool:
