@@ -185,7 +185,6 @@ class WorkerPool:
     def __init__(self, run: Callable[[Any], Any], count: int,
                  home: Collection[Hashable] = ()) -> None:
         self._workers: list[_Worker] = []
-        self._sizes: list[int] = []  # of the items of the round being made
         for _ in range(count):
             try:
                 self._fork(run, set(home))
@@ -229,15 +228,15 @@ class WorkerPool:
         the caller can tell: for each, (True, its value) or (False, None) where it failed or
         was not made."""
         found: list[tuple[bool, Any]] = [(False, None)] * len(items)
-        self._sizes = list(sizes) if sizes is not None else [1] * len(items)
+        sizes = list(sizes) if sizes is not None else [1] * len(items)
         left: dict[Hashable, deque[int]] = {}
         # The largest first (a long item started last leaves the other workers idle while
         # it runs), in the order given among equals.
-        for index in sorted(range(len(items)), key=lambda i: -self._sizes[i]):
+        for index in sorted(range(len(items)), key=lambda i: -sizes[i]):
             left.setdefault(groups[index], deque()).append(index)
         try:
             for worker in list(self._workers):
-                self._give(worker, items, groups, left)
+                self._give(worker, items, groups, sizes, left)
             while busy := [w for w in self._workers if w.busy is not None]:
                 ready = select.select([w.results for w in busy], [], [], WAIT_TICK_S)[0]
                 if not ready:
@@ -257,17 +256,17 @@ class WorkerPool:
                         index, ok, value = worker.busy, False, None
                     found[index] = (ok, value)
                     worker.busy = None
-                    self._give(worker, items, groups, left)
+                    self._give(worker, items, groups, sizes, left)
         except BaseException:
             self.close(kill=True)
             raise
         return found
 
     def _give(self, worker: _Worker, items: Sequence[Any], groups: Sequence[Hashable],
-              left: dict[Hashable, deque[int]]) -> None:
+              sizes: Sequence[int], left: dict[Hashable, deque[int]]) -> None:
         """Send ``worker`` its next item, if any is left."""
         while True:
-            index = self._next(worker, left)
+            index = self._next(worker, left, sizes)
             if index is None:
                 return
             try:
@@ -284,11 +283,11 @@ class WorkerPool:
             worker.groups.add(groups[index])
             return
 
-    def _next(self, worker: _Worker, left: dict[Hashable, deque[int]]) -> int | None:
+    def _next(self, worker: _Worker, left: dict[Hashable, deque[int]],
+              sizes: Sequence[int]) -> int | None:
         """Which item ``worker`` makes next: the largest of the groups it holds, else the
         largest of the group no worker holds with the most work left, else (idle is worse
         than preparing again) the smallest of the group with the most work left."""
-        sizes = self._sizes
         open_groups = [g for g, indices in left.items() if indices]
         if not open_groups:
             return None
@@ -320,23 +319,6 @@ class WorkerPool:
         """End the workers: a closed pipe ends an idle one; ``kill`` ends them mid-plan."""
         for worker in list(self._workers):
             self._drop(worker, kill=kill or worker.busy is not None)
-
-
-def make_all(tasks: Sequence[Callable[[], Any]], groups: Sequence[Hashable],
-             workers: int | None = None, home: Collection[Hashable] = ()
-             ) -> list[tuple[bool, Any]]:
-    """Run ``tasks`` (no arguments each), ``groups[i]`` naming the group of task i, over
-    up to ``workers`` forked processes (``worker_count()`` when None), one round: for each
-    task, (True, its value) or (False, None) where it failed or was not made. With one
-    process nothing is made (the caller makes each when it asks, in its own order)."""
-    workers = worker_count() if workers is None else workers
-    if workers < 2 or not tasks:
-        return [(False, None)] * len(tasks)
-    pool = WorkerPool(lambda index: tasks[index](), min(workers, len(tasks)), home)
-    try:
-        return pool.map(range(len(tasks)), groups)
-    finally:
-        pool.close()
 
 
 class Plans:

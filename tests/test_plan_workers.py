@@ -19,9 +19,18 @@ from qplan.report import report_json
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
+def make_all(tasks, groups, workers):
+    """One round of ``tasks`` (callables) over a pool of up to ``workers`` processes."""
+    pool = plan_workers.WorkerPool(lambda index: tasks[index](), min(workers, len(tasks)))
+    try:
+        return pool.map(range(len(tasks)), groups)
+    finally:
+        pool.close()
+
+
 def test_every_task_runs_in_a_worker_and_comes_back():
     tasks = [os.getpid] * 4
-    found = plan_workers.make_all(tasks, ["a", "a", "b", "b"], workers=2)
+    found = make_all(tasks, ["a", "a", "b", "b"], workers=2)
     assert all(ok for ok, _ in found)
     pids = {pid for _, pid in found}
     # This process hands the tasks out and collects them: the workers make them all.
@@ -38,23 +47,23 @@ def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_
     pool = plan_workers.WorkerPool(lambda item: item, 0)
     one, two = _worker("a"), _worker("b")
     pool._workers = [one, two]
-    pool._sizes = [1] * 8
+    sizes = [1] * 8
     left = {"a": deque([0, 1]), "b": deque([2, 3, 4]), "c": deque([5]), "d": deque([6, 7])}
     # Its own group first (where its prepared model is), from the front.
-    assert pool._next(one, left) == 0
-    assert pool._next(one, left) == 1
+    assert pool._next(one, left, sizes) == 0
+    assert pool._next(one, left, sizes) == 1
     # Then the largest group no worker holds.
-    assert pool._next(one, left) == 6
+    assert pool._next(one, left, sizes) == 6
     one.groups.add("d")
-    assert pool._next(two, left) == 2
+    assert pool._next(two, left, sizes) == 2
     left["d"].clear()
-    assert pool._next(one, left) == 5
+    assert pool._next(one, left, sizes) == 5
     one.groups.add("c")
     # Then, idle being worse than preparing again, the group with the most left, from
     # the end its holder does not reach first.
-    assert pool._next(one, left) == 4
-    assert pool._next(two, left) == 3
-    assert pool._next(one, left) is None
+    assert pool._next(one, left, sizes) == 4
+    assert pool._next(two, left, sizes) == 3
+    assert pool._next(one, left, sizes) is None
 
 
 def test_the_longest_items_go_first():
@@ -68,14 +77,14 @@ def test_the_longest_items_go_first():
         pool.close()
     assert [value for _, value in found] == ["short", "long", "middle", "long too"]
     left: dict = {}
-    pool._sizes = [1, 16, 4, 16]
+    sizes = [1, 16, 4, 16]
     from collections import deque
 
-    for index in sorted(range(4), key=lambda i: -pool._sizes[i]):
+    for index in sorted(range(4), key=lambda i: -sizes[i]):
         left.setdefault("ab"[index == 3], deque()).append(index)
     worker = _worker()
     pool._workers = [worker]
-    while (index := pool._next(worker, left)) is not None:
+    while (index := pool._next(worker, left, sizes)) is not None:
         order.append(index)
         worker.groups.add("ab"[index == 3])
     # The largest of the group with the most work, then the rest of that group (it holds
@@ -112,7 +121,7 @@ def test_a_worker_collects_only_what_it_made():
     # Everything the parent made is frozen in the worker (never walked by its collector,
     # so never written to and copied); this process's own collector is left as it was.
     frozen_here = gc.get_freeze_count()
-    found = plan_workers.make_all([gc.get_freeze_count] * 2, ["a", "b"], workers=2)
+    found = make_all([gc.get_freeze_count] * 2, ["a", "b"], workers=2)
     assert all(ok and count > frozen_here + 1000 for ok, count in found)
     assert gc.get_freeze_count() == frozen_here
 
@@ -126,7 +135,7 @@ def test_a_failed_task_or_worker_leaves_its_plans_to_the_caller():
 
     tasks = [lambda: 1, fails, lambda: 3, dies, lambda: (lambda: None), lambda: 6]
     groups = ["many", "many", "many", "dies", "unpicklable", "many"]
-    found = plan_workers.make_all(tasks, groups, workers=3)
+    found = make_all(tasks, groups, workers=3)
     assert found[0] == (True, 1) and found[2] == (True, 3) and found[5] == (True, 6)
     assert found[1] == (False, None)  # the error is met again where the caller asks
     assert found[3] == (False, None)  # a worker that died
@@ -138,7 +147,7 @@ def test_a_fork_that_fails_leaves_the_tasks_to_the_caller(monkeypatch):
         raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(os, "fork", no_fork)
-    found = plan_workers.make_all([lambda: 1, lambda: 2], ["a", "b"], workers=2)
+    found = make_all([lambda: 1, lambda: 2], ["a", "b"], workers=2)
     assert found == [(False, None), (False, None)]
 
 
@@ -151,7 +160,7 @@ def test_an_interrupt_takes_the_workers_with_it(monkeypatch):
     monkeypatch.setattr(plan_workers.select, "select", interrupted)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        plan_workers.make_all([lambda: time.sleep(60), lambda: time.sleep(60)], ["a", "b"],
+        make_all([lambda: time.sleep(60), lambda: time.sleep(60)], ["a", "b"],
                               workers=2)
     assert time.monotonic() - started < 30
     with pytest.raises(ChildProcessError):  # the workers were killed and reaped
@@ -168,7 +177,7 @@ def test_waiting_for_a_worker_is_told_once_a_second_under_the_current_step(monke
     enter_step("planning lora at nf4")
     with on_step(heard.append):
         # One worker's task is quick, the other's takes a while.
-        found = plan_workers.make_all([lambda: 1, lambda: time.sleep(0.6) or 2], ["a", "b"],
+        found = make_all([lambda: 1, lambda: time.sleep(0.6) or 2], ["a", "b"],
                                       workers=2)
     assert found == [(True, 1), (True, 2)]
     assert heard.count("waiting for 1 plan worker") >= 3
@@ -178,8 +187,12 @@ def test_waiting_for_a_worker_is_told_once_a_second_under_the_current_step(monke
 
 def test_one_process_makes_nothing_ahead():
     calls = []
-    found = plan_workers.make_all([lambda: calls.append(1)] * 3, ["a", "b", "c"], workers=1)
-    assert found == [(False, None)] * 3 and calls == []
+    plans = plan_workers.Plans(lambda name: calls.append(name) or name, lambda name: name,
+                               lambda name: name, workers=1)
+    plans.make_ahead([("a",), ("b",), ("c",)])
+    found = [plans.known(name) for name in "abc"]
+    assert found == [None] * 3 and calls == []
+    assert plans._pool is None  # nothing forked
 
 
 def _alone(monkeypatch):
@@ -221,7 +234,8 @@ def test_plans_are_spread_only_when_their_work_outweighs_the_fork():
 def test_a_plan_that_imported_a_module_does_not_time_a_plan(monkeypatch):
     # A first plan's lazy imports are not what the next plans cost: it is made here, then
     # a second one, which times a plan, before anything is spread.
-    monkeypatch.setattr(plan_workers, "make_all", lambda tasks, *args: [(False, None)] * len(tasks))
+    monkeypatch.setattr(plan_workers.WorkerPool, "map",
+                        lambda self, items, *args: [(False, None)] * len(items))
 
     def make(name: str) -> str:
         if name == "first":
