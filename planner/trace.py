@@ -225,7 +225,12 @@ def modules_holding(prefix: str, attr: str, value: Any) -> list[ModuleType]:
     order, which two C-level comparisons tell (names by equality, modules by identity)
     instead of a Python loop over its ~2,800 entries, twice per trace (a fifth of the
     default plan's own CPU time). The snapshot keeps its modules alive, so an id looked
-    at is never reused by a new module."""
+    at is never reused by a new module.
+
+    A holder binds the name in its namespace (``from ... import name``), so the module's
+    ``__dict__`` is read, not ``getattr``: a lazy module (transformers' packages) answers
+    a name it does not hold by looking it up in its index of exports, which the command
+    line builds only when something reads it (qplan/deferred_model_index.py)."""
     found = _HOLDERS.get((prefix, attr, id(value)))
     if found is None:
         found = _HOLDERS[prefix, attr, id(value)] = _Holders()
@@ -237,7 +242,7 @@ def modules_holding(prefix: str, attr: str, value: Any) -> list[ModuleType]:
                 continue
             found.seen[name] = id(module)
             found.holders.pop(name, None)
-            if module is not None and getattr(module, attr, None) is value:
+            if getattr(module, "__dict__", {}).get(attr) is value:
                 found.holders[name] = module
         found.names, found.modules = names, modules
     return [module for name, module in found.holders.items()

@@ -10,6 +10,11 @@ default plan: bench/estimate_speed.py). Imported with the collector paused, then
 collector is back on, at the command line's thresholds, before anything is planned, so
 the garbage planning makes (trace bookkeeping, meta models) is collected as before.
 
+Two imports a plan never uses are put off until something uses them: the index of every
+model's exports that ``transformers.models`` reads from ~1,700 source files
+(qplan/deferred_model_index.py), and torchao, which transformers' quantisers import
+(qplan/deferred_torchao.py).
+
 A command that needs none of this (``qplan gpus``, ``--help``) does not call it.
 """
 
@@ -19,6 +24,7 @@ import gc
 import importlib
 import sys
 
+from qplan.deferred_model_index import import_models_package
 from qplan.deferred_torchao import import_transformers_quantizers
 
 # Imported by every plan: torch; transformers' configuration and modelling core (its
@@ -45,7 +51,9 @@ def import_planning_libraries() -> None:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        # transformers' quantisers first, with torchao's import deferred to its use.
+        # transformers' model package with its index of exports built when first read,
+        # then its quantisers, with torchao's import deferred to its use.
+        import_models_package()
         import_transformers_quantizers()
         for name in _EVERY_PLAN:
             importlib.import_module(name)
