@@ -40,19 +40,20 @@ import contextlib
 import gc
 import os
 import pickle
-import select
 import signal
 import statistics
-import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qplan.errors import still_running
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 MAX_WORKERS = 4
 ENV = "QPLAN_WORKERS"
@@ -64,8 +65,6 @@ ENV = "QPLAN_WORKERS"
 MIN_SPREAD_SECONDS = 2.0
 # How often the parent, waiting for the workers, says it still waits.
 WAIT_TICK_S = 1.0
-# A message between the parent and a worker: its length, then the pickle.
-_LENGTH = struct.Struct(">Q")
 
 # Set in a worker: it makes what it is sent and forks nothing itself.
 _in_worker = False
@@ -111,32 +110,7 @@ def _attempt(task: Callable[[], Any]) -> tuple[bool, Any]:
         return False, None
 
 
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(_LENGTH.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_exactly(fd: int, count: int) -> bytes | None:
-    chunks, left = [], count
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None  # the other end closed
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read(fd: int) -> bytes | None:
-    """One message, None at the end of the pipe."""
-    head = _read_exactly(fd, _LENGTH.size)
-    if head is None:
-        return None
-    return _read_exactly(fd, _LENGTH.unpack(head)[0])
-
-
-def _serve(run: Callable[[Any], Any], requests: int, results: int) -> None:
+def _serve(run: Callable[[Any], Any], requests: Connection, results: Connection) -> None:
     """In the forked worker: make each item sent, send back what pickles, till the parent
     closes the pipe; never return."""
     global _in_worker
@@ -152,14 +126,18 @@ def _serve(run: Callable[[Any], Any], requests: int, results: int) -> None:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
-        while (message := _read(requests)) is not None:
+        while True:
+            try:
+                message = requests.recv_bytes()
+            except EOFError:  # the parent closed the pipe: the estimate is over
+                break
             index, item = pickle.loads(message)
             ok, value = _attempt(lambda item=item: run(item))
             try:
                 data = pickle.dumps((index, ok, value), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:
                 data = pickle.dumps((index, False, None))
-            _write(results, data)
+            results.send_bytes(data)
     except BaseException:
         status = 1
     finally:
@@ -170,8 +148,8 @@ def _serve(run: Callable[[Any], Any], requests: int, results: int) -> None:
 @dataclass
 class _Worker:
     pid: int
-    requests: int  # the pipe the parent writes items to
-    results: int  # the pipe the parent reads plans from
+    requests: Connection  # the pipe the parent writes items to
+    results: Connection  # the pipe the parent reads plans from
     groups: set[Hashable]  # groups it made plans of (or inherited at the fork)
     busy: int | None = None  # the index of the item it is making
 
@@ -195,30 +173,34 @@ class WorkerPool:
         return len(self._workers)
 
     def _fork(self, run: Callable[[Any], Any], home: set[Hashable]) -> None:
-        to_worker = os.pipe()
+        # Imported here, when a pool is forked: most plans never fork one.
+        from multiprocessing import Pipe
+
+        # Length-prefixed messages over one-way pipes (multiprocessing's Connection).
+        to_worker = Pipe(duplex=False)  # (the worker's end, this process's end)
         try:
-            from_worker = os.pipe()
+            from_worker = Pipe(duplex=False)  # (this process's end, the worker's end)
         except OSError:
-            os.close(to_worker[0])
-            os.close(to_worker[1])
+            for end in to_worker:
+                end.close()
             raise
         try:
             pid = os.fork()
         except OSError:
-            for fd in (*to_worker, *from_worker):
-                os.close(fd)
+            for end in (*to_worker, *from_worker):
+                end.close()
             raise
         if pid == 0:
             # The other workers' pipes stay with the parent: a worker holding one would
             # keep that worker from seeing its end.
             for other in self._workers:
-                os.close(other.requests)
-                os.close(other.results)
-            os.close(to_worker[1])
-            os.close(from_worker[0])
+                other.requests.close()
+                other.results.close()
+            to_worker[1].close()
+            from_worker[0].close()
             _serve(run, to_worker[0], from_worker[1])
-        os.close(to_worker[0])
-        os.close(from_worker[1])
+        to_worker[0].close()
+        from_worker[1].close()
         self._workers.append(_Worker(pid, to_worker[1], from_worker[0], home))
 
     def map(self, items: Sequence[Any], groups: Sequence[Hashable],
@@ -227,6 +209,8 @@ class WorkerPool:
         ``sizes[i]`` (1 each when None) how long it takes relative to the others, as far as
         the caller can tell: for each, (True, its value) or (False, None) where it failed or
         was not made."""
+        from multiprocessing.connection import wait
+
         found: list[tuple[bool, Any]] = [(False, None)] * len(items)
         sizes = list(sizes) if sizes is not None else [1] * len(items)
         left: dict[Hashable, deque[int]] = {}
@@ -238,7 +222,7 @@ class WorkerPool:
             for worker in list(self._workers):
                 self._give(worker, items, groups, sizes, left)
             while busy := [w for w in self._workers if w.busy is not None]:
-                ready = select.select([w.results for w in busy], [], [], WAIT_TICK_S)[0]
+                ready = wait([w.results for w in busy], WAIT_TICK_S)
                 if not ready:
                     count = len(busy)
                     still_running(f"waiting for {count} plan worker{'s' if count > 1 else ''}")
@@ -246,8 +230,9 @@ class WorkerPool:
                 for worker in busy:
                     if worker.results not in ready:
                         continue
-                    message = _read(worker.results)
-                    if message is None:  # it died: what it was making is missing
+                    try:
+                        message = worker.results.recv_bytes()
+                    except (EOFError, OSError):  # it died: what it was making is missing
                         self._drop(worker, kill=False)
                         continue
                     try:
@@ -274,7 +259,7 @@ class WorkerPool:
             except Exception:
                 continue  # an item that does not pickle: the caller makes it
             try:
-                _write(worker.requests, message)
+                worker.requests.send_bytes(message)
             except OSError:  # it died: the item goes to another
                 left.setdefault(groups[index], deque()).appendleft(index)
                 self._drop(worker, kill=False)
@@ -306,9 +291,9 @@ class WorkerPool:
 
     def _drop(self, worker: _Worker, kill: bool) -> None:
         self._workers.remove(worker)
-        for fd in (worker.requests, worker.results):
+        for end in (worker.requests, worker.results):
             with contextlib.suppress(OSError):
-                os.close(fd)
+                end.close()
         if kill:
             with contextlib.suppress(OSError):
                 os.kill(worker.pid, signal.SIGKILL)

@@ -157,7 +157,9 @@ def test_an_interrupt_takes_the_workers_with_it(monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt  # Ctrl-C while this process waits for the workers
 
-    monkeypatch.setattr(plan_workers.select, "select", interrupted)
+    import multiprocessing.connection
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", interrupted)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         make_all([lambda: time.sleep(60), lambda: time.sleep(60)], ["a", "b"],
