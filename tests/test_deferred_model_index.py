@@ -144,3 +144,25 @@ def test_the_installed_release_is_the_one_read_here():
             self._count = len(import_structure)
 
     assert not deferred_model_index._index_fields_are_known(KeepsMore)
+
+
+def test_a_package_init_that_makes_another_module_is_imported_again_as_usual():
+    # The init's statement matches, but it builds another class of module (a release whose
+    # ``transformers.utils._LazyModule`` is not the one read here): made again, with the
+    # index, by an ordinary import.
+    out = _run("""
+        import json
+        import transformers.utils as utils
+        from transformers.utils import import_utils
+
+        class Other(import_utils._LazyModule):
+            pass
+
+        utils._LazyModule = Other
+        from qplan import deferred_model_index
+        deferred_model_index.import_models_package()
+        import transformers.models as models
+        print(json.dumps({"built": deferred_model_index.index_built(),
+                          "type": type(models).__name__}))
+    """)
+    assert out == {"built": True, "type": "Other"}
