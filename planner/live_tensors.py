@@ -12,18 +12,22 @@ state, KV cache, ...), without copying the live set at every new peak.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from qplan.planner import meta_memo, reuse
+from qplan.planner.bulk_count import BULK_ENTRIES, Columns, Counts, count_stretch
 from qplan.planner.precision import ALLOC_ROUND
 
 
@@ -190,6 +194,11 @@ class LiveTensorTracker(TorchDispatchMode):
                           self._release(key, serial))
         self._live[key] = (serial, storage.nbytes(), ref)
 
+    def let_go(self, tensor: torch.Tensor) -> None:
+        """Stop tracking ``tensor``'s storage: the caller logged its release, and its end
+        logs nothing."""
+        self._live.pop(id(tensor.untyped_storage()), None)
+
     def live_serials(self) -> set[int]:
         return {known[0] for known in self._live.values()}
 
@@ -199,6 +208,14 @@ class LiveTensorTracker(TorchDispatchMode):
         if self._parts is None:
             self._parts, self._parts_from = [], len(self._events)
         return len(self._events)
+
+    def parts(self, start: int) -> list[tuple[str, ...] | None]:
+        """The part of each event from ``start`` on (at least where ``record_parts``
+        began): None for a release."""
+        offset = start - self._parts_from
+        assert self._parts is not None and offset >= 0
+        assert len(self._parts) - offset == len(self._events) - start
+        return self._parts[offset:]
 
     def log(self, start: int = 0) -> list[tuple[int, int, str, str | None,
                                                  tuple[str, ...] | None]]:
@@ -224,18 +241,23 @@ class LiveTensorTracker(TorchDispatchMode):
         self.count_entries(entries, parts)
 
     def count_entries(self, entries: list[LiveStorage],
-                      parts: list[tuple[str, ...] | None]) -> None:
+                      parts: list[tuple[str, ...] | None],
+                      columns: Columns | None = None) -> None:
         """Count ``entries``, already in the log's own form, each a storage made in its
         part ``parts[i]`` or, where that is None, a release (``-nbytes``): ``_count`` and
         ``_uncount`` for each, in one loop over local state. A repeated training step or a
         Mamba scan's counted tokens (planner/repeated_steps.py, recurrent_scan_graph.py)
         count millions of entries, and each call's attribute traffic cost more than the
-        counting."""
+        counting. A long stretch is counted in numpy, from its ``columns`` where the caller
+        has them (planner/bulk_count.py)."""
         events = self._events
         index = len(events) - 1
         events.extend(entries)
         if self._parts is not None:
             self._parts.extend(parts)
+        if len(entries) >= BULK_ENTRIES:
+            self._count_stretch(entries, parts, index + 1, columns)
+            return
         phase, segment = self.phase, self.segment
         current, allocated = self.current, self.current_allocated
         peak, peak_allocated = self.peak, self.peak_allocated
@@ -274,6 +296,20 @@ class LiveTensorTracker(TorchDispatchMode):
             self.current, self.current_allocated = current, allocated
             self.peak, self.peak_allocated = peak, peak_allocated
             self._peak_event, self._peak_phase = peak_event, peak_phase
+
+    def _count_stretch(self, entries: list[LiveStorage],
+                       parts: list[tuple[str, ...] | None], first_index: int,
+                       columns: Columns | None) -> None:
+        """``count_entries`` of a long stretch, already in the log: the same counting, in
+        numpy (planner/bulk_count.py)."""
+        counts = Counts(self.current, self.current_allocated, self.peak, self.peak_allocated,
+                        self._peak_event, self._peak_phase, self.phase, self.segment)
+        count_stretch(entries, parts, first_index, counts, self.phase_peaks,
+                      self._phase_peak_events, self._keys, columns)
+        self.current, self.current_allocated = counts.current, counts.allocated
+        self.peak, self.peak_allocated = counts.peak, counts.peak_allocated
+        self._peak_event, self._peak_phase = counts.peak_event, counts.peak_phase
+        self.phase, self.segment = counts.phase, counts.segment
 
     def serial_of(self, tensor: torch.Tensor) -> int | None:
         known = self._live.get(id(tensor.untyped_storage()))
@@ -357,16 +393,19 @@ class LiveTensorTracker(TorchDispatchMode):
         log = self._events
         pop = live.pop
         start = 0
-        # The log walked in stretches from one wanted event to the next: no test per entry,
-        # and the rounded bytes summed over the live set where one is wanted.
-        for stop in sorted(e for e in events if 0 <= e < len(log)):
-            for entry in log[start:stop + 1]:
-                if entry[1] >= 0:
-                    # A serial logged again replaces its entry in place (the release of an
-                    # empty storage reads as one made, as it always has).
-                    live[entry[0]] = entry
-                else:
-                    pop(entry[0], None)
+        # The log walked in stretches from one wanted event to the next, each in C: its
+        # storages made (and logged again) put in the live set in the log's order, then its
+        # releases taken out. That is the entry-by-entry walk's live set: a serial released
+        # is never made again, and one logged again keeps its place.
+        stops = sorted(e for e in events if 0 <= e < len(log))
+        made = (np.fromiter(map(operator.itemgetter(1), log), dtype=np.int64,
+                            count=len(log)) >= 0).tolist() if stops else []
+        for stop in stops:
+            stretch, kinds = log[start:stop + 1], made[start:stop + 1]
+            live.update(zip(map(operator.itemgetter(0), itertools.compress(stretch, kinds)),
+                            itertools.compress(stretch, kinds), strict=True))
+            collections.deque(map(pop, map(operator.itemgetter(0), itertools.compress(
+                stretch, map(operator.not_, kinds))), itertools.repeat(None)), maxlen=0)
             snapshot = tuple(live.values())
             found[stop] = (snapshot, sum([-(-entry[1] // ALLOC_ROUND) * ALLOC_ROUND
                                           for entry in snapshot if entry[1] > 0]))

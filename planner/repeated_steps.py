@@ -50,15 +50,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from qplan.planner import reuse
-from qplan.planner.live_tensors import LiveTensorTracker
+from qplan.planner.bulk_count import Columns, columns_of
+from qplan.planner.live_tensors import LiveStorage, LiveTensorTracker, new_entry
 from qplan.planner.prepared_models import equal_but_recast, state_of
 from qplan.planner.quant import clear_step_scratch, first_forward_casts
 
@@ -76,14 +80,22 @@ class _Gradient:
 @dataclass(frozen=True)
 class _Section:
     record: tuple  # state_of(model) and its companions' when the section started
-    # The section's log, each event with its part (None: a release): LiveTensorTracker.log.
-    events: tuple[tuple[int, int, str, str | None, tuple[str, ...] | None], ...]
-    made: frozenset[int]
+    # The section's log (the tracker's entries, and the part of each: None for a release).
+    entries: list[LiveStorage]
+    parts: list[tuple[str, ...] | None]
+    columns: Columns  # what counting them reads (planner/bulk_count.py), read once
+    # The section's storages made, by serial (increasing: the order they were made in),
+    # and for each entry the place of its storage in that order.
+    made: np.ndarray
+    ordinals: np.ndarray
     gradients: tuple[_Gradient, ...]
     empty: frozenset[int]  # zero-byte storages still alive when the section ended
     kept: frozenset[int]  # storages the loss keeps outside the model (metrics)
     phase: str  # the tracker's phase and part when the section ended
     segment: tuple[str, ...]
+
+    def ordinal(self, serial: int) -> int:
+        return int(np.searchsorted(self.made, serial))
 
 
 def repeatable(params: list[nn.Parameter], workload: Any, own_loss: bool) -> bool:
@@ -124,19 +136,24 @@ class StepRepeater:
         yield
         if _other_roles(seen) != before or (tracker.host_current, tracker.host_peak) != host:
             return
-        events = tuple(tracker.log(start))
-        casts = self._casts(events, castable)
+        # The log's own entries, not a copy of each: a Mamba step logs millions.
+        entries, parts = tracker._events[start:], tracker.parts(start)
+        serials = _serials(entries)
+        casts = self._casts(entries, parts, serials, castable)
         if casts:
             # The first step cast these tensors, the next ones will not: their events
             # are not counted again, and the next step must start from the model as the
             # first one left it, which differs from where it started by the casts alone.
-            dropped = set(casts) | set(casts.values())
-            events = tuple(event for event in events if event[0] not in dropped)
+            keep = ~np.isin(serials, [*casts, *casts.values()])
+            entries = list(itertools.compress(entries, keep.tolist()))
+            parts = list(itertools.compress(parts, keep.tolist()))
+            serials = serials[keep]
             after = self._record_without_gradients()
             if not equal_but_recast(record, after, {id(castable[s]) for s in casts}):
                 return
             record = after
-        self._section = self._section_of(record, events)
+        self._section = self._section_of(record, entries, parts, serials,
+                                         columns_of(entries, parts))
 
     def _castable(self) -> dict[int, torch.Tensor]:
         """serial -> tensor, for the tensors the model's quantised layers cast on their
@@ -149,19 +166,19 @@ class StepRepeater:
                     found[serial] = tensor
         return found
 
-    def _casts(self, events: tuple, castable: dict[int, torch.Tensor]) -> dict[int, int]:
+    def _casts(self, entries: list[LiveStorage], parts: list[tuple[str, ...] | None],
+               serials: np.ndarray, castable: dict[int, torch.Tensor]) -> dict[int, int]:
         """old serial -> new serial of each cast the section made: a castable tensor's
         storage released right after a new storage was made, that new storage what the
         tensor holds now (``tensor.data = tensor.data.to(dtype)``)."""
         casts: dict[int, int] = {}
-        previous = None
-        for event in events:
-            serial, part = event[0], event[4]
-            if (part is None and serial in castable and previous is not None
-                    and previous[4] is not None
-                    and self._tracker.serial_of(castable[serial]) == previous[0]):
-                casts[serial] = previous[0]
-            previous = event
+        if not castable:
+            return casts
+        for at in np.flatnonzero(np.isin(serials, list(castable))).tolist():
+            serial = entries[at][0]
+            if (parts[at] is None and at > 0 and parts[at - 1] is not None
+                    and self._tracker.serial_of(castable[serial]) == entries[at - 1][0]):
+                casts[serial] = entries[at - 1][0]
         return casts
 
     def _record_without_gradients(self) -> tuple:
@@ -175,18 +192,36 @@ class StepRepeater:
             for param, grad in grads:
                 param.grad = grad
 
-    def _section_of(self, record: tuple, events: tuple) -> _Section | None:
-        made: set[int] = set()
-        freed: set[int] = set()
-        sizes: dict[int, int] = {}
-        for serial, nbytes, _, _, part in events:
-            if part is not None:
-                made.add(serial)
-                sizes[serial] = nbytes
-            elif serial in made:
-                freed.add(serial)
-            else:
-                return None  # a storage made before the section
+    def _section_of(self, record: tuple, entries: list[LiveStorage],
+                    parts: list[tuple[str, ...] | None], serials: np.ndarray,
+                    columns: Columns) -> _Section | None:
+        n = len(entries)
+        made_here = columns.made
+        made_at, released_at = np.flatnonzero(made_here), np.flatnonzero(~made_here)
+        made = serials[made_at]
+        if len(made) > 1 and not (np.diff(made) > 0).all():
+            return None  # serials out of the order they are handed out in
+        # Every release is of a storage made earlier in the section.
+        ordinals = np.empty(n, dtype=np.int64)
+        ordinals[made_at] = np.arange(len(made))
+        released = serials[released_at]
+        of = np.searchsorted(made, released)
+        if len(released) and not len(made):
+            return None
+        if len(released) and ((of >= len(made)).any()
+                              or (made[np.minimum(of, len(made) - 1)] != released).any()
+                              or (made_at[np.minimum(of, len(made) - 1)] >= released_at).any()):
+            return None  # a storage made before the section
+        ordinals[released_at] = of
+        # A release logs no tag: the count logs the same entries again.
+        if any(map(operator.is_not, map(operator.itemgetter(3),
+                                        itertools.compress(entries, (~made_here).tolist())),
+                   itertools.repeat(None))):
+            return None
+        freed = np.zeros(len(made), dtype=bool)
+        freed[of] = True
+        left = made_at[~freed]
+        survivors = {entries[at][0]: entries[at][1] for at in left.tolist()}
         gradients = []
         for param in self._params:
             grad = param.grad
@@ -201,15 +236,18 @@ class StepRepeater:
                 return None
             gradients.append(_Gradient(param, serial, tuple(grad.shape), tuple(grad.stride()),
                                        grad.dtype, storage))
-        serials = [g.serial for g in gradients]
+        grad_serials = [g.serial for g in gradients]
         # Empty storages the backward leaves to the autograd engine weigh nothing: they
         # are released with the section's end, which no count can tell from later.
-        empty = frozenset(s for s in made - freed - set(serials) if sizes[s] == 0)
-        kept = frozenset(made - freed - empty - set(serials)) if self._keeps else frozenset()
-        if len(set(serials)) != len(serials) or set(serials) != made - freed - empty - kept:
+        empty = frozenset(s for s, nbytes in survivors.items()
+                          if nbytes == 0 and s not in grad_serials)
+        kept = (frozenset(set(survivors) - empty - set(grad_serials)) if self._keeps
+                else frozenset())
+        if (len(set(grad_serials)) != len(grad_serials)
+                or set(grad_serials) != set(survivors) - empty - kept):
             return None
-        return _Section(record, events, frozenset(made), tuple(gradients), empty, kept,
-                        self._tracker.phase, self._tracker.segment)
+        return _Section(record, entries, parts, columns, made, ordinals, tuple(gradients),
+                        empty, kept, self._tracker.phase, self._tracker.segment)
 
     def _record(self) -> tuple:
         return (state_of(self._model), *map(state_of, self._companions))
@@ -226,8 +264,9 @@ class StepRepeater:
         # record can then match, and the columns' storage (empty on meta) is released.
         for module in (self._model, *self._companions):
             clear_step_scratch(module)
-        live = tracker.live_serials()
-        if live & (section.made - section.kept) or not section.kept <= live \
+        live = np.fromiter(tracker.live_serials(), dtype=np.int64)
+        made_live = set(live[np.isin(live, section.made)].tolist())
+        if made_live - section.kept or not section.kept <= set(live.tolist()) \
                 or self._record() != section.record:
             return False
         # The gradients first (nothing counted), so a layout that would differ stops here.
@@ -237,25 +276,27 @@ class StepRepeater:
         if any(grad.untyped_storage().nbytes() != g.nbytes
                for grad, g in zip(grads, section.gradients, strict=True)):
             return False
-        # The section's log under fresh serials, as the step would make them.
-        serials: dict[int, int] = {}
-        fresh = tracker._serials
-        log = []
-        append = log.append
-        for serial, nbytes, phase, tag, part in section.events:
-            if part is not None:
-                new = serials[serial] = next(fresh)
-            else:
-                new = serials[serial]
-            append((new, nbytes, phase, tag, part))
-        phase = section.events[-1][2] if section.events else section.phase
-        log.extend((serials[serial], 0, phase, None, None) for serial in section.empty)
-        tracker.count_log(log)
+        # The section's log under fresh serials, handed out in the order the step would
+        # make its storages: the storage made k-th gets the k-th.
+        first = next(tracker._serials) if len(section.made) else 0
+        if len(section.made) > 1:
+            next(itertools.islice(tracker._serials, len(section.made) - 2, None))
+        entries = section.entries
+        log = list(map(new_entry, itertools.repeat(LiveStorage), zip(
+            (section.ordinals + first).tolist(), map(operator.itemgetter(1), entries),
+            map(operator.itemgetter(2), entries), map(operator.itemgetter(3), entries),
+            strict=True)))
+        tracker.count_entries(log, list(section.parts), section.columns)
+        phase = entries[-1][2] if entries else section.phase
+        tracker.count_entries(
+            [new_entry(LiveStorage, (first + section.ordinal(serial), 0, phase, None))
+             for serial in section.empty], [None] * len(section.empty))
         tracker.phase, tracker.segment = section.phase, section.segment
         for grad, g in zip(grads, section.gradients, strict=True):
             g.param.grad = grad
-            tracker.attach(grad, serials[g.serial])
-            self._seen.gradients.add(serials[g.serial])
+            serial = first + section.ordinal(g.serial)
+            tracker.attach(grad, serial)
+            self._seen.gradients.add(serial)
         return True
 
 
@@ -265,3 +306,8 @@ def _other_roles(seen: Any) -> dict[str, Any]:
              if name != "gradients"}
     found["roles"] = {name: set(value) for name, value in seen.roles.items()}
     return found
+
+
+def _serials(entries: list[LiveStorage]) -> np.ndarray:
+    return np.fromiter(map(operator.itemgetter(0), entries), dtype=np.int64,
+                       count=len(entries))
