@@ -79,6 +79,10 @@ class LiveTensorTracker(TorchDispatchMode):
         self._serials = itertools.count()
         # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
         self._live: dict[int, tuple[int, int, Any]] = {}
+        # Groups of storages one tensor stands for (``attach_group``): the weak reference
+        # to that tensor's storage, by its id; each storage's key, counted down from -1.
+        self._groups: dict[int, Any] = {}
+        self._group_keys = -1
         self._events: list[LiveStorage] = []  # (serial, ±nbytes, phase, tag)
         self.current = 0
         self.current_allocated = 0
@@ -193,6 +197,43 @@ class LiveTensorTracker(TorchDispatchMode):
         ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
                           self._release(key, serial))
         self._live[key] = (serial, storage.nbytes(), ref)
+
+    def attach_group(self, owner: torch.Tensor, serials: list[int],
+                     sizes: list[int]) -> range:
+        """Own many storages the log already counted (``serials``, of ``sizes`` bytes) with
+        one tensor: each is tracked under a key of its own (returned), which a caller may
+        let go of as ``attach``'s (planner/recurrent_scan_graph.py: ``_Releaser``); when
+        ``owner``'s storage is freed, those still tracked are released, the last first.
+
+        A Mamba scan's counted tokens leave thousands of storages that outlive them, which
+        a real loop holds in a list (its outputs, or what its graph saved): when the list
+        goes, its items go from the last. One tensor standing for them all, where the list
+        held it, ends them at the same point of the log, in that order, without a tensor
+        and a weak reference each."""
+        first = self._group_keys
+        keys = range(first, first - len(serials), -1)  # below every id(): never a storage's
+        self._group_keys = first - len(serials)
+        if len(serials) != len(sizes):
+            raise ValueError("a group's serials and sizes differ in length")
+        self._live.update(zip(keys, zip(serials, sizes, itertools.repeat(None),
+                                        strict=False), strict=True))
+        storage = owner.untyped_storage()
+        key = id(storage)
+        self._groups[key] = weakref.ref(storage, lambda _ref, key=key, keys=keys:
+                                        self._release_group(key, keys))
+        return keys
+
+    def _release_group(self, key: int, keys: range) -> None:
+        del self._groups[key]
+        pop = self._live.pop
+        entries = [new_entry(LiveStorage, (known[0], -known[1], self.phase, None))
+                   for known in map(pop, reversed(keys), itertools.repeat(None))
+                   if known is not None]
+        self.count_entries(entries, [None] * len(entries))
+
+    def group_tracked(self, keys: range) -> bool:
+        """Whether any storage of a group is still tracked."""
+        return any(map(self._live.__contains__, keys))
 
     def let_go(self, tensor: torch.Tensor) -> None:
         """Stop tracking ``tensor``'s storage: the caller logged its release, and its end

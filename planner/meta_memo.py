@@ -87,15 +87,27 @@ def _items_key(values: tuple | list) -> tuple:
     """``tuple(_key(v) for v in values)``, the commonest items (a plain tensor, a scalar)
     keyed in the loop itself: an op's arguments are keyed at every dispatch."""
     keys = []
+    # An item that is the item before has its key (the list ``torch.stack`` reads after a
+    # Mamba scan holds one view for all its counted tokens' outputs: thousands of times).
+    last: Any = _NOTHING
+    key: Any = None
     for value in values:
+        if value is last:
+            keys.append(key)
+            continue
         cls = type(value)
         if cls is _TENSOR:
-            keys.append(_tensor_key(value, cls))
+            key = _tensor_key(value, cls)
         elif cls in _SCALAR_TYPES:
-            keys.append((cls, value))
+            key = (cls, value)
         else:
-            keys.append(_key(value))
+            key = _key(value)
+        keys.append(key)
+        last = value
     return tuple(keys)
+
+
+_NOTHING = object()
 
 
 def _key(value: Any) -> Any:

@@ -89,6 +89,10 @@ class _Iteration:
     state_spec: tuple
     output_spec: tuple
 
+    @property
+    def output_nbytes(self) -> int:
+        return next(e.nbytes for e in self.events if e.alloc and e.ref[1] == self.output)
+
 
 def _spec(tensor: torch.Tensor) -> tuple | None:
     """(shape, stride, dtype) when ``empty_strided`` recreates ``tensor``'s storage exactly
@@ -275,16 +279,21 @@ def _counted_iterations(tracker: LiveTensorTracker, template: _Iteration, count:
     del state
     out_shape, out_stride, out_dtype = template.output_spec
     meta = torch.device("meta")
-    attach, append = tracker.attach, scan_outputs.append
-    output = None
-    for serial in range(base + template.output, base + count * per_token, per_token):
-        output = torch.empty_strided(out_shape, out_stride, dtype=out_dtype, device=meta)
-        attach(output, serial)
-        append(output[:, :, 0])
+    # The outputs but the last, which the loop's own variable holds too: one tensor
+    # stands for them all (``attach_group``), a view of it in each of their places in the
+    # list ``torch.stack`` reads.
+    outputs = list(range(base + template.output, base + (count - 1) * per_token, per_token))
+    if outputs:
+        shared = torch.empty_strided(out_shape, out_stride, dtype=out_dtype, device=meta)
+        tracker.attach_group(shared, outputs, [template.output_nbytes] * len(outputs))
+        scan_outputs.extend([shared[:, :, 0]] * len(outputs))
+        del shared
+    output = torch.empty_strided(out_shape, out_stride, dtype=out_dtype, device=meta)
+    tracker.attach(output, base + (count - 1) * per_token + template.output)
+    scan_outputs.append(output[:, :, 0])
     state_shape, state_stride, state_dtype = template.state_spec
     last = torch.empty_strided(state_shape, state_stride, dtype=state_dtype, device=meta)
-    attach(last, base + (count - 1) * per_token + template.state)
-    assert output is not None
+    tracker.attach(last, base + (count - 1) * per_token + template.state)
     return last, output
 
 

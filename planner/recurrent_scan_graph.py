@@ -180,22 +180,18 @@ def _empty(spec: tuple) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
-def _blob(nbytes: int) -> torch.Tensor:
-    """A meta storage of ``nbytes`` standing for one the graph keeps (only its life counts)."""
-    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
-
-
 @dataclass
 class _Kept:
     """What the forward of the counted tokens leaves for their backward, on the carrier
     the graph saves: the storages the graph keeps alive, and whose serial is whose."""
 
-    objects: list[torch.Tensor]  # the counted tokens' storages the graph keeps
+    objects: list[torch.Tensor]  # what stands for the counted tokens' storages the graph keeps
     real: list[torch.Tensor]  # the real token's the counted ones keep
     first: int  # index of the first counted token
     count: int  # counted tokens
     base: int  # serial of the first counted token's first new storage
     per_token: int  # new storages per token
+    group: range  # the keys of the storages the holder in ``objects`` stands for
     # serial -> ordinal, for the real tokens around the counted ones, by token index
     tokens: dict[int, dict[int, int]] = field(default_factory=dict)
 
@@ -324,6 +320,7 @@ class _Run:
     last_real: _Log  # the log of token first - 1
     own_nodes_keep_state: bool
     outputs: list[torch.Tensor] = field(default_factory=list)
+    output_count: int = 0
     kept: _Kept | None = None
     # token index -> (event index, phase, segment) where its backward began
     marks: dict[int, tuple[int, str, tuple[str, ...]]] = field(default_factory=dict)
@@ -365,20 +362,31 @@ class _Run:
             # The last real token's storages the first counted one releases.
             for column, nbytes in released.values():
                 releaser.forget(int(column[0]), nbytes)
+            # What outlives each token: its output, which the list ``torch.stack`` reads
+            # holds, and what its nodes saved, which the graph holds. Each is one tensor
+            # standing for all the counted tokens' (``attach_group``), held where the
+            # real loop holds them.
+            outputs: list[int] = []
+            saved: list[int] = []
+            saved_sizes: list[int] = []
             for token in range(self.count):
                 first_serial = base + token * per_token
                 for ordinal in persist:
-                    serial, nbytes = first_serial + ordinal, sizes[ordinal]
                     if ordinal == self.output_ordinal:
-                        output = _empty(self.output_spec)
-                        tracker.attach(output, serial)
-                        self.outputs.append(output)
+                        outputs.append(first_serial + ordinal)
                     elif ordinal == self.state_ordinal and token == self.count - 1:
                         continue  # the state handed on, below
                     else:
-                        blob = _blob(nbytes)
-                        tracker.attach(blob, serial)
-                        objects.append(blob)
+                        saved.append(first_serial + ordinal)
+                        saved_sizes.append(sizes[ordinal])
+            output = _empty(self.output_spec)
+            tracker.attach_group(output, outputs, [sizes[self.output_ordinal]] * len(outputs))
+            self.outputs, self.output_count = [output], len(outputs)
+            group = range(0)
+            if saved:
+                holder = torch.empty(0, dtype=torch.uint8, device="meta")
+                group = tracker.attach_group(holder, saved, saved_sizes)
+                objects.append(holder)
             previous = {o: base + (self.count - 1) * per_token + o for o in range(per_token)}
             _count_tokens(tracker, entries, parts, start, counted)
             # The last state: the next (real) token reads it, and releases it or keeps it
@@ -390,7 +398,7 @@ class _Run:
                 # saves the state itself, no cast), till that token's backward.
                 objects.append(new_state.detach())
             carrier = torch.empty(0, device="meta")
-        kept = _Kept(objects, real, self.first, self.count, base, per_token)
+        kept = _Kept(objects, real, self.first, self.count, base, per_token, group)
         kept.tokens[self.first - 1] = self.last_real.ordinals()
         setattr(carrier, _KEPT, kept)
         self.kept = kept
@@ -498,7 +506,8 @@ class _Run:
             tracker.attach(out, previous[grad_ordinal])
         # Whatever of the counted tokens' forward the graph still kept would end later than
         # in the real loop, where their nodes have run by now.
-        if any(tracker.serial_of(kept_object) is not None for kept_object in kept.objects):
+        if (any(tracker.serial_of(kept_object) is not None for kept_object in kept.objects)
+                or tracker.group_tracked(kept.group)):
             raise ScanNotRepeating
         # Let go of what the counted tokens kept now, as their nodes would have: the carrier
         # itself may outlive this node (checkpointing's recomputed tensors).
@@ -620,7 +629,9 @@ def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tens
     kept = run.kept
     assert kept is not None
     with _disable_current_modes():
-        scan_outputs.extend(counted[:, :, 0] for counted in run.outputs)
+        # One tensor stands for every counted token's output (``_Run.forward``): the list
+        # holds a view of it in each of their places.
+        scan_outputs.extend([run.outputs[0][:, :, 0]] * run.output_count)
     run.outputs.clear()
     run.kept = None
     previous = {kept.serial(FIRST + count - 1, o): o  # type: ignore[misc]
