@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,9 +28,9 @@ from qplan.planner.precision import ALLOC_ROUND
 BULK_ENTRIES = 2048
 
 
-@dataclass
+@dataclass(frozen=True)
 class Counts:
-    """The tracker's running totals before a stretch, and after it once counted."""
+    """The tracker's running totals: before a stretch, and after it (``count_stretch``)."""
 
     current: int
     allocated: int
@@ -83,14 +83,14 @@ def count_stretch(entries: Sequence[Any], parts: Sequence[tuple[str, ...] | None
                   first_index: int, counts: Counts, peaks: dict[str, int],
                   peak_events: dict[str, int],
                   keys_of: Callable[[str, tuple[str, ...]], tuple[str, ...]],
-                  columns: Columns | None = None) -> None:
+                  columns: Columns | None = None) -> Counts:
     """Count ``entries`` (the log's (serial, ±nbytes, phase, tag)), the first of which is
     the log's entry ``first_index``: a storage made in part ``parts[i]``, or a release
-    where that is None. Updates ``counts``, ``peaks`` and ``peak_events`` (the peak of each
-    of ``keys_of(phase, part)``) as the loop would. ``columns``: the stretch's columns, where
-    the caller has them."""
+    where that is None. Returns the totals after them, and updates ``peaks`` and
+    ``peak_events`` (the peak of each of ``keys_of(phase, part)``), as the loop would.
+    ``columns``: the stretch's columns, where the caller has them."""
     if not entries:
-        return
+        return counts
     if columns is None:
         columns = columns_of(entries, parts)
     nbytes, made, starts = columns.nbytes, columns.made, columns.runs
@@ -105,20 +105,21 @@ def count_stretch(entries: Sequence[Any], parts: Sequence[tuple[str, ...] | None
                      np.where(~made & (nbytes < 0), (nbytes // ALLOC_ROUND) * ALLOC_ROUND, 0))
     allocated = np.cumsum(steps)
     allocated += counts.allocated
+    peak_allocated = counts.peak_allocated
     if grows.any():
-        counts.peak_allocated = max(counts.peak_allocated, int(allocated[grows].max()))
-    counts.current, counts.allocated = int(current[-1]), int(allocated[-1])
-    counts.phase = entries[-1][2]
+        peak_allocated = max(peak_allocated, int(allocated[grows].max()))
+    counts = replace(counts, current=int(current[-1]), allocated=int(allocated[-1]),
+                     peak_allocated=peak_allocated, phase=entries[-1][2])
     made_at = np.flatnonzero(made)
     if not len(made_at):
-        return
-    counts.segment = parts[made_at[-1]]
+        return counts
+    counts = replace(counts, segment=parts[made_at[-1]])
     live = current[made_at]
     top = int(np.argmax(live))  # the first entry where the largest is reached
     if int(live[top]) > counts.peak:
         at = int(made_at[top])
-        counts.peak, counts.peak_event = int(live[top]), first_index + at
-        counts.peak_phase = entries[at][2]
+        counts = replace(counts, peak=int(live[top]), peak_event=first_index + at,
+                         peak_phase=entries[at][2])
     highest = np.maximum.reduceat(live, starts)
     ends = [*starts[1:].tolist(), len(made_at)]
     for start, end, high in zip(starts.tolist(), ends, highest.tolist(), strict=True):
@@ -133,3 +134,4 @@ def count_stretch(entries: Sequence[Any], parts: Sequence[tuple[str, ...] | None
             if high > peaks.get(name, 0):
                 peaks[name] = high
                 peak_events[name] = where
+    return counts

@@ -345,8 +345,8 @@ class LiveTensorTracker(TorchDispatchMode):
         numpy (planner/bulk_count.py)."""
         counts = Counts(self.current, self.current_allocated, self.peak, self.peak_allocated,
                         self._peak_event, self._peak_phase, self.phase, self.segment)
-        count_stretch(entries, parts, first_index, counts, self.phase_peaks,
-                      self._phase_peak_events, self._keys, columns)
+        counts = count_stretch(entries, parts, first_index, counts, self.phase_peaks,
+                               self._phase_peak_events, self._keys, columns)
         self.current, self.current_allocated = counts.current, counts.allocated
         self.peak, self.peak_allocated = counts.peak, counts.peak_allocated
         self._peak_event, self._peak_phase = counts.peak_event, counts.peak_phase

@@ -14,10 +14,12 @@ previous state go. That is a fact checked on the run itself, not assumed: the fi
 before it (sizes, phases, tags, which storage each release frees) with the same two
 survivors (the state and the output, each a fresh storage of the same shape). Only then
 are the remaining iterations counted from that log through the tracker's own counting
-(``_count`` / ``_uncount``: the same serials in the same order, so every peak, phase peak
-and snapshot is the traced one), with a fresh meta state and output per token attached to
-their serials: the previous state is released when the loop lets go of it, the outputs
-stay in the list ``torch.stack`` reads, exactly as in the real loop. Anything else (a
+(the same serials in the same order, so every peak, phase peak and snapshot is the traced
+one): the first one event by event, its previous state released when the loop lets go of
+it; the rest built as arrays and counted at once (``_counted_iterations``), each releasing
+the state before it in the log. Their outputs stay in the list ``torch.stack`` reads,
+exactly as in the real loop: one meta tensor owns every output but the last
+(``LiveTensorTracker.attach_group``), a view of it in each of their places. Anything else (a
 log that differs, a storage released that is neither a temporary of the
 iteration nor the previous state, activation offloading's host copies, no tracker) runs
 the real loop. Where the tracker counts nothing (``untracked``), only the results' layout

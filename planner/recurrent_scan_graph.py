@@ -12,16 +12,20 @@ made and freed in the same order, what the token after it handed on (the state, 
 gradient, the running sums of the inputs' gradients) released, the same tensors of its own
 forward released when its nodes run. So the first ``FIRST`` tokens and the last ``LAST``
 tokens run for real, and the ones between are one autograd node, ``_Counted``, that counts
-their events from the real tokens' logs through the tracker's own counting (``_count``,
-``_uncount``): the same serials in the same order as the real loop makes them, so the
-same log, peaks and snapshots (tests/test_recurrent_scan.py compares the logs event for
-event).
+their events from the real tokens' logs through the tracker's own counting
+(``count_entries``): the same serials in the same order as the real loop makes them, so
+the same log, peaks and snapshots (tests/test_recurrent_scan.py compares the logs event for
+event). The counted tokens' log is built as arrays, a column per event of a token
+(``tokens_log``), and counted in numpy (planner/bulk_count.py): no Python code runs per
+token and event.
 
 * Forward: the second-to-last and last of the first tokens must log the same iteration
   (sizes, phases, tags, which storage each release frees: one of its own or one the token
   before made). The counted tokens follow that log; what outlives a token (its output in
-  the list ``torch.stack`` reads, what the graph saves) is a fresh meta tensor owning the
-  storage, kept where the real graph keeps it. The last tokens must log it again.
+  the list ``torch.stack`` reads, what the graph saves) is owned by one meta tensor for
+  all the counted tokens' outputs and one for what their nodes saved
+  (``LiveTensorTracker.attach_group``), kept where the real loop and graph keep them. The
+  last tokens must log it again.
 * Backward: the engine runs a token's nodes one token after another, from the last; the
   counted node sits in the graph where the counted tokens' nodes would, so it runs after
   the last real tokens and before the first ones. It reads the logs of the third- and
@@ -216,7 +220,7 @@ class _Kept:
 
 class _Releaser:
     """Releases a serial at the point the real loop releases it: the log's release is
-    logged with the token's events (``_token_log``), and where a storage still stands for
+    logged with the token's events (``tokens_log``), and where a storage still stands for
     the serial (a real tensor the engine or the graph holds a while longer), that storage
     is let go of by the tracker here, so its later end logs nothing; ``rebind`` gives such
     a storage a new serial."""
@@ -229,7 +233,7 @@ class _Releaser:
 
     def forget(self, serial: int, nbytes: int) -> None:
         """The tracker lets go of the storage standing for ``serial``, if one does; the
-        caller logs the release itself (``_token_log``)."""
+        caller logs the release itself (``tokens_log``)."""
         key = self.keys.pop(serial, None)
         if key is not None:
             entry = self.tracker._live.get(key)
@@ -491,9 +495,11 @@ class _Run:
 
             entries, parts, counted, released = tokens_log(
                 template.events, self.count, base, earlier, phase, part)
-            forget = releaser.forget
+            # A storage something still stands for is let go of; the rest (what this
+            # backward made) only logs its release.
+            forget, standing = releaser.forget, releaser.keys.__contains__
             for column, nbytes in released.values():
-                for serial in column.tolist():
+                for serial in filter(standing, column.tolist()):
                     forget(serial, nbytes)
             previous = [base + (self.count - 1) * made + o for o in range(made)]
             _count_tokens(tracker, entries, parts, start, counted)
