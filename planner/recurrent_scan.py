@@ -258,9 +258,9 @@ def _counted_iterations(tracker: LiveTensorTracker, template: _Iteration, count:
                         scan_outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The last ``count`` iterations counted from ``template`` at once, after one counted
     one left ``state`` (serial ``state_serial``): their log built as arrays
-    (``tokens_log``) and counted together, a fresh output per token appended to
-    ``scan_outputs``, the state of none but the last made (each releases the one
-    before, in the log). Returns the last state and output.
+    (``tokens_log``) and counted together, their outputs appended to ``scan_outputs``
+    (one tensor standing for all but the last), the state of none but the last made (each
+    releases the one before, in the log). Returns the last state and output.
 
     The loop this replaces called the tracker per event, a tenth of a Mamba plan."""
     per_token = sum(1 for e in template.events if e.alloc)
