@@ -83,6 +83,10 @@ def _tensor_key(value: torch.Tensor, cls: type) -> tuple:
     return (value.dtype, value.shape, value.stride(), value.requires_grad)
 
 
+# No item is this object: the "item before" of the first item.
+_NOTHING = object()
+
+
 def _items_key(values: tuple | list) -> tuple:
     """``tuple(_key(v) for v in values)``, the commonest items (a plain tensor, a scalar)
     keyed in the loop itself: an op's arguments are keyed at every dispatch."""
@@ -105,9 +109,6 @@ def _items_key(values: tuple | list) -> tuple:
         keys.append(key)
         last = value
     return tuple(keys)
-
-
-_NOTHING = object()
 
 
 def _key(value: Any) -> Any:

@@ -119,3 +119,34 @@ def test_a_replay_in_stretches_finds_the_live_sets_of_the_walk(seed):
     stops = sorted(set(rng.sample(range(len(entries)), 40)) | {0, len(entries) - 1})
     assert tracker._replay({*stops, -1, len(entries) + 5}) == {
         **_replayed_entry_by_entry(entries, stops), -1: ((), 0)}
+
+
+def test_a_scans_counted_tokens_come_with_the_columns_their_entries_have():
+    # tokens_log hands its columns to the count instead of having them read off its
+    # entries: they must be the ones read off.
+    import numpy as np
+
+    from qplan.planner.bulk_count import columns_of
+    from qplan.planner.recurrent_scan_graph import LogEvent, tokens_log
+
+    events = (LogEvent(True, 4096, "backward", None, ("own", 0)),
+              LogEvent(True, 700, "backward", "logits", ("own", 1)),
+              LogEvent(False, 4096, "backward", None, ("own", 0)),
+              LogEvent(False, 700, "backward", None, ("prev", 1)),
+              LogEvent(True, 0, "backward", None, ("own", 2)))
+
+    def earlier(ref, tokens):
+        column = 100 + (tokens - 1) * 3 + ref[1]
+        column[0] = 7
+        return column
+
+    entries, parts, columns, released = tokens_log(events, 5, 100, earlier, "backward",
+                                                   ("layer.0",))
+    read = columns_of(entries, parts)
+    assert np.array_equal(columns.nbytes, read.nbytes)
+    assert np.array_equal(columns.made, read.made)
+    assert np.array_equal(columns.runs, read.runs)
+    assert [e[0] for e in entries[:5]] == [100, 101, 100, 7, 102]
+    assert [e[0] for e in entries[5:10]] == [103, 104, 103, 101, 105]
+    assert released[("prev", 1)][0].tolist() == [7, 101, 104, 107, 110]
+    assert parts[:5] == [("layer.0",), ("layer.0",), None, None, ("layer.0",)]
