@@ -57,6 +57,7 @@ from qplan.planner.recurrent_scan_graph import (
     LogEvent,
     counted_loop,
     layout_spec,
+    standing_outputs,
     take_serials,
     tokens_log,
     zero_state,
@@ -284,12 +285,10 @@ def _counted_iterations(tracker: LiveTensorTracker, template: _Iteration, count:
     # The outputs but the last, which the loop's own variable holds too: one tensor
     # stands for them all (``attach_group``), a view of it in each of their places in the
     # list ``torch.stack`` reads.
-    outputs = list(range(base + template.output, base + (count - 1) * per_token, per_token))
-    if outputs:
-        shared = torch.empty_strided(out_shape, out_stride, dtype=out_dtype, device=meta)
-        tracker.attach_group(shared, outputs, [template.output_nbytes] * len(outputs))
-        scan_outputs.extend([shared[:, :, 0]] * len(outputs))
-        del shared
+    scan_outputs.extend(standing_outputs(
+        tracker, template.output_spec,
+        list(range(base + template.output, base + (count - 1) * per_token, per_token)),
+        template.output_nbytes))
     output = torch.empty_strided(out_shape, out_stride, dtype=out_dtype, device=meta)
     tracker.attach(output, base + (count - 1) * per_token + template.output)
     scan_outputs.append(output[:, :, 0])

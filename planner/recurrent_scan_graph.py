@@ -184,6 +184,20 @@ def _empty(spec: tuple) -> torch.Tensor:
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
+def standing_outputs(tracker: LiveTensorTracker, spec: tuple, serials: list[int],
+                     nbytes: int) -> list[torch.Tensor]:
+    """What the list ``torch.stack`` reads holds in the places of counted tokens' outputs
+    (``serials``, ``nbytes`` each, already counted): one meta tensor of layout ``spec``
+    stands for them all (``LiveTensorTracker.attach_group``), and each place holds a view
+    of it, the token's output as the loop appends it (``scan_output[:, :, 0]``)."""
+    if not serials:
+        return []
+    with _disable_current_modes():
+        shared = _empty(spec)
+        tracker.attach_group(shared, serials, [nbytes] * len(serials))
+        return [shared[:, :, 0]] * len(serials)
+
+
 @dataclass
 class _Kept:
     """What the forward of the counted tokens leaves for their backward, on the carrier
@@ -324,7 +338,6 @@ class _Run:
     last_real: _Log  # the log of token first - 1
     own_nodes_keep_state: bool
     outputs: list[torch.Tensor] = field(default_factory=list)
-    output_count: int = 0
     kept: _Kept | None = None
     # token index -> (event index, phase, segment) where its backward began
     marks: dict[int, tuple[int, str, tuple[str, ...]]] = field(default_factory=dict)
@@ -383,9 +396,8 @@ class _Run:
                     else:
                         saved.append(first_serial + ordinal)
                         saved_sizes.append(sizes[ordinal])
-            output = _empty(self.output_spec)
-            tracker.attach_group(output, outputs, [sizes[self.output_ordinal]] * len(outputs))
-            self.outputs, self.output_count = [output], len(outputs)
+            self.outputs = standing_outputs(tracker, self.output_spec, outputs,
+                                            sizes[self.output_ordinal])
             group = range(0)
             if saved:
                 holder = torch.empty(0, dtype=torch.uint8, device="meta")
@@ -634,10 +646,7 @@ def counted_loop(discrete_A: torch.Tensor, deltaB_u: torch.Tensor, C: torch.Tens
     ssm_state = _Counted.apply(ssm_state, run)
     kept = run.kept
     assert kept is not None
-    with _disable_current_modes():
-        # One tensor stands for every counted token's output (``_Run.forward``): the list
-        # holds a view of it in each of their places.
-        scan_outputs.extend([run.outputs[0][:, :, 0]] * run.output_count)
+    scan_outputs.extend(run.outputs)
     run.outputs.clear()
     run.kept = None
     previous = {kept.serial(FIRST + count - 1, o): o  # type: ignore[misc]

@@ -264,9 +264,10 @@ class StepRepeater:
         # record can then match, and the columns' storage (empty on meta) is released.
         for module in (self._model, *self._companions):
             clear_step_scratch(module)
-        live = np.fromiter(tracker.live_serials(), dtype=np.int64)
-        made_live = set(live[np.isin(live, section.made)].tolist())
-        if made_live - section.kept or not section.kept <= set(live.tolist()) \
+        live = tracker.live_serials()
+        alive = np.fromiter(live, dtype=np.int64, count=len(live))
+        made_live = set(alive[np.isin(alive, section.made)].tolist())
+        if made_live - section.kept or not section.kept <= live \
                 or self._record() != section.record:
             return False
         # The gradients first (nothing counted), so a layout that would differ stops here.
