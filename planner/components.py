@@ -230,37 +230,11 @@ def trace_components(
     keep the step's log for deriving other candidates from it (planner/derived_traces.py)."""
     from qplan.planner.trace import trace
 
-    # A shallow model keeps the stack's last ``suffix`` layers (planner/depths.py).
-    suffix = shallow_suffix(layers, pattern)
-    prepared_key = _prepared_key(config, workload, precision, compute_dtype, quant_storage,
-                                 skip_modules, trust_remote_code, layers, stored_method, target,
-                                 suffix)
-    prepared = meta_models.take(prepared_key) if prepared_key is not None else None
-    if prepared is CHANGES_THE_MODEL:
-        # This preparation's step changed the model before (GRPO's reference adapter):
-        # build and prepare afresh, without recording.
-        meta_models.keep(prepared_key, CHANGES_THE_MODEL)
-        prepared_key = prepared = None
-    as_prepared: tuple | None = None
-    if prepared is not None:
-        model, inventory, as_prepared = prepared
-    else:
-        model, inventory = step_model(
-            config, workload, precision, compute_dtype, quant_storage=quant_storage,
-            skip_modules=skip_modules, trust_remote_code=trust_remote_code, layers=layers,
-            suffix=suffix,
-        )
-        if workload.kind.prepare is not None:
-            with _new_tensors_on_meta():
-                packed = tuple(t.module for t in inventory.tensors
-                               if stored_method is not None and t.kind == "parameter"
-                               and t.quantizable)
-                model = workload.kind.prepare(model, workload,
-                                              PRECISIONS[precision].quantized,
-                                              stored_method=stored_method,
-                                              packed_modules=packed, target=target)
-            if prepared_key is not None:
-                as_prepared = state_of(model)
+    step = StepModel.taken(config, workload, precision, compute_dtype, target=target,
+                           quant_storage=quant_storage, skip_modules=skip_modules,
+                           trust_remote_code=trust_remote_code, layers=layers,
+                           pattern=pattern, stored_method=stored_method)
+    model = step.model
     # A shallow trace of a deeper model is extrapolated part by part, which needs the
     # components at every part's peak; a full-depth trace needs only the phase peaks.
     try:
@@ -281,12 +255,69 @@ def trace_components(
         _raise_if_data_dependent(exc, model, workload)
         _raise_if_model_code(exc, model, workload)
         raise
-    if prepared_key is not None and as_prepared is not None:
-        clear_step_scratch(model)
-        kept = state_of(model) == as_prepared
-        meta_models.keep(prepared_key,
-                         (model, inventory, as_prepared) if kept else CHANGES_THE_MODEL)
+    step.put_back()
     return trace_outcome(snapshot, seen, phase_peaks, phase_snapshots, target)
+
+
+@dataclass
+class StepModel:
+    """The meta model a step runs on, prepared for training as the workload prepares it
+    (peft adapters, k-bit preparation), taken from the prepared models kept for reuse
+    (planner/prepared_models.py) where one is kept; ``put_back`` keeps it again when the
+    step left it as prepared."""
+
+    model: Any
+    inventory: Inventory
+    prepared_key: tuple | None
+    as_prepared: tuple | None
+
+    @staticmethod
+    def taken(config: Any, workload: Workload, precision: str, compute_dtype: str, *,
+              target: str, quant_storage: str, skip_modules: list[str] | None,
+              trust_remote_code: bool, layers: int | None, pattern: LayerPattern,
+              stored_method: str | None) -> StepModel:
+        # A shallow model keeps the stack's last ``suffix`` layers (planner/depths.py).
+        suffix = shallow_suffix(layers, pattern)
+        prepared_key = _prepared_key(config, workload, precision, compute_dtype, quant_storage,
+                                     skip_modules, trust_remote_code, layers, stored_method,
+                                     target, suffix)
+        prepared = meta_models.take(prepared_key) if prepared_key is not None else None
+        if prepared is CHANGES_THE_MODEL:
+            # This preparation's step changed the model before (GRPO's reference adapter):
+            # build and prepare afresh, without recording.
+            meta_models.keep(prepared_key, CHANGES_THE_MODEL)
+            prepared_key = prepared = None
+        if prepared is not None:
+            model, inventory, as_prepared = prepared
+            return StepModel(model, inventory, prepared_key, as_prepared)
+        model, inventory = step_model(
+            config, workload, precision, compute_dtype, quant_storage=quant_storage,
+            skip_modules=skip_modules, trust_remote_code=trust_remote_code, layers=layers,
+            suffix=suffix,
+        )
+        as_prepared = None
+        if workload.kind.prepare is not None:
+            with _new_tensors_on_meta():
+                packed = tuple(t.module for t in inventory.tensors
+                               if stored_method is not None and t.kind == "parameter"
+                               and t.quantizable)
+                model = workload.kind.prepare(model, workload,
+                                              PRECISIONS[precision].quantized,
+                                              stored_method=stored_method,
+                                              packed_modules=packed, target=target)
+            if prepared_key is not None:
+                as_prepared = state_of(model)
+        return StepModel(model, inventory, prepared_key, as_prepared)
+
+    def put_back(self) -> None:
+        """Keep the model for the next step of this preparation, or remember that a step
+        changes it."""
+        if self.prepared_key is None or self.as_prepared is None:
+            return
+        clear_step_scratch(self.model)
+        kept = state_of(self.model) == self.as_prepared
+        meta_models.keep(self.prepared_key, (self.model, self.inventory, self.as_prepared)
+                         if kept else CHANGES_THE_MODEL)
 
 
 def _prepared_key(config: Any, workload: Workload, precision: str, compute_dtype: str,

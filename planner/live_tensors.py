@@ -107,6 +107,10 @@ class LiveTensorTracker(TorchDispatchMode):
         # repeated step is counted from: planner/derived_traces.py, repeated_steps.py).
         self._parts: list[tuple[str, ...] | None] | None = None
         self._parts_from = 0
+        # Where set (a recording of a step, planner/derived_double_quant.py): for each
+        # later optimizer step counted from the first's log (planner/repeated_steps.py),
+        # the index where its copy starts and, per entry copied, the entry's index.
+        self.repeats: list[tuple[int, Any]] | None = None
 
     # -- counting ---------------------------------------------------------------------
     def add(self, tensor: torch.Tensor) -> int | None:
@@ -274,11 +278,17 @@ class LiveTensorTracker(TorchDispatchMode):
         """Count a log of that form again, in its phases and parts, as a traced step counts
         (a derived or repeated step peaks exactly as a traced one): a storage where the
         part is set, a release (``-nbytes``) where it is None."""
-        entries, parts = [], []
-        for serial, nbytes, phase, tag, part in log:
-            entries.append(new_entry(LiveStorage, (
-                serial, nbytes, phase, tag if part is not None else None)))
-            parts.append(part)
+        log = log if isinstance(log, (list, tuple)) else list(log)
+        # In C: a derived training step's log is hundreds of thousands long.
+        parts = list(map(operator.itemgetter(4), log))
+        entries = list(map(new_entry, itertools.repeat(LiveStorage),
+                           map(operator.itemgetter(0, 1, 2, 3), log)))
+        released = list(map(operator.is_, parts, itertools.repeat(None)))
+        if any(map(operator.is_not, map(operator.itemgetter(3), itertools.compress(
+                entries, released)), itertools.repeat(None))):
+            # A release is logged without a tag.
+            entries = [new_entry(LiveStorage, (e[0], e[1], e[2], None)) if gone else e
+                       for e, gone in zip(entries, released, strict=True)]
         self.count_entries(entries, parts)
 
     def count_entries(self, entries: list[LiveStorage],

@@ -93,6 +93,9 @@ class _Section:
     kept: frozenset[int]  # storages the loss keeps outside the model (metrics)
     phase: str  # the tracker's phase and part when the section ended
     segment: tuple[str, ...]
+    # Where in the log each entry was first counted (what a recording of the step maps to
+    # the later steps' copies: planner/derived_double_quant.py).
+    source: np.ndarray
 
     def ordinal(self, serial: int) -> int:
         return int(np.searchsorted(self.made, serial))
@@ -139,6 +142,7 @@ class StepRepeater:
         # The log's own entries, not a copy of each: a Mamba step logs millions.
         entries, parts = tracker._events[start:], tracker.parts(start)
         serials = _serials(entries)
+        source = np.arange(start, start + len(entries))
         casts = self._casts(entries, parts, serials, castable)
         if casts:
             # The first step cast these tensors, the next ones will not: their events
@@ -148,12 +152,13 @@ class StepRepeater:
             entries = list(itertools.compress(entries, keep.tolist()))
             parts = list(itertools.compress(parts, keep.tolist()))
             serials = serials[keep]
+            source = source[keep]
             after = self._record_without_gradients()
             if not equal_but_recast(record, after, {id(castable[s]) for s in casts}):
                 return
             record = after
         self._section = self._section_of(record, entries, parts, serials,
-                                         columns_of(entries, parts))
+                                         columns_of(entries, parts), source)
 
     def _castable(self) -> dict[int, torch.Tensor]:
         """serial -> tensor, for the tensors the model's quantised layers cast on their
@@ -194,7 +199,7 @@ class StepRepeater:
 
     def _section_of(self, record: tuple, entries: list[LiveStorage],
                     parts: list[tuple[str, ...] | None], serials: np.ndarray,
-                    columns: Columns) -> _Section | None:
+                    columns: Columns, source: np.ndarray) -> _Section | None:
         n = len(entries)
         made_here = columns.made
         made_at, released_at = np.flatnonzero(made_here), np.flatnonzero(~made_here)
@@ -247,7 +252,7 @@ class StepRepeater:
                 or set(grad_serials) != set(survivors) - empty - kept):
             return None
         return _Section(record, entries, parts, columns, made, ordinals, tuple(gradients),
-                        empty, kept, self._tracker.phase, self._tracker.segment)
+                        empty, kept, self._tracker.phase, self._tracker.segment, source)
 
     def _record(self) -> tuple:
         return (state_of(self._model), *map(state_of, self._companions))
@@ -287,6 +292,8 @@ class StepRepeater:
             (section.ordinals + first).tolist(), map(operator.itemgetter(1), entries),
             map(operator.itemgetter(2), entries), map(operator.itemgetter(3), entries),
             strict=True)))
+        if tracker.repeats is not None:
+            tracker.repeats.append((len(tracker._events), section.source))
         tracker.count_entries(log, list(section.parts), section.columns)
         phase = entries[-1][2] if entries else section.phase
         tracker.count_entries(

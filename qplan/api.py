@@ -616,6 +616,7 @@ def estimate(
     from qplan.loaders.plan_workers import Plans
     from qplan.loaders.trace_cache import cached as cached_tracer
     from qplan.planner.components import trace_components
+    from qplan.planner.derived_double_quant import deriving as deriving_double_quant
     from qplan.planner.derived_traces import deriving, reference_row
     from qplan.planner.families import text_class_note
     from qplan.planner.inventory import build_meta_model, model_class_for, take_inventory
@@ -756,7 +757,9 @@ def estimate(
     # One config's traces, each run once: the same step comes back for other candidates.
     # bitsandbytes candidates' inference steps are derived from the plain row's
     # (planner/derived_traces.py), under the on-disk cache.
-    tracer = shared_traces(cached_tracer(deriving(trace_components)))
+    # Double-quantised 4-bit rows' training steps are derived from the single-quantised
+    # row's (planner/derived_double_quant.py).
+    tracer = shared_traces(cached_tracer(deriving(deriving_double_quant(trace_components))))
 
     def make_plan(precision: str, wl: Workload):
         enter_step(f"planning {wl.mode} at {precision}, batch {wl.batch}, seq {wl.seq_len}")
