@@ -152,6 +152,7 @@ class _Worker:
     results: Connection  # the pipe the parent reads plans from
     groups: set[Hashable]  # groups it made plans of (or inherited at the fork)
     busy: int | None = None  # the index of the item it is making
+    last: Hashable | None = None  # the group of the item it made last
 
 
 class WorkerPool:
@@ -242,6 +243,9 @@ class WorkerPool:
                     found[index] = (ok, value)
                     worker.busy = None
                     self._give(worker, items, groups, sizes, left)
+                # A worker left idle may take a plan now that another is done with one.
+                for idle in [w for w in self._workers if w.busy is None]:
+                    self._give(idle, items, groups, sizes, left)
         except BaseException:
             self.close(kill=True)
             raise
@@ -251,7 +255,7 @@ class WorkerPool:
               sizes: Sequence[int], left: dict[Hashable, deque[int]]) -> None:
         """Send ``worker`` its next item, if any is left."""
         while True:
-            index = self._next(worker, left, sizes)
+            index = self._next(worker, left, sizes, groups)
             if index is None:
                 return
             try:
@@ -265,14 +269,17 @@ class WorkerPool:
                 self._drop(worker, kill=False)
                 return
             worker.busy = index
+            worker.last = groups[index]
             worker.groups.add(groups[index])
             return
 
     def _next(self, worker: _Worker, left: dict[Hashable, deque[int]],
-              sizes: Sequence[int]) -> int | None:
-        """Which item ``worker`` makes next: the largest of the groups it holds, else the
-        largest of the group no worker holds with the most work left, else (idle is worse
-        than preparing again) the smallest of the group with the most work left."""
+              sizes: Sequence[int], groups: Sequence[Hashable]) -> int | None:
+        """Which item ``worker`` makes next: the next of the group it made its last item
+        of, else the largest of the groups it holds, else the largest of the group no
+        worker holds with the most work left, else (idle is worse than preparing again)
+        the smallest of the group with the most work left, but not the last item of a
+        group another worker is making an item of (None: it waits)."""
         open_groups = [g for g, indices in left.items() if indices]
         if not open_groups:
             return None
@@ -280,6 +287,10 @@ class WorkerPool:
         def work(group: Hashable) -> int:
             return sum(sizes[i] for i in left[group])
 
+        if worker.last is not None and left.get(worker.last):
+            # The group it is on first: a pair of rows, one derived from the other's
+            # step, is made back to back.
+            return left[worker.last].popleft()
         mine = [g for g in open_groups if g in worker.groups]
         if mine:
             return left[max(mine, key=lambda g: (sizes[left[g][0]], work(g)))].popleft()
@@ -287,7 +298,16 @@ class WorkerPool:
         free = [g for g in open_groups if g not in held]
         if free:
             return left[max(free, key=work)].popleft()
-        return left[max(open_groups, key=work)].pop()
+        # Not the last plan of a group another worker is making a plan of now: that one
+        # makes it next from what it is making (a double-quantised row's step, derived
+        # from the single-quantised one it records: planner/derived_double_quant.py),
+        # where this worker would prepare, and trace, it all again.
+        making = {groups[w.busy] for w in self._workers
+                  if w is not worker and w.busy is not None}
+        shared = [g for g in open_groups if len(left[g]) > 1 or g not in making]
+        if not shared:
+            return None
+        return left[max(shared, key=work)].pop()
 
     def _drop(self, worker: _Worker, kill: bool) -> None:
         self._workers.remove(worker)

@@ -41,6 +41,9 @@ def _worker(*groups: str) -> plan_workers._Worker:
     return plan_workers._Worker(pid=0, requests=-1, results=-1, groups=set(groups))
 
 
+GROUPS = ["a", "a", "b", "b", "b", "c", "d", "d"]
+
+
 def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_end():
     from collections import deque
 
@@ -50,20 +53,48 @@ def test_a_worker_takes_its_own_groups_then_free_ones_then_the_largest_from_its_
     sizes = [1] * 8
     left = {"a": deque([0, 1]), "b": deque([2, 3, 4]), "c": deque([5]), "d": deque([6, 7])}
     # Its own group first (where its prepared model is), from the front.
-    assert pool._next(one, left, sizes) == 0
-    assert pool._next(one, left, sizes) == 1
+    assert pool._next(one, left, sizes, GROUPS) == 0
+    assert pool._next(one, left, sizes, GROUPS) == 1
     # Then the largest group no worker holds.
-    assert pool._next(one, left, sizes) == 6
+    assert pool._next(one, left, sizes, GROUPS) == 6
     one.groups.add("d")
-    assert pool._next(two, left, sizes) == 2
+    assert pool._next(two, left, sizes, GROUPS) == 2
     left["d"].clear()
-    assert pool._next(one, left, sizes) == 5
+    assert pool._next(one, left, sizes, GROUPS) == 5
     one.groups.add("c")
     # Then, idle being worse than preparing again, the group with the most left, from
     # the end its holder does not reach first.
-    assert pool._next(one, left, sizes) == 4
-    assert pool._next(two, left, sizes) == 3
-    assert pool._next(one, left, sizes) is None
+    assert pool._next(one, left, sizes, GROUPS) == 4
+    assert pool._next(two, left, sizes, GROUPS) == 3
+    assert pool._next(one, left, sizes, GROUPS) is None
+
+
+def test_a_worker_finishes_its_group_and_leaves_the_last_item_of_one_being_made():
+    """A pair of rows, one derived from the other's step as it is recorded
+    (planner/derived_double_quant.py), is made back to back by one worker: another one
+    waits rather than take the second and trace the first again."""
+    from collections import deque
+
+    pool = plan_workers.WorkerPool(lambda item: item, 0)
+    one, two = _worker(), _worker()
+    pool._workers = [one, two]
+    groups = ["p", "p", "q", "q"]
+    sizes = [1, 1, 1, 1]
+    left = {"p": deque([0, 1]), "q": deque([2, 3])}
+    one.busy, one.last = 0, "p"
+    one.groups.add("p")
+    left["p"].popleft()
+    two.busy, two.last = 2, "q"
+    two.groups.add("q")
+    left["q"].popleft()
+    # "two" is done: it goes on with its group; and waits rather than take "p"'s last
+    # item, which "one" is making the first of.
+    two.busy = None
+    assert pool._next(two, left, sizes, groups) == 3
+    assert pool._next(two, left, sizes, groups) is None
+    # Once "one" makes nothing of "p", its last item may go to another.
+    one.busy = None
+    assert pool._next(two, left, sizes, groups) == 1
 
 
 def test_the_longest_items_go_first():
@@ -84,7 +115,7 @@ def test_the_longest_items_go_first():
         left.setdefault("ab"[index == 3], deque()).append(index)
     worker = _worker()
     pool._workers = [worker]
-    while (index := pool._next(worker, left, sizes)) is not None:
+    while (index := pool._next(worker, left, sizes, ["a", "a", "a", "b"])) is not None:
         order.append(index)
         worker.groups.add("ab"[index == 3])
     # The largest of the group with the most work, then the rest of that group (it holds
