@@ -104,6 +104,27 @@ def test_dpo_trainer_peak_hybrid(tiny_model_dir):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, "nemotron_h")
 
 
+@pytest.mark.parametrize(("mode", "gc"), [("dpo", True), ("kto", False)])
+def test_derived_double_quant_plans_against_trl(tiny_model_dir, mode, gc):
+    """QLoRA DPO and KTO at nf4-dq, whose steps are derived from nf4's recorded ones
+    (planner/derived_double_quant.py), against TRL's trainers on a double-quantised
+    model."""
+    folder = tiny_model_dir("llama")
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, mode, "nf4-dq", adapter="qlora", gradient_checkpointing=gc)
+    model = lora_model(random_model(config, "nf4-dq", "bfloat16", "cpu", str(folder)), r=8,
+                       quantized=True)
+    peak = {"dpo": lambda: dpo_peak(model, PAIRS, PROMPT, COMPLETION, loss_type="sigmoid",
+                                    ref_model=None, precompute=False,
+                                    gradient_checkpointing=gc),
+            "kto": lambda: kto_peak(model, PAIRS, PROMPT, COMPLETION, ref_model=None,
+                                    gradient_checkpointing=gc)}[mode]
+    measured = peak()
+    print(f"{mode} qlora nf4-dq gc={gc}: predicted {predicted.peak_allocated_bytes} "
+          f"measured {measured.peak_bytes}")
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (mode, "nf4-dq"))
+
+
 @pytest.mark.parametrize(("adapter", "gc"), [("lora", False), ("full", True)])
 def test_kto_trainer_peak(tiny_model_dir, adapter, gc):
     """KTO: ``--batch`` unpaired examples, each with its KL row scored without gradients

@@ -134,6 +134,22 @@ def test_trainer_peak(tiny_model_dir, arch, mode, precision, gc):
     assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (arch, mode))
 
 
+@pytest.mark.parametrize(("arch", "gc"), [("llama", True), ("llama", False), ("qwen2", True)])
+def test_trainer_peak_of_derived_double_quant_plans(tiny_model_dir, arch, gc):
+    """QLoRA at nf4-dq, whose step is derived from nf4's recorded one
+    (planner/derived_double_quant.py), against transformers' Trainer on a model
+    bitsandbytes double-quantised (qwen2: biased layers, cast on the first forward)."""
+    folder = tiny_model_dir(arch, **ARCHS[arch])
+    config = AutoConfig.from_pretrained(folder)
+    predicted = plan(folder, "qlora", "nf4-dq", gradient_checkpointing=gc, lora_r=8)
+    model = lora_model(random_model(config, "nf4-dq", "bfloat16", "cpu", str(folder)), r=8,
+                       quantized=True)
+    measured = trainer_peak(model, BATCH, SEQ, bf16=False, gradient_checkpointing=gc)
+    print(f"{arch} qlora nf4-dq gc={gc}: predicted {predicted.peak_allocated_bytes} "
+          f"measured {measured.peak_bytes}")
+    assert_close(predicted.peak_allocated_bytes, measured.peak_bytes, (arch, "nf4-dq", gc))
+
+
 def test_trainer_peak_int8_moe_lora(tiny_model_dir):
     """LLM.int8 LoRA on a Mixtral (experts stay bf16 under bitsandbytes, upcast by peft's
     k-bit preparation, run through torch's _grouped_mm): transformers' Trainer."""
