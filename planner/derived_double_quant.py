@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,7 +54,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from qplan.planner.derived_traces import Event, _RecordingTracker, structure
+from qplan.planner.derived_traces import (
+    Event,
+    _RecordingTracker,
+    model_shape,
+    names_any,
+    structure,
+)
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
 from qplan.planner.patching import swapped
 from qplan.planner.precision import PRECISIONS, find_precision
@@ -154,7 +159,7 @@ class DequantRecorder:
         # Storage ids only: a reference would keep a storage the step frees alive.
         self._tracker.storage_names = {id(t.untyped_storage()): name
                                        for name, t in own_tensors(model)}
-        if _reads_double_quant(model):
+        if names_any(model, _DOUBLE_QUANT_WORDS):
             self._problem = "the model's code reads double quantisation's state"
         from bitsandbytes.nn import Params4bit
 
@@ -280,23 +285,6 @@ def _with_repeats(calls: list[DequantCall], repeats: list[tuple[int, Any]],
     return tuple(sorted(found, key=lambda call: call.at))
 
 
-def _reads_double_quant(model: nn.Module) -> bool:
-    """Whether the modeling files of the model's classes name double quantisation's state."""
-    files = {getattr(sys.modules.get(type(m).__module__), "__file__", None)
-             for m in model.modules() if type(m).__module__.startswith("transformers.models.")}
-    for path in files:
-        if path is None:
-            continue
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError:
-            return True
-        if any(word in text for word in _DOUBLE_QUANT_WORDS):
-            return True
-    return False
-
-
 def _own_serials(seen: StepTensors) -> set[int]:
     return set(seen.weights) | set(seen.adapters)
 
@@ -328,7 +316,8 @@ def derive(recording: TrainingRecording, model: nn.Module, phase_snapshots: bool
     if recording.problem:
         return None
     use_static_experts(model)  # what trace() does first
-    if structure(model) != recording.structure:
+    # Read once per prepared model while no step runs on it (``model_shape``).
+    if model_shape(model)[0] != recording.structure:
         return None
     tracker = _RecordingTracker(vocab_tagger(model.config.get_text_config().vocab_size))
     own = StepTensors()

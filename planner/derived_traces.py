@@ -535,28 +535,35 @@ def clear() -> None:
 _QUANTISATION_WORDS = ("_is_quantized", "is_quantized", "quantization_config",
                        "is_loaded_in_4bit", "is_loaded_in_8bit", "hf_quantizer",
                        "quant_state", "bitsandbytes")
-_ASKS: dict[str, bool] = {}
+# (modeling file, words) -> whether the file names one of the words.
+_ASKS: dict[tuple[str, tuple[str, ...]], bool] = {}
 
 
-def asks_if_quantized(model: nn.Module) -> bool:
-    """Whether the modeling files of the model's classes name a quantisation flag: such
-    code may run otherwise once the model is quantised, so nothing is derived for it."""
+def names_any(model: nn.Module, words: tuple[str, ...]) -> bool:
+    """Whether the modeling files of the model's classes name one of ``words`` (each file
+    read once per process; an unreadable one counts as naming them)."""
     files = {sys.modules[type(m).__module__].__file__ for m in model.modules()
              if type(m).__module__.startswith("transformers.models.")
              and type(m).__module__ in sys.modules}
     for path in files:
         if path is None:
             continue
-        if path not in _ASKS:
+        if (path, words) not in _ASKS:
             try:
                 with open(path, encoding="utf-8") as handle:
                     text = handle.read()
             except OSError:
-                text = _QUANTISATION_WORDS[0]
-            _ASKS[path] = any(word in text for word in _QUANTISATION_WORDS)
-        if _ASKS[path]:
+                text = words[0]
+            _ASKS[path, words] = any(word in text for word in words)
+        if _ASKS[path, words]:
             return True
     return False
+
+
+def asks_if_quantized(model: nn.Module) -> bool:
+    """Whether the modeling files of the model's classes name a quantisation flag: such
+    code may run otherwise once the model is quantised, so nothing is derived for it."""
+    return names_any(model, _QUANTISATION_WORDS)
 
 
 def derive(recording: Recording, model: nn.Module, target: str, phase_snapshots: bool,
