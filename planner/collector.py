@@ -8,12 +8,14 @@ from collections.abc import Iterator
 
 # (allocations before a young collection, young collections before a middle one, middle
 # ones before a full one); CPython's defaults are (700, 10, 10). qplan/cli.py sets the same
-# for a whole command. A young collection walks every young object still alive, and a
-# trace's objects mostly live a while (a Mamba layer's per-token tensors and their graph,
-# freed in its backward): at 100,000 most were walked young, then again in the middle
-# generation. At a million, falcon-mamba-7b's full fine-tuning plan spent 2.2 s in
-# collections instead of 5.4-5.9 s, its DPO plan 16.6 s instead of 20.7 s, for more
-# garbage waiting between collections (peak RSS 1.2 -> 1.7 GB and 3.2 -> 3.8 GB).
+# for a whole command, qplan.api.estimate for a whole plan. A young collection walks every
+# young object still alive, and a trace's objects mostly live a while (a Mamba layer's
+# per-token tensors and their graph, freed in its backward): at 100,000 most were walked
+# young, then again in the middle generation. At a million, falcon-mamba-7b's full
+# fine-tuning plan spent 2.2 s in collections instead of 5.4-5.9 s, its DPO plan 16.6 s
+# instead of 20.7 s, for more garbage waiting between collections (peak RSS 1.2 -> 1.7 GB
+# and 3.2 -> 3.8 GB). That garbage was mostly finished trackers, kept by a reference cycle
+# (planner/live_tensors.py: ``_released``), which reference counting now frees at once.
 TRACE_GC_THRESHOLDS = (1_000_000, 50, 100)
 
 

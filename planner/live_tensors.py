@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import operator
 import weakref
@@ -47,6 +48,30 @@ class LiveStorage(NamedTuple):
 new_entry = tuple.__new__
 
 
+# The callbacks of the weak references a tracker keeps to the storages it counts hold the
+# tracker weakly. Holding it strongly makes a cycle (tracker -> its live storages' weak
+# references -> their callbacks -> tracker) that only the cyclic collector breaks: every
+# finished trace then kept its whole log (a Mamba step's millions of entries) alive till
+# the collector's next pass over it. falcon-mamba-7b's DPO plan: 9.6 million such objects
+# found by 39 collections, 4.6 s of them, and 4.4 GB at its peak (1.1 GB without the cycle).
+def _released(tracker: weakref.ref, key: int, serial: int, _storage: Any) -> None:
+    found = tracker()
+    if found is not None:
+        found._release(key, serial)
+
+
+def _released_group(tracker: weakref.ref, key: int, keys: range, _storage: Any) -> None:
+    found = tracker()
+    if found is not None:
+        found._release_group(key, keys)
+
+
+def _released_host(tracker: weakref.ref, key: int) -> None:
+    found = tracker()
+    if found is not None:
+        found._release_host(key)
+
+
 @dataclass(frozen=True)
 class PeakSnapshot:
     """The live storages at the tensor-level peak."""
@@ -77,6 +102,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self.segment: tuple[str, ...] = ()
         self.tagger = tagger
         self._serials = itertools.count()
+        # What the storages' weak-reference callbacks reach the tracker through (``_released``).
+        self._self_ref = weakref.ref(self)
         # id(storage) -> (serial, nbytes, weak reference whose callback uncounts it)
         self._live: dict[int, tuple[int, int, Any]] = {}
         # Groups of storages one tensor stands for (``attach_group``): the weak reference
@@ -131,8 +158,7 @@ class LiveTensorTracker(TorchDispatchMode):
         serial = next(self._serials)
         # A weak reference held here (what weakref.finalize does, without its registry):
         # its callback runs exactly when the storage's memory is freed.
-        ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
-                          self._release(key, serial))
+        ref = weakref.ref(storage, functools.partial(_released, self._self_ref, key, serial))
         self._live[key] = (serial, nbytes, ref)
         tag = self.tagger(tensor) if self.tagger is not None else None
         self._count(serial, nbytes, tag)
@@ -177,7 +203,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._host_live[key] = nbytes
         self.host_current += nbytes
         self.host_peak = max(self.host_peak, self.host_current)
-        weakref.finalize(storage, self._release_host, key)
+        weakref.finalize(storage, _released_host, self._self_ref, key)
 
     def _release_host(self, key: int) -> None:
         nbytes = self._host_live.pop(key, None)
@@ -198,8 +224,7 @@ class LiveTensorTracker(TorchDispatchMode):
         """``attach`` for a storage whose tensor the caller does not hold (a gradient sum
         autograd's engine holds, planner/recurrent_scan_graph.py)."""
         key = id(storage)
-        ref = weakref.ref(storage, lambda _ref, key=key, serial=serial:
-                          self._release(key, serial))
+        ref = weakref.ref(storage, functools.partial(_released, self._self_ref, key, serial))
         self._live[key] = (serial, storage.nbytes(), ref)
 
     def attach_group(self, owner: torch.Tensor, serials: list[int],
@@ -223,8 +248,8 @@ class LiveTensorTracker(TorchDispatchMode):
                                         strict=False), strict=True))
         storage = owner.untyped_storage()
         key = id(storage)
-        self._groups[key] = weakref.ref(storage, lambda _ref, key=key, keys=keys:
-                                        self._release_group(key, keys))
+        self._groups[key] = weakref.ref(
+            storage, functools.partial(_released_group, self._self_ref, key, keys))
         return keys
 
     def _release_group(self, key: int, keys: range) -> None:
