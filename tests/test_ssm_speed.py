@@ -99,6 +99,29 @@ def test_rare_collections_restores_the_thresholds():
         gc.set_threshold(*before)
 
 
+def test_a_plan_holds_the_trace_thresholds_between_its_traces(monkeypatch):
+    # qplan.api.estimate raises them for the whole plan (its derived steps and meta builds
+    # between the traces too), as the command line does, and gives the caller's back.
+    import qplan.api as api
+
+    seen = []
+    original = api.decide
+
+    def decide(*args, **kwargs):
+        seen.append(gc.get_threshold())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decide", decide)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        _report("mamba", "inference")
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [TRACE_GC_THRESHOLDS]
+
+
 # A young collection every 20 allocations, a full one every 80.
 OFTEN = (20, 2, 2)
 
