@@ -89,7 +89,9 @@ def test_a_plan_leaves_no_tracker_for_the_collector(collector_off, monkeypatch, 
     monkeypatch.setenv("QPLAN_CACHE", "0")
     monkeypatch.setenv("QPLAN_WORKERS", "1")
     spec = ModelSpec(id=f"tiny-{arch}", config=make_config(arch, **overrides), source="path")
+    # Trackers another test of this process still holds are not this plan's.
+    before = {id(t) for t in _trackers()}
     report = estimate(spec, gpu="4090", mode=mode, seq_len=24, precisions="bf16,nf4,nf4-dq")
     assert report.candidates
     # Every tracker of every traced, recorded and derived step is gone already.
-    assert _trackers() == []
+    assert [t for t in _trackers() if id(t) not in before] == []
