@@ -59,6 +59,7 @@ from qplan.planner.derived_traces import (
     _RecordingTracker,
     model_shape,
     names_any,
+    record_once,
     structure,
 )
 from qplan.planner.live_tensors import LiveTensorTracker, PeakSnapshot
@@ -414,13 +415,8 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
         if single is None:
             return tracer(config, workload, precision, compute_dtype, **options)
         single_key = step_key(config, workload, single, compute_dtype, options)
-        if single_key not in failed:
-            try:
-                recorded(config, workload, single, compute_dtype, options)
-            except Exception:
-                # The single-quantised step fails (its own error is raised where it is
-                # asked for): this row's is traced, as without derivation.
-                failed.add(single_key)
+        record_once(lambda: recorded(config, workload, single, compute_dtype, options),
+                    single_key, failed)
         # Read once: the recording serves no other row, and its log is long.
         recording = recordings.pop(single_key, None)
         if recording is None or recording.problem:

@@ -685,6 +685,19 @@ def _plain_rows(compute_dtype: str) -> frozenset[str | None]:
     return frozenset(reference_row(name, compute_dtype) for name in PRECISIONS)
 
 
+def record_once(record: Callable[[], Any], key: tuple, failed: set[tuple]) -> None:
+    """Record the step of the row a candidate derives from (``record()``, keyed ``key``),
+    unless it failed before (``failed``). A step that fails is remembered there and its
+    error dropped: the candidate is then traced, as without derivation, and that row's
+    own error is raised where that row itself is asked for."""
+    if key in failed:
+        return
+    try:
+        record()
+    except Exception:
+        failed.add(key)
+
+
 def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
     """``tracer`` (``trace_components``) for the plans of one config, with the inference
     steps of candidates whose method ``replaces_linear_only`` derived from their plain
@@ -718,13 +731,8 @@ def deriving(tracer: Callable[..., Any]) -> Callable[..., Any]:
         if plain is None:
             return tracer(config, workload, precision, compute_dtype, **options)
         plain_key = step_key(config, workload, plain, compute_dtype, options)
-        if plain_key not in failed:
-            try:
-                recorded(config, workload, plain, compute_dtype, options)
-            except Exception:
-                # The plain row's step fails (its own error is raised where it is asked
-                # for): the candidate's is traced, as without derivation.
-                failed.add(plain_key)
+        record_once(lambda: recorded(config, workload, plain, compute_dtype, options),
+                    plain_key, failed)
         recording = recordings.get(plain_key)
         if recording is None or recording.problem:
             return tracer(config, workload, precision, compute_dtype, **options)
