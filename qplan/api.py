@@ -583,13 +583,14 @@ def _image_report(config: Any, meta: Any, workload: Workload,
 # (qplan/cli.py): their loggers' levels are then set twice per plan, not around each of
 # its hundreds of meta builds and traces (each setLevel clears every logger's cache); the
 # libraries' warnings at qplan's own calls are ignored too.
+@quiet_plan()
 # The collector at the command line's thresholds for the whole plan, not only around each
 # trace: between traces (derived steps, meta builds, records of prepared models) CPython's
 # own thresholds ran a young collection every 700 objects and a full one, walking every
 # model the plan keeps, every hundred young ones: in one process, falcon-mamba-7b's DPO plan
 # spent 3.4 s in collections against 1.7 s, Nemotron-H-56B's 2.3 s against 0.3 s. The
-# caller's thresholds are back when the plan returns.
-@quiet_plan()
+# caller's thresholds are back when the plan returns. estimate_axolotl and measure_workload
+# plan through this function, so they hold them too.
 @rare_collections()
 def estimate(
     model: str | ModelSpec,
